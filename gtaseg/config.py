@@ -1,0 +1,268 @@
+"""One typed config tree for a training run, mirroring the `run:` section of params.yaml.
+
+Parse once with `load_config` / `config_from_dict`; unknown keys and wrong types are errors
+that name the key, what was expected and what was found. Sub-configs are passed down; nothing
+here is global and nothing mutates a config it was given (use `dataclasses.replace`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Method = Literal["supervised", "mean_teacher", "gta"]
+DataFormat = Literal["embedded", "folder", "voc", "cityscapes"]
+MixMode = Literal["cutmix", "classmix", "cutout", "none"]
+EvalMode = Literal["center_crop", "whole", "sliding"]
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message says where, what was expected and the fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    format: DataFormat = "embedded"  # on-disk layout of `root`
+    root: str = "data/embedded"  # dataset root folder
+    num_classes: int = 11  # classes including background; 255 is ignore
+    voc_augmented: bool = False  # VOC: read masks from SegmentationClassAug (10,582 train ids)
+    split_dir: str = "data/splits/embedded/1_16/seed0"  # folder with labeled.txt / unlabeled.txt
+    val_list: str | None = None  # optional id list for validation; default: the format's val set
+    crop_size: int = 64  # square training crop (VOC paper: 513, Cityscapes: 769)
+    scale_range: tuple[float, float] = (0.5, 2.0)  # random rescale factor range for weak views
+    flip: bool = True  # random horizontal flip
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # ImageNet mean, 0-255 scale
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)  # ImageNet std, 0-255 scale
+    num_workers: int = 0  # DataLoader workers (0 = load in the training process)
+
+    def __post_init__(self) -> None:
+        _check(self.num_classes >= 2, "data.num_classes", ">= 2", self.num_classes)
+        _check(self.num_classes <= 255, "data.num_classes", "<= 255 (255 is ignore)", self.num_classes)
+        _check(self.crop_size >= 8, "data.crop_size", ">= 8", self.crop_size)
+        lo, hi = self.scale_range
+        _check(0 < lo <= hi, "data.scale_range", "0 < low <= high", self.scale_range)
+        _check(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "DeepLabV3Plus"  # any smp architecture name
+    encoder: str = "resnet101"  # any smp encoder name (paper: ResNet-101)
+    encoder_weights: str | None = None  # local path to encoder weights (.pth/.pt/.safetensors) or null
+    output_stride: int = 8  # DeepLabV3+ encoder output stride (paper: 8)
+    atrous_rates: tuple[int, int, int] = (12, 24, 36)  # ASPP dilations (paper: 12/24/36)
+    aspp_separable: bool = False  # smp default is separable; the paper uses plain convs
+    decoder_channels: int = 256  # ASPP / decoder width (paper: 256)
+
+    def __post_init__(self) -> None:
+        _check(self.output_stride in (8, 16), "model.output_stride", "8 or 16", self.output_stride)
+        _check(self.decoder_channels > 0, "model.decoder_channels", "> 0", self.decoder_channels)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.001  # base LR (VOC code config: 0.001 for 4 GPUs x 3+3 images)
+    head_lr_multiplier: float = 10.0  # decoder/head LR = lr * this (code applies x10 on VOC only)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9  # lr = base * (1 - it / total) ** power, per iteration
+    assistant_schedule: Literal["constant", "poly"] = "constant"  # code: TA LR stays at base
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", "> 0", self.lr)
+        _check(self.head_lr_multiplier > 0, "optim.head_lr_multiplier", "> 0", self.head_lr_multiplier)
+        _check(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
+        _check(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
+
+
+@dataclass(frozen=True)
+class SemiConfig:
+    """Hyper-parameters of the semi-supervised methods (mean teacher and GTA-Seg)."""
+
+    sup_only_epochs: int = 1  # warm-up epochs trained on labelled data only
+    ema_decay: float = 0.999  # teacher = d * teacher + (1 - d) * student, d = min(1 - 1/(t+1), this)
+    transfer_decay: float = 0.999  # student = d * student + (1 - d) * TA (except the classifier)
+    transfer_scope: Literal["all_but_classifier", "encoder"] = "all_but_classifier"
+    # code: everything but decoder.block2 + segmentation_head; paper text: the feature extractor
+    warmup_copy: Literal["alias", "once"] = "alias"
+    # alias: reproduce the code's first-semi-epoch tensor sharing; once: copy at the switch only
+    teacher_forward: Literal["train", "eval_only"] = "train"
+    # train: code's extra train-mode teacher forward (updates teacher BN stats, its logits weight
+    # the loss); eval_only: reuse the eval-mode pseudo-label logits (efficient mode)
+    drop_percent: float = 80.0  # keep the most confident drop_percent% of non-ignored pixels
+    loss_weight: float = 1.0  # unsupervised loss weight
+    mix: MixMode = "cutmix"  # strong mixing of unlabelled images (VOC config: cutmix)
+    mix_prob: float = 0.5  # probability of applying the mix to a batch
+    efficient: bool = False  # skip forwards whose only effect is BN statistics (see README)
+
+    def __post_init__(self) -> None:
+        _check(self.sup_only_epochs >= 0, "semi.sup_only_epochs", ">= 0", self.sup_only_epochs)
+        for key in ("ema_decay", "transfer_decay"):
+            value = getattr(self, key)
+            _check(0 <= value < 1, f"semi.{key}", "in [0, 1)", value)
+        _check(0 <= self.drop_percent <= 100, "semi.drop_percent", "in [0, 100]", self.drop_percent)
+        _check(0 <= self.mix_prob <= 1, "semi.mix_prob", "in [0, 1]", self.mix_prob)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: Method = "gta"
+    epochs: int = 80  # one epoch = one pass over the unlabelled set
+    max_iters: int | None = None  # cap on total iterations (None: epochs x iterations per epoch)
+    batch_size_labeled: int = 3  # per process (code: 3 labelled + 3 unlabelled per GPU)
+    batch_size_unlabeled: int = 3
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_every: int = 1  # evaluate every N epochs (and at the end)
+    checkpoint_every_iters: int = 0  # also checkpoint every N iterations (0: per epoch only)
+    amp: Literal["off", "bf16", "fp16"] = "off"  # mixed precision on CUDA
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the networks (CUDA)
+    deterministic: bool = True  # deterministic kernels (exact CPU resume)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
+        _check(self.max_iters is None or self.max_iters >= 1, "train.max_iters", ">= 1 or null",
+               self.max_iters)
+        _check(self.batch_size_labeled >= 1, "train.batch_size_labeled", ">= 1", self.batch_size_labeled)
+        _check(self.batch_size_unlabeled >= 1, "train.batch_size_unlabeled", ">= 1",
+               self.batch_size_unlabeled)
+        _check(self.eval_every >= 1, "train.eval_every", ">= 1", self.eval_every)
+        _check(self.checkpoint_every_iters >= 0, "train.checkpoint_every_iters", ">= 0",
+               self.checkpoint_every_iters)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    mode: EvalMode = "whole"  # center_crop (VOC 513), whole image, or sliding (Cityscapes)
+    crop_size: int = 513  # center crop side, or sliding window side
+    stride_ratio: float = 2 / 3  # sliding window stride as a fraction of crop_size
+    batch_size: int = 1  # validation images per batch (whole/center_crop); windows are batched
+    max_images: int | None = None  # evaluate only the first N val images (quick checks)
+
+    def __post_init__(self) -> None:
+        _check(self.crop_size >= 8, "eval.crop_size", ">= 8", self.crop_size)
+        _check(0 < self.stride_ratio <= 1, "eval.stride_ratio", "in (0, 1]", self.stride_ratio)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    semi: SemiConfig = field(default_factory=SemiConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists): YAML/JSON/MLflow friendly and loadable again."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}. Fix the value in params.yaml.")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the type `hint`; convert lists to tuples and ints to floats."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}.")
+        return _build(hint, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}.")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {args}.")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}.")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, bool) and hint is not bool or not isinstance(value, hint):
+            raise ConfigError(
+                f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}."
+            )
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {key}")  # internal: a schema bug
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key(s) {[where + k for k in unknown]}; expected keys of "
+            f"{prefix or 'the top level'}: {sorted(names)}. Check the spelling in params.yaml."
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any] | None) -> Config:
+    """Build and validate a Config from a nested dict; missing keys take defaults."""
+    return _build(Config, dict(raw or {}), "")
+
+
+def load_config(path: str | Path, section: str | None = "run") -> Config:
+    """Read a YAML file; with `section`, read that top-level key (params.yaml keeps `run:`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: expected a YAML file such as params.yaml.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top, got {type(raw).__name__}.")
+    if section is not None and section in raw:
+        raw = raw[section]
+    return config_from_dict(raw)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `a.b=value` overrides (value parsed as YAML), re-validating the whole tree."""
+    raw = cfg.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE such as train.epochs=2.")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a config section.")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"override {item!r}: unknown key {key!r}; keys here: {sorted(node)}.")
+        node[leaf] = yaml.safe_load(text)
+    return config_from_dict(raw)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# gtaseg's one entry point: sets up the pinned environment on first use, then runs a task.
+#   bash scripts/run.sh demo    the whole pipeline on the embedded dataset (dvc repro)
+#   bash scripts/run.sh test    the test suite (what CI runs)
+#   bash scripts/run.sh env     only set up the environment
+#   bash scripts/run.sh -- CMD  run CMD inside the environment (e.g. -- gtaseg --help)
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+venv="${GTASEG_VENV:-$HOME/.cache/gtaseg/venv}"
+lock="requirements/lock.txt"
+stamp="$venv/.gtaseg-lock"
+want="$(sha256sum "$lock" pyproject.toml | sha256sum | cut -c1-16)"
+
+ensure_env() {
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "[gtaseg] creating virtual environment at $venv (first run: ~5 minutes)" >&2
+    mkdir -p "$(dirname "$venv")"
+    python3 -m venv "$venv"
+  fi
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "[gtaseg] installing the pinned lock $lock" >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$lock"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
+    echo "$want" > "$stamp"
+  fi
+}
+
+ensure_env
+export PATH="$venv/bin:$PATH"
+# Project-wide runtime settings (.env.defaults; a value already in the environment wins).
+while IFS='=' read -r key value; do
+  case "$key" in ''|'#'*) continue ;; esac
+  [ -n "${!key+x}" ] || export "$key=$value"
+done < "$here/.env.defaults"
+
+task="${1:-help}"; shift || true
+case "$task" in
+  env) echo "[gtaseg] environment ready: $venv" ;;
+  demo) exec dvc repro "$@" ;;
+  test) exec python -m pytest -q "$@" ;;
+  --) exec "$@" ;;
+  *) sed -n '2,7p' "$0"; exit 2 ;;
+esac
