@@ -33,15 +33,23 @@ def masked_percentile(values: torch.Tensor, mask: torch.Tensor, q: float) -> tor
     return torch.where(count > 0, interp, torch.full_like(interp, float("inf")))
 
 
+def confidence(logits_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max softmax probability, argmax) per pixel, both (B, H, W); no gradient."""
+    with torch.no_grad():
+        conf, label = torch.softmax(logits_BCHW.float(), dim=1).max(dim=1)
+    return conf, label
+
+
 def conf_weighted_pseudo_loss(
     logits_BCHW: torch.Tensor,
     pseudo_BHW: torch.Tensor,
-    teacher_logits_BCHW: torch.Tensor,
+    conf_BHW: torch.Tensor,
     drop_percent: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GTA-Seg's unsupervised loss (the original `compute_unsupervised_loss_conf_weight`).
 
-    Confidence is the max softmax of `teacher_logits_BCHW`. Among non-ignored pixels, those at or
+    `conf_BHW` is the teacher's per-pixel confidence (the original takes the max softmax of the
+    teacher's train-mode logits on the mixed batch; see `confidence`). Among non-ignored pixels, those at or
     below the (100 - drop_percent)-th percentile are dropped (label -> ignore, confidence -> 0), so
     drop_percent=80 keeps the most confident ~80%. With N = B*H*W and K = pixels kept,
     w = (conf + 1) / sum_N(conf + 1) * K and loss = mean_N(w * (N / K) * CE), CE = 0 where ignored.
@@ -50,7 +58,7 @@ def conf_weighted_pseudo_loss(
     """
     n_pixels = pseudo_BHW.numel()
     with torch.no_grad():
-        conf, _ = torch.softmax(teacher_logits_BCHW.float(), dim=1).max(dim=1)
+        conf = conf_BHW.float()
         valid = pseudo_BHW != IGNORE_INDEX
         thresh = masked_percentile(conf, valid, 100.0 - drop_percent)
         drop = valid & (conf <= thresh)

@@ -1,0 +1,90 @@
+"""Pieces shared by the methods' steps: pseudo-labelling, mixing, forwards, the supervised update."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from gtaseg.ema import copy_params
+from gtaseg.losses import confidence, supervised_loss
+from gtaseg.methods.state import TrainState, unwrap
+from gtaseg.mixing import mix_unlabeled
+
+
+class StepOutput(NamedTuple):
+    """What a step returns: detached 0-dim losses, and (semi methods) the teacher's pseudo-labels on
+    the unmixed unlabelled batch so the loop can score them against ground truth."""
+
+    losses: dict[str, torch.Tensor]
+    pseudo_BHW: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def pseudo_label(state: TrainState, x_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher in eval mode on the unlabelled batch -> (confidence, pseudo-label), (B, H, W)."""
+    teacher = state.teacher
+    teacher.eval()
+    with state.autocast():
+        logits_BCHW = teacher(x_u)
+    return confidence(logits_BCHW)
+
+
+def maybe_mix(
+    state: TrainState, x_u: torch.Tensor, y_u: torch.Tensor, conf_u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Strong mixing with probability `semi.mix_prob` (drawn from the state's own generator)."""
+    semi = state.cfg.semi
+    draw = float(torch.rand((), generator=state.mix_gen))
+    if semi.mix == "none" or draw >= semi.mix_prob:
+        return x_u, y_u, conf_u
+    return mix_unlabeled(x_u, y_u, conf_u, semi.mix, state.mix_gen)
+
+
+@torch.no_grad()
+def bn_statistics_forward(state: TrainState, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A train-mode forward under no_grad: updates only BN running statistics; returns logits."""
+    model.train()
+    with state.autocast():
+        return model(x)
+
+
+def supervised_update(state: TrainState, x_l: torch.Tensor, y_l: torch.Tensor) -> torch.Tensor:
+    """Student forward on the labelled batch, cross-entropy, optimiser step; returns the loss."""
+    state.student.train()
+    with state.autocast():
+        logits_BCHW = state.student(x_l)
+    loss = supervised_loss(logits_BCHW, y_l)
+    state.backward_step(loss, state.opt_student, "student")
+    return loss.detach()
+
+
+def warmup_step(state: TrainState, x_l: torch.Tensor, y_l: torch.Tensor) -> StepOutput:
+    """Supervised-only warm-up of a semi-supervised method.
+
+    With `semi.warmup_copy == "alias"` the original's throwaway forwards of teacher and assistant
+    on the labelled batch run too: they only update BN running statistics, which the later
+    parameter copy does not touch, so they matter for the faithful reproduction.
+    """
+    loss = supervised_update(state, x_l, y_l)
+    if state.cfg.semi.warmup_copy == "alias":
+        for model in (state.teacher, state.assistant):
+            if model is not None:
+                bn_statistics_forward(state, model, x_l)
+    return StepOutput({"loss_sup": loss})
+
+
+@torch.no_grad()
+def copy_from_student(state: TrainState, *models: nn.Module) -> None:
+    """Start a semi-supervised phase from the student: copy its parameters into `models`.
+
+    warmup_copy "once" also copies BN buffers (a clean start); "alias" copies parameters only, as
+    the original's tensor aliasing does, leaving BN statistics from the warm-up forwards.
+    """
+    student = unwrap(state.student)
+    for model in models:
+        if state.cfg.semi.warmup_copy == "once":
+            model.load_state_dict(student.state_dict())
+        else:
+            copy_params(model, student)

@@ -1,0 +1,42 @@
+"""Mean-teacher baseline: the same pseudo-labels, mixing and loss as GTA-Seg, but the student
+itself learns from them (no assistant); the teacher is an EMA of the student."""
+
+from __future__ import annotations
+
+import torch
+
+from gtaseg.data.loaders import Batch
+from gtaseg.ema import ema_decay, ema_update
+from gtaseg.losses import confidence, conf_weighted_pseudo_loss, supervised_loss
+from gtaseg.methods.common import (
+    StepOutput,
+    bn_statistics_forward,
+    copy_from_student,
+    maybe_mix,
+    pseudo_label,
+    warmup_step,
+)
+from gtaseg.methods.state import TrainState, unwrap
+
+
+def train_step(state: TrainState, batch: Batch) -> StepOutput:
+    semi = state.cfg.semi
+    if state.in_warmup:
+        return warmup_step(state, batch.x_l, batch.y_l)
+    if state.semi_step == 0:
+        copy_from_student(state, state.teacher)
+    x_l, y_l, n_l = batch.x_l, batch.y_l, batch.x_l.shape[0]
+    conf_u, pseudo_u = pseudo_label(state, batch.x_u)
+    x_mix, y_mix, conf_mix = maybe_mix(state, batch.x_u, pseudo_u, conf_u)
+    x_all = torch.cat([x_l, x_mix])
+    if semi.teacher_forward == "train":
+        conf_mix, _ = confidence(bn_statistics_forward(state, state.teacher, x_all)[n_l:])
+    state.student.train()
+    with state.autocast():
+        logits_BCHW = state.student(x_all)
+    loss_sup = supervised_loss(logits_BCHW[:n_l], y_l)
+    loss_u, kept = conf_weighted_pseudo_loss(logits_BCHW[n_l:], y_mix, conf_mix, semi.drop_percent)
+    state.backward_step(loss_sup + semi.loss_weight * loss_u, state.opt_student, "student")
+    ema_update(state.teacher, unwrap(state.student), ema_decay(state.semi_step, semi.ema_decay))
+    losses = {"loss_sup": loss_sup.detach(), "loss_unsup": loss_u.detach(), "kept_frac": kept}
+    return StepOutput(losses, pseudo_u)

@@ -1,0 +1,187 @@
+"""Training state shared by every method: networks, optimisers, LR schedule and step counters.
+
+One builder makes the student; the assistant (TA) and teacher are derived from it, so the three
+share one architecture. The teacher never receives gradients. This module knows nothing about
+data loading, logging or files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gtaseg.config import Config
+from gtaseg.model import build_model, classifier_modules, head_parameter_groups, make_frozen_copy
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain network inside a DistributedDataParallel / compiled wrapper."""
+    inner = getattr(module, "module", module)
+    return getattr(inner, "_orig_mod", inner)
+
+
+@dataclass
+class TrainState:
+    """Everything a step reads or mutates. `student`/`assistant` may be DDP-wrapped for forwards;
+    use `unwrap(...)` for their parameters. `iteration` counts every optimiser step taken."""
+
+    cfg: Config
+    student: nn.Module
+    opt_student: torch.optim.Optimizer
+    assistant: nn.Module | None = None
+    opt_assistant: torch.optim.Optimizer | None = None
+    teacher: nn.Module | None = None
+    iteration: int = 0
+    total_iters: int = 1
+    iters_per_epoch: int = 1
+    mix_gen: torch.Generator = field(default_factory=torch.Generator)
+    scalers: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> int:
+        return self.iteration // self.iters_per_epoch
+
+    @property
+    def warmup_iters(self) -> int:
+        return self.cfg.semi.sup_only_epochs * self.iters_per_epoch
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.iteration < self.warmup_iters
+
+    @property
+    def semi_step(self) -> int:
+        """t in the paper's decay schedules: iterations since the warm-up ended."""
+        return self.iteration - self.warmup_iters
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for forwards (a no-op unless amp is on and on CUDA)."""
+        amp = self.cfg.train.amp
+        device = next(unwrap(self.student).parameters()).device
+        if amp == "off" or device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def backward_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, role: str) -> None:
+        """zero_grad, backward, step; through a GradScaler when fp16 is on."""
+        opt.zero_grad(set_to_none=True)
+        scaler = self.scalers.get(role)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+            return
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
+    """SGD with two groups: encoder at lr, decoder/heads at lr * head_lr_multiplier."""
+    backbone, head = head_parameter_groups(model)
+    o = cfg.optim
+    groups = [
+        {"params": backbone, "lr": o.lr, "lr_mult": 1.0},
+        {"params": head, "lr": o.lr * o.head_lr_multiplier, "lr_mult": o.head_lr_multiplier},
+    ]
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
+    """base * (1 - iteration / total) ** power, the per-iteration poly schedule."""
+    return base * (1.0 - min(iteration, total) / total) ** power
+
+
+def set_lrs(state: TrainState) -> float:
+    """Apply this iteration's LR to the optimisers; returns the student's base LR.
+
+    The original code's scheduler drives only the student's optimiser: the assistant's LR stays at
+    the base value unless `optim.assistant_schedule` is "poly".
+    """
+    o = state.cfg.optim
+    lr = poly_lr(o.lr, state.iteration, state.total_iters, o.poly_power)
+    for group in state.opt_student.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+    if state.opt_assistant is not None and o.assistant_schedule == "poly":
+        for group in state.opt_assistant.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+    return lr
+
+
+def needs_assistant(cfg: Config) -> bool:
+    return cfg.train.method == "gta"
+
+
+def needs_teacher(cfg: Config) -> bool:
+    return cfg.train.method in ("gta", "mean_teacher")
+
+
+def build_state(cfg: Config, device: torch.device, iters_per_epoch: int) -> TrainState:
+    """Fresh networks and optimisers for `cfg.train.method`, on `device`."""
+    student = build_model(cfg.model, cfg.data.num_classes).to(device)
+    if cfg.train.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    assistant = copy.deepcopy(student) if needs_assistant(cfg) else None
+    teacher = make_frozen_copy(student) if needs_teacher(cfg) else None
+    epochs_total = cfg.train.epochs * iters_per_epoch
+    total = min(epochs_total, cfg.train.max_iters or epochs_total)
+    gen = torch.Generator().manual_seed(cfg.train.seed + 7919)
+    state = TrainState(
+        cfg=cfg,
+        student=student,
+        opt_student=make_optimizer(cfg, student),
+        assistant=assistant,
+        opt_assistant=make_optimizer(cfg, assistant) if assistant is not None else None,
+        teacher=teacher,
+        total_iters=total,
+        iters_per_epoch=iters_per_epoch,
+        mix_gen=gen,
+    )
+    if cfg.train.amp == "fp16" and device.type == "cuda":
+        state.scalers = {"student": torch.amp.GradScaler("cuda")}
+        if assistant is not None:
+            state.scalers["assistant"] = torch.amp.GradScaler("cuda")
+    return state
+
+
+def student_classifier(state: TrainState) -> list[nn.Module]:
+    """The student's modules that the assistant -> student transfer leaves alone."""
+    return classifier_modules(unwrap(state.student), state.cfg.semi)
+
+
+def state_dict(state: TrainState) -> dict[str, Any]:
+    """The complete method state (networks, optimisers, scalers, counters, mixing RNG)."""
+    out: dict[str, Any] = {
+        "student": unwrap(state.student).state_dict(),
+        "opt_student": state.opt_student.state_dict(),
+        "iteration": state.iteration,
+        "mix_gen": state.mix_gen.get_state(),
+        "scalers": {k: v.state_dict() for k, v in state.scalers.items()},
+    }
+    if state.assistant is not None:
+        out["assistant"] = unwrap(state.assistant).state_dict()
+        out["opt_assistant"] = state.opt_assistant.state_dict()
+    if state.teacher is not None:
+        out["teacher"] = state.teacher.state_dict()
+    return out
+
+
+def load_state_dict(state: TrainState, saved: dict[str, Any]) -> None:
+    """Restore `state` in place from `state_dict` output; strict about missing networks."""
+    unwrap(state.student).load_state_dict(saved["student"])
+    state.opt_student.load_state_dict(saved["opt_student"])
+    if state.assistant is not None:
+        unwrap(state.assistant).load_state_dict(saved["assistant"])
+        state.opt_assistant.load_state_dict(saved["opt_assistant"])
+    if state.teacher is not None:
+        state.teacher.load_state_dict(saved["teacher"])
+    state.iteration = int(saved["iteration"])
+    state.mix_gen.set_state(saved["mix_gen"])
+    for key, scaler in state.scalers.items():
+        if key in saved.get("scalers", {}):
+            scaler.load_state_dict(saved["scalers"][key])
