@@ -1,0 +1,206 @@
+"""Compare methods across label ratios: a long results table, a mean ± std summary and a plot.
+
+Inputs are per-run metrics dicts (a training run's metrics.json plus its sweep cell): mIoU values
+are fractions in [0, 1]; every table and plot here shows them as percentages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+REQUIRED_KEYS = (
+    "method",
+    "ratio",
+    "labeled",
+    "seed",
+    "val_miou_student",
+    "best_val_miou",
+    "wall_time_s",
+)
+OPTIONAL_KEYS = ("val_miou_teacher", "run_id")  # the supervised baseline has no teacher
+SUMMARY_METRIC = "best_val_miou"
+
+
+def labeled_fraction(ratio: str) -> float:
+    """ "1/16" -> 0.0625, "0.25" -> 0.25, "full" -> 1.0; ValueError for anything else."""
+    text = str(ratio).strip().lower()
+    if text == "full":
+        return 1.0
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"ratio: expected a labelled fraction in (0, 1] such as '1/16', '0.25' or 'full', "
+            f"got {ratio!r}."
+        )
+    return value
+
+
+def collect_results(results: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per run (extra keys kept as columns), sorted by method, labelled fraction and
+    seed; adds `labeled_fraction`.
+
+    Raises ValueError naming the missing key (and the run) when a result lacks a required key,
+    and when two results share (method, ratio, seed).
+    """
+    rows = []
+    for index, result in enumerate(results):
+        missing = [key for key in REQUIRED_KEYS if key not in result]
+        if missing:
+            raise ValueError(
+                f"result {index} ({_describe(result)}): missing key {missing[0]!r}; expected "
+                f"keys {', '.join(REQUIRED_KEYS)} (optional: {', '.join(OPTIONAL_KEYS)})."
+            )
+        row = {key: result.get(key) for key in (*REQUIRED_KEYS, *OPTIONAL_KEYS)} | dict(result)
+        row.update(ratio=str(row["ratio"]), labeled_fraction=labeled_fraction(row["ratio"]))
+        rows.append(row)
+    if not rows:
+        raise ValueError("collect_results: expected at least one run's metrics, got none.")
+    df = pd.DataFrame(rows)
+    df = df.astype(
+        {
+            "seed": int,
+            "labeled": int,
+            "val_miou_student": float,
+            "best_val_miou": float,
+            "wall_time_s": float,
+            "val_miou_teacher": float,
+        }
+    )
+    duplicated = df.duplicated(["method", "ratio", "seed"], keep=False)
+    if duplicated.any():
+        cells = df.loc[duplicated, ["method", "ratio", "seed"]].drop_duplicates()
+        raise ValueError(
+            f"collect_results: expected one run per (method, ratio, seed), got duplicates for "
+            f"{cells.to_dict('records')}. Drop the stale runs."
+        )
+    return df.sort_values(["method", "labeled_fraction", "seed"], ignore_index=True)
+
+
+def _describe(result: Mapping[str, Any]) -> str:
+    shown = {key: result[key] for key in ("method", "ratio", "seed", "run_id") if key in result}
+    return ", ".join(f"{key}={value}" for key, value in shown.items()) or "no identifying keys"
+
+
+def summary_stats(df: pd.DataFrame, metric: str = SUMMARY_METRIC) -> pd.DataFrame:
+    """Per (method, ratio): n_seeds, mean and sample std (ddof=1; NaN for one seed) of `metric`
+    in percent. Long form, ordered by method then labelled fraction."""
+    keys = ["method", "ratio", "labeled_fraction"]
+    grouped = df.groupby(keys, sort=False)[metric]
+    stats = grouped.agg(n_seeds="count", mean_miou_pct="mean", std_miou_pct="std").reset_index()
+    stats[["mean_miou_pct", "std_miou_pct"]] *= 100.0
+    return stats.sort_values(["method", "labeled_fraction"], ignore_index=True)
+
+
+def summary_table(df: pd.DataFrame, metric: str = SUMMARY_METRIC) -> pd.DataFrame:
+    """Rows = method, columns = label ratio (ascending labelled fraction), cells =
+    "mean ± std (n=seeds)" of `metric` in percent; "-" where a method lacks that ratio."""
+    stats = summary_stats(df, metric)
+    stats["cell"] = [
+        f"{mean:.2f} ± {std:.2f} (n={n})" if n > 1 else f"{mean:.2f} (n=1)"
+        for mean, std, n in zip(stats.mean_miou_pct, stats.std_miou_pct, stats.n_seeds, strict=True)
+    ]
+    order = stats.drop_duplicates("ratio").sort_values("labeled_fraction")["ratio"].tolist()
+    table = stats.pivot(index="method", columns="ratio", values="cell").reindex(columns=order)
+    table.columns.name = None
+    return table.fillna("-")
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of `table` (index as the first column), no tabulate."""
+    header = [str(table.index.name or ""), *map(str, table.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for index, row in table.iterrows():
+        lines.append("| " + " | ".join([str(index), *map(str, row.tolist())]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _to_markdown(table: pd.DataFrame) -> str:
+    try:
+        return table.to_markdown() + "\n"
+    except ImportError:  # pandas needs the optional `tabulate` package for this
+        return markdown_table(table)
+
+
+def plot_miou_vs_ratio(df: pd.DataFrame, path: Path, metric: str = SUMMARY_METRIC) -> Path:
+    """mIoU (%) against labelled fraction on a log2 axis, one line per method, std error bars."""
+    stats = summary_stats(df, metric)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, group in stats.groupby("method", sort=True):
+        ax.errorbar(
+            group.labeled_fraction,
+            group.mean_miou_pct,
+            yerr=group.std_miou_pct.fillna(0),
+            marker="o",
+            capsize=3,
+            label=str(method),
+        )
+    ticks = stats.drop_duplicates("ratio").sort_values("labeled_fraction")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks.labeled_fraction.tolist(), ticks.ratio.tolist())
+    ax.set_xlabel("labelled fraction of the training set (log2 scale)")
+    ax.set_ylabel(f"{metric} (mIoU, %)")
+    ax.set_title("mIoU vs labelled fraction (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="method")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_comparison(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+    """Write results.csv (one row per run), summary.md and summary.csv (per method and ratio),
+    miou_vs_ratio.png and plots/miou_vs_ratio.csv (labeled_fraction, method, miou: the mean in %,
+    for a DVC plot) under `out_dir`; returns their paths by name."""
+    out_dir = Path(out_dir)
+    paths = {
+        "results": out_dir / "results.csv",
+        "summary_md": out_dir / "summary.md",
+        "summary_csv": out_dir / "summary.csv",
+        "plot": out_dir / "miou_vs_ratio.png",
+        "plot_data": out_dir / "plots" / "miou_vs_ratio.csv",
+    }
+    paths["plot_data"].parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(paths["results"], index=False)
+    title = f"# {SUMMARY_METRIC} (%), mean ± std over seeds\n\n"
+    paths["summary_md"].write_text(title + _to_markdown(summary_table(df)), encoding="utf-8")
+    stats = summary_stats(df).round(4)
+    stats.to_csv(paths["summary_csv"], index=False)
+    plot_data = stats.rename(columns={"mean_miou_pct": "miou"})
+    plot_data[["labeled_fraction", "method", "miou"]].to_csv(paths["plot_data"], index=False)
+    plot_miou_vs_ratio(df, paths["plot"])
+    return paths
+
+
+def load_run_metrics(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Read metrics.json files (or run folders holding one) written by training runs."""
+    runs = []
+    for path in map(Path, paths):
+        file = path / "metrics.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"expected a training run's metrics.json at {file}; got no such file. Train that "
+                "run first, or drop it from the list."
+            )
+        try:
+            metrics = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{file}: expected a JSON object, got invalid JSON ({exc}).") from None
+        if not isinstance(metrics, dict):
+            raise ValueError(f"{file}: expected a JSON object, got {type(metrics).__name__}.")
+        runs.append(metrics)
+    return runs

@@ -1,0 +1,222 @@
+"""Champion promotion in the MLflow registry: register a run's model, move the alias if better.
+
+Guarantee: concurrent `promote_if_better` calls for one model name end with the alias on the best
+of all candidates (strictly higher metric wins; ties keep the earlier champion). MLflow has no
+compare-and-set for aliases, so each read-compare-set runs under an exclusive `fcntl.flock` on
+`<lock_dir>/<model>.lock`, and the alias is read back after setting it: moved by someone else to
+a better version -> leave it; to a worse one -> compare and set again.
+
+Limit: the lock only serialises processes that see the same lock file (one machine, or one shared
+file system that honours flock). Promotions from several machines must go through a single
+registering task (the sweep flow's final step); the read-back then only narrows the race.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+from mlflow.entities import LoggedModelStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:
+    from torch import nn
+
+DEFAULT_LOCK_DIR = Path.home() / ".cache" / "gtaseg" / "registry-locks"
+LOCK_TIMEOUT_S = 300.0
+METRIC_NAME_TAG = "gtaseg.metric"  # version tag: the metric name its promotion compared
+_MAX_ROUNDS = 10  # read-compare-set rounds before giving up on a registry that keeps moving
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    """Outcome of one promotion: the new version, and where the alias points afterwards."""
+
+    version: str  # the version registered for this candidate
+    promoted: bool  # the alias now points at `version`
+    champion_version: str  # where the alias points after the call
+    champion_metric: float
+    previous_version: str | None  # where it pointed before (None: no champion yet)
+    previous_metric: float | None
+
+
+def champion(
+    client: MlflowClient,
+    model_name: str,
+    alias: str = "champion",
+    metric_name: str | None = None,
+) -> dict[str, Any] | None:
+    """{"version", "run_id", "metric_name", "metric"} of the version `alias` points at, or None.
+
+    `metric_name` defaults to the one the version was promoted on (its `gtaseg.metric` tag, else
+    "val_miou_student"). The value comes from the version's tag of that name (written at
+    registration), else from the run's logged metric; it is None when neither exists.
+    """
+    try:
+        registered = client.get_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = registered.aliases.get(alias)
+    if version is None:
+        return None
+    model_version = client.get_model_version(model_name, str(version))
+    name = metric_name or model_version.tags.get(METRIC_NAME_TAG, "val_miou_student")
+    metric = model_version.tags.get(name)
+    if metric is None and model_version.run_id:
+        metric = client.get_run(model_version.run_id).data.metrics.get(name)
+    return {
+        "version": str(model_version.version),
+        "run_id": model_version.run_id,
+        "metric_name": name,
+        "metric": None if metric is None else float(metric),
+    }
+
+
+def load_champion(
+    model_name: str, tracking_uri: str | None = None, alias: str = "champion"
+) -> nn.Module:
+    """The champion as an nn.Module: `mlflow.pytorch.load_model("models:/<name>@<alias>")`.
+
+    With `tracking_uri`, that server (also as registry) is used without changing mlflow's
+    process-wide tracking URI.
+    """
+    uri = f"models:/{model_name}@{alias}"
+    if tracking_uri is None:
+        return mlflow.pytorch.load_model(uri)
+    local = mlflow.artifacts.download_artifacts(
+        uri, tracking_uri=tracking_uri, registry_uri=tracking_uri
+    )
+    return mlflow.pytorch.load_model(local)
+
+
+def promote_if_better(
+    client: MlflowClient,
+    model_name: str,
+    run_id: str,
+    artifact_path: str,
+    metric_value: float,
+    metric_name: str = "val_miou_student",
+    alias: str = "champion",
+    lock_dir: Path | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> PromotionResult:
+    """Register the model logged as `artifact_path` in run `run_id` as a new version of
+    `model_name` (tagged with `metric_name` = `metric_value` and `tags`), and move `alias` to it
+    only if `metric_value` is strictly higher than the current champion's.
+
+    Raises ValueError if the run has no such logged model, the metric is not finite, or the
+    current champion has no `metric_name` to compare against.
+    """
+    if not math.isfinite(metric_value):
+        raise ValueError(f"{metric_name}: expected a finite number, got {metric_value!r}.")
+    lock_path = (lock_dir or _default_lock_dir(client.tracking_uri)) / _lock_name(model_name)
+    version_tags = {**(tags or {}), metric_name: repr(float(metric_value))}
+    version_tags[METRIC_NAME_TAG] = metric_name
+    with _exclusive(lock_path):
+        version = _register(client, model_name, run_id, artifact_path, version_tags)
+        current = champion(client, model_name, alias, metric_name)
+        previous = (current["version"], current["metric"]) if current else (None, None)
+        for _ in range(_MAX_ROUNDS):
+            if current is not None and not _beats(metric_value, current, metric_name):
+                champ_version, champ_metric = current["version"], current["metric"]
+                return PromotionResult(version, False, champ_version, champ_metric, *previous)
+            client.set_registered_model_alias(model_name, alias, version)
+            current = champion(client, model_name, alias, metric_name)
+            if current is not None and current["version"] == version:
+                return PromotionResult(version, True, version, metric_value, *previous)
+            # Moved by a promoter outside the lock meanwhile: compare again (a better one stays).
+    raise RuntimeError(
+        f"alias {alias!r} of {model_name!r} kept moving to worse versions during {_MAX_ROUNDS} "
+        f"rounds; another promoter is not using the lock {lock_path}. Promote from one place."
+    )
+
+
+def _beats(metric_value: float, current: Mapping[str, Any], metric_name: str) -> bool:
+    if current["metric"] is None:
+        raise ValueError(
+            f"champion version {current['version']} has no {metric_name!r} (neither a version tag "
+            f"nor a run metric), so a candidate cannot be compared with it. Tag that version with "
+            f"{metric_name!r}, or remove the alias."
+        )
+    return metric_value > current["metric"]
+
+
+def _register(
+    client: MlflowClient, model_name: str, run_id: str, artifact_path: str, tags: dict[str, str]
+) -> str:
+    """Create a version of `model_name` from the latest READY logged model `artifact_path` of
+    `run_id`; returns the version number as a string."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{artifact_path}'",
+    )
+    ready = [m for m in logged if m.status == LoggedModelStatus.READY]
+    if not ready:
+        raise ValueError(
+            f"run {run_id} has no READY logged model named {artifact_path!r} (found "
+            f"{len(logged)} in any state). Log it with mlflow.pytorch.log_model(model, "
+            f"name={artifact_path!r}) in that run (MlflowTracker.log_model does) before promoting."
+        )
+    model_id = max(ready, key=lambda m: m.creation_timestamp).model_id
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    created = client.create_model_version(
+        model_name, source=f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id
+    )
+    return str(created.version)
+
+
+def _default_lock_dir(tracking_uri: str) -> Path:
+    """Next to a local store (so every process using it shares the lock), else the user cache."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "registry-locks"
+    if tracking_uri.startswith("file://"):
+        return Path(tracking_uri.removeprefix("file://")).resolve() / "registry-locks"
+    if "://" not in tracking_uri:
+        return Path(tracking_uri).resolve() / "registry-locks"
+    return DEFAULT_LOCK_DIR
+
+
+def _lock_name(model_name: str) -> str:
+    # Registered model names may hold characters a file name cannot; the hash keeps them apart.
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
+    return f"{safe}-{hashlib.sha256(model_name.encode()).hexdigest()[:8]}.lock"
+
+
+@contextmanager
+def _exclusive(lock_path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_path` (released by the OS if the process dies)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with open(lock_path, "a") as file:
+        while True:
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"registry lock {lock_path} still held after {timeout_s:.0f} s; expected "
+                        "another promotion to finish. Check for a hung process holding it."
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(file.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,169 @@
+"""pipelines.compare: per-run results -> long table, mean ± std pivot, plot and DVC plot data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipelines.compare import (
+    collect_results,
+    labeled_fraction,
+    load_run_metrics,
+    markdown_table,
+    summary_stats,
+    summary_table,
+    write_comparison,
+)
+
+# best_val_miou per (method, ratio) for seeds 0 and 1; ratios listed coarse-first on purpose.
+BEST = {
+    ("supervised", "1/8"): (0.40, 0.44),
+    ("supervised", "1/16"): (0.30, 0.36),
+    ("gta", "1/8"): (0.52, 0.50),
+    ("gta", "1/16"): (0.45, 0.41),
+}
+LABELED = {"1/8": 12, "1/16": 6}
+
+
+def _results() -> list[dict]:
+    rows = []
+    for (method, ratio), values in BEST.items():
+        for seed, best in enumerate(values):
+            rows.append(
+                {
+                    "method": method,
+                    "ratio": ratio,
+                    "labeled": LABELED[ratio],
+                    "seed": seed,
+                    "val_miou_student": best - 0.01,
+                    "val_miou_teacher": best,
+                    "best_val_miou": best,
+                    "wall_time_s": 10.0 + seed,
+                    "run_id": f"r{method}{seed}",
+                }
+            )
+    return rows
+
+
+def test_summary_numbers_are_mean_and_sample_std_over_seeds_in_percent() -> None:
+    stats = summary_stats(collect_results(_results())).set_index(["method", "ratio"])
+    for key, values in BEST.items():
+        expected = np.asarray(values) * 100.0
+        assert stats.loc[key, "n_seeds"] == 2
+        assert stats.loc[key, "mean_miou_pct"] == pytest.approx(expected.mean())
+        assert stats.loc[key, "std_miou_pct"] == pytest.approx(expected.std(ddof=1))
+
+
+def test_summary_table_cells_and_numeric_column_order() -> None:
+    table = summary_table(collect_results(_results()))
+    assert list(table.columns) == ["1/16", "1/8"]
+    assert sorted(table.index) == ["gta", "supervised"]
+    for (method, ratio), values in BEST.items():
+        pct = np.asarray(values) * 100.0
+        assert table.loc[method, ratio] == f"{pct.mean():.2f} ± {pct.std(ddof=1):.2f} (n=2)"
+
+
+def test_columns_follow_the_numeric_ratio_not_the_string() -> None:
+    # Lexicographic order would be 1/16, 1/2, 1/4, full.
+    rows = [
+        {**_results()[0], "ratio": ratio, "seed": 0, "method": "gta"}
+        for ratio in ("1/4", "full", "1/16", "1/2")
+    ]
+    table = summary_table(collect_results(rows))
+    assert list(table.columns) == ["1/16", "1/4", "1/2", "full"]
+    assert table.loc["gta", "1/4"] == f"{rows[0]['best_val_miou'] * 100:.2f} (n=1)"
+
+
+def test_missing_ratio_for_a_method_shows_a_dash() -> None:
+    rows = [r for r in _results() if not (r["method"] == "gta" and r["ratio"] == "1/8")]
+    table = summary_table(collect_results(rows))
+    assert table.loc["gta", "1/8"] == "-"
+    assert table.loc["supervised", "1/8"] != "-"
+
+
+def test_write_comparison_files(tmp_path: Path) -> None:
+    df = collect_results(_results())
+    paths = write_comparison(df, tmp_path / "results")
+    for path in paths.values():
+        assert path.is_file() and path.stat().st_size > 0, path
+    assert paths["plot_data"] == tmp_path / "results" / "plots" / "miou_vs_ratio.csv"
+
+    long = pd.read_csv(paths["results"])
+    assert len(long) == 8 and {"labeled_fraction", "run_id", "best_val_miou"} <= set(long.columns)
+    summary_md = paths["summary_md"].read_text(encoding="utf-8")
+    assert "1/16" in summary_md and "gta" in summary_md and "±" in summary_md
+
+    plot_data = pd.read_csv(paths["plot_data"])
+    assert list(plot_data.columns) == ["labeled_fraction", "method", "miou"]
+    gta_16 = plot_data[(plot_data.method == "gta") & (plot_data.labeled_fraction == 1 / 16)]
+    assert gta_16.miou.item() == pytest.approx(np.mean(BEST[("gta", "1/16")]) * 100)
+
+    with Image.open(paths["plot"]) as image:
+        image.verify()
+    with Image.open(paths["plot"]) as image:
+        assert image.format == "PNG"
+        assert image.width >= 300 and image.height >= 200
+        # Not a blank canvas: lines, markers and text give many distinct colours.
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 20
+
+
+def test_missing_key_names_the_key() -> None:
+    rows = _results()
+    del rows[3]["val_miou_student"]
+    with pytest.raises(ValueError, match=r"result 3 .*missing key 'val_miou_student'"):
+        collect_results(rows)
+
+
+def test_teacher_is_optional_for_the_supervised_baseline() -> None:
+    rows = _results()
+    for row in rows:
+        row.pop("val_miou_teacher")
+        row.pop("run_id")
+    df = collect_results(rows)
+    assert df["val_miou_teacher"].isna().all()
+
+
+def test_duplicate_run_and_bad_ratio_are_rejected() -> None:
+    rows = _results()
+    with pytest.raises(ValueError, match="duplicates"):
+        collect_results(rows + [rows[0]])
+    with pytest.raises(ValueError, match="'1/0'"):
+        collect_results([{**rows[0], "ratio": "1/0"}])
+    with pytest.raises(ValueError, match="at least one"):
+        collect_results([])
+
+
+def test_labeled_fraction_parsing() -> None:
+    assert labeled_fraction("1/16") == 1 / 16
+    assert labeled_fraction("0.25") == 0.25
+    assert labeled_fraction("full") == 1.0
+    for bad in ("2/1", "half", "0"):
+        with pytest.raises(ValueError, match="labelled fraction"):
+            labeled_fraction(bad)
+
+
+def test_markdown_fallback_formatter() -> None:
+    table = summary_table(collect_results(_results()))
+    lines = markdown_table(table).splitlines()
+    assert lines[0] == "| method | 1/16 | 1/8 |"
+    assert lines[1] == "|---|---|---|"
+    assert len(lines) == 2 + len(table)
+    assert lines[2].startswith(f"| {table.index[0]} | {table.iloc[0, 0]} |")
+
+
+def test_load_run_metrics_reads_files_and_folders(tmp_path: Path) -> None:
+    for name, best in (("a", 0.5), ("b", 0.6)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"best_val_miou": best}))
+    runs = load_run_metrics([tmp_path / "a", tmp_path / "b" / "metrics.json"])
+    assert [r["best_val_miou"] for r in runs] == [0.5, 0.6]
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        load_run_metrics([tmp_path / "missing"])
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        load_run_metrics([tmp_path / "bad.json"])
