@@ -48,7 +48,7 @@ class LoopState:
     best_student_miou: float = -1.0
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
-    loss_sums: dict[str, float] = field(default_factory=dict)
+    loss_sums: dict[str, tuple[torch.Tensor | float, int]] = field(default_factory=dict)
     pseudo_cm: torch.Tensor | None = None
     kept_sum: float = 0.0
     kept_count: int = 0
@@ -154,7 +154,9 @@ def _run_loop(
         loop.train_seconds += time.perf_counter() - tic
         done = state.iteration >= state.total_iters
         if done or (epoch + 1) % cfg.train.eval_every == 0:
-            row = _evaluate_both(cfg, state, loop, pseudo_cm, info, device, images_per_step)
+            if loop.loss_sums:
+                tracker.log_metrics(_flush_losses(loop, lr), state.iteration)
+            row = _evaluate_both(cfg, state, loop, pseudo_cm, info, device, epoch, images_per_step)
             tracker.log_metrics(row, state.iteration)
             bar.write(_format_row(row))
             is_best = row["val_miou"] > loop.best_val_miou
@@ -172,33 +174,33 @@ def _run_loop(
 
 
 def _accumulate(loop: LoopState, result, batch, pseudo_cm: ConfusionMatrix) -> None:
-    """Running sums kept on device; read back only at log time (no per-step host sync)."""
+    """Running sums and counts per loss, kept on device; read back only at log time (no per-step
+    host sync). Counts are per key: warm-up steps report no unsupervised loss."""
     for key, value in result.losses.items():
-        prev = loop.loss_sums.get(key)
-        loop.loss_sums[key] = value if prev is None else prev + value
-    loop.loss_sums["_n"] = loop.loss_sums.get("_n", 0) + 1
+        total, count = loop.loss_sums.get(key, (0.0, 0))
+        loop.loss_sums[key] = (total + value, count + 1)
     if result.pseudo_BHW is not None and batch.y_u is not None:
         pseudo_cm.update(result.pseudo_BHW, batch.y_u)
 
 
 def _flush_losses(loop: LoopState, lr: float) -> dict[str, float]:
-    n = loop.loss_sums.pop("_n", 1)
-    logged = {k: float(v) / n for k, v in loop.loss_sums.items()}
-    if "kept_frac" in logged:
-        loop.kept_sum += logged["kept_frac"] * n
-        loop.kept_count += n
+    logged = {k: float(total) / count for k, (total, count) in loop.loss_sums.items()}
+    if "kept_frac" in loop.loss_sums:
+        total, count = loop.loss_sums["kept_frac"]
+        loop.kept_sum += float(total)
+        loop.kept_count += count
     loop.loss_sums = {}
     logged["lr"] = lr
     return logged
 
 
-def _evaluate_both(cfg, state, loop, pseudo_cm, info, device, images_per_step) -> dict[str, float]:
+def _evaluate_both(cfg, state, loop, pseudo_cm, info, device, epoch, images_per_step) -> dict:
     """Evaluate student (and teacher); pick the original's selection metric: the student during
     warm-up, the teacher afterwards. Also scores the pseudo-labels seen since the last evaluation."""
     val = make_val_data(cfg.data, cfg.eval.max_images, rank=info.rank, world_size=info.world_size)
     classes = cfg.data.num_classes
     res_s = evaluate(unwrap(state.student), val, cfg.eval, classes, device, reduce=all_reduce_sum)
-    row = {"epoch": float(state.epoch), "val_miou_student": res_s.miou}
+    row = {"epoch": float(epoch), "val_miou_student": res_s.miou}
     row.update(_per_class("val_iou_student", res_s))
     selected = res_s.miou
     if state.teacher is not None:

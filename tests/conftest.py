@@ -1,0 +1,76 @@
+"""Shared fixtures: the project's runtime settings, a tiny embedded dataset, a tiny run config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_env_defaults() -> None:
+    """The same settings scripts/run.sh exports (e.g. Prefect's server start-up timeout)."""
+    for line in (ROOT / ".env.defaults").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.startswith("#"):
+            os.environ.setdefault(key.strip(), value.strip())
+
+
+_load_env_defaults()
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is present (CI never has one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A 24-train / 6-val embedded dataset of 32x32 scenes, with a 1/4 split."""
+    from gtaseg.data.embedded import make_embedded
+
+    root = tmp_path_factory.mktemp("emb") / "embedded"
+    make_embedded(root, n_train=24, n_val=6, size=32, seed=0)
+    return root
+
+
+@pytest.fixture
+def tiny_raw(tiny_dataset, tmp_path) -> dict:
+    """A raw config dict for a seconds-long CPU run on `tiny_dataset` (split written)."""
+    from gtaseg.data.splits import make_split, write_split
+
+    ids = sorted((tiny_dataset / "train.txt").read_text().split())
+    labeled, unlabeled = make_split(ids, 0.25, 0)
+    write_split(tmp_path / "split", labeled, unlabeled)
+    return {
+        "data": {
+            "format": "embedded",
+            "root": str(tiny_dataset),
+            "split_dir": str(tmp_path / "split"),
+            "crop_size": 32,
+        },
+        "model": {
+            "encoder": "resnet18",
+            "output_stride": 16,
+            "decoder_channels": 16,
+            "atrous_rates": [1, 2, 3],
+        },
+        "optim": {"lr": 0.01},
+        "train": {
+            "method": "gta",
+            "epochs": 2,
+            "batch_size_labeled": 2,
+            "batch_size_unlabeled": 2,
+            "seed": 0,
+        },
+        "semi": {"sup_only_epochs": 1},
+        "eval": {"mode": "whole", "max_images": 4},
+    }
