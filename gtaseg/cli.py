@@ -1,0 +1,155 @@
+"""`gtaseg` command line: make the embedded dataset, make splits, train, evaluate, predict, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gtaseg.config import ConfigError, apply_overrides, load_config
+
+EPILOG = """examples:
+  gtaseg make-data --root data/embedded
+  gtaseg split --config params.yaml --amount 1/16 --seed 0 --out data/splits/embedded/1_16/seed0
+  gtaseg train --config params.yaml --out runs/gta --set train.method=gta train.epochs=2
+  gtaseg evaluate --checkpoint runs/gta/checkpoints/best.pt --network teacher
+  gtaseg predict --model runs/gta/model --images my_images/ --out predictions/
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="params.yaml", help="YAML config; its `run:` section is used "
+                   "when present (default: params.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. train.method=supervised data.crop_size=64")
+
+
+def _config(args: argparse.Namespace):
+    return apply_overrides(load_config(args.config), args.set)
+
+
+def cmd_make_data(args: argparse.Namespace) -> None:
+    from gtaseg.data.embedded import make_embedded
+
+    root = make_embedded(Path(args.root), n_train=args.n_train, n_val=args.n_val, size=args.size,
+                         seed=args.seed, overwrite=args.overwrite)
+    print(f"embedded dataset written to {root}")
+
+
+def cmd_split(args: argparse.Namespace) -> None:
+    from gtaseg.data.formats import list_samples
+    from gtaseg.data.splits import import_split, make_split, parse_amount, write_split
+
+    cfg = _config(args)
+    ids = list(list_samples(cfg.data, "train"))
+    out = Path(args.out)
+    if args.import_from:
+        import_split(Path(args.import_from), out, ids)
+    else:
+        labeled, unlabeled = make_split(ids, parse_amount(args.amount), args.seed)
+        write_split(out, labeled, unlabeled)
+    n_l = len((out / "labeled.txt").read_text().split())
+    print(f"split written to {out}: {n_l} labelled of {len(ids)} training images")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from gtaseg.train import train
+
+    cfg = _config(args)
+    tracker = None
+    if args.mlflow_experiment:
+        from gtaseg.mlflow_tracking import MlflowTracker
+
+        tracker = MlflowTracker(experiment=args.mlflow_experiment, run_name=Path(args.out).name)
+    summary = train(cfg, args.out, tracker=tracker, resume=not args.no_resume,
+                    progress=not args.no_progress)
+    if tracker is not None:
+        tracker.close()
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from gtaseg.inference import evaluate_checkpoint
+
+    result = evaluate_checkpoint(Path(args.checkpoint), args.network, args.set, args.device)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from gtaseg.inference import predict_folder
+
+    written = predict_folder(Path(args.model), Path(args.images), Path(args.out), args.device,
+                             overlay_alpha=args.alpha)
+    print(f"wrote {len(written)} masks and overlays to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gtaseg",
+        description="GTA-Seg semi-supervised semantic segmentation (Gentle Teaching Assistant).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-data", help="write the embedded demo dataset (folder format)")
+    p.add_argument("--root", default="data/embedded", help="output folder (default: data/embedded)")
+    p.add_argument("--n-train", type=int, default=1024, help="training scenes (default: 1024)")
+    p.add_argument("--n-val", type=int, default=256, help="validation scenes (default: 256)")
+    p.add_argument("--size", type=int, default=64, help="scene side in pixels (default: 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing different dataset")
+    p.set_defaults(func=cmd_make_data)
+
+    p = sub.add_parser("split", help="write labeled.txt / unlabeled.txt for a label ratio or count")
+    _add_config_args(p)
+    p.add_argument("--amount", default="1/16",
+                   help="label ratio (1/16, 0.125) or count (92, 183, ...) or 'full' (default: 1/16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder for the two lists")
+    p.add_argument("--import-from", metavar="DIR",
+                   help="import an existing canonical split (labeled.txt/unlabeled.txt) instead")
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("train", help="train one run (resumes if --out holds a checkpoint)")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run folder for checkpoints, model and metrics")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--mlflow-experiment", help="also log to MLflow (MLFLOW_TRACKING_URI or ./mlruns)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint's student or teacher on the val set")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--network", choices=["student", "teacher", "assistant"], default="student")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override the checkpoint's config (e.g. eval.mode=sliding data.root=...)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict masks and colour overlays for a folder of images")
+    p.add_argument("--model", required=True, help="a run's model/ folder (smp save_pretrained)")
+    p.add_argument("--images", required=True, help="folder of .png/.jpg images")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: 0.5)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+
+    from gtaseg.bench import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"gtaseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Use trained networks: evaluate a checkpoint, predict masks and colour overlays for a folder."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+from PIL import Image
+
+from gtaseg.checkpoint import load_checkpoint
+from gtaseg.config import ConfigError, apply_overrides, config_from_dict
+from gtaseg.data.formats import color_palette, read_image
+from gtaseg.data.loaders import make_predict_images, make_val_data
+from gtaseg.distributed import resolve_device
+from gtaseg.evaluate import evaluate, predict_logits
+from gtaseg.model import build_model
+
+
+def evaluate_checkpoint(
+    path: Path, network: str = "student", overrides: list[str] = (), device: str = "auto"
+) -> dict[str, Any]:
+    """mIoU of one network stored in a training checkpoint, on the val set of its config."""
+    dev = resolve_device(device)
+    saved = load_checkpoint(path, map_location=dev)
+    cfg = apply_overrides(config_from_dict(saved["config"]), list(overrides))
+    weights = saved["method"].get(network)
+    if weights is None:
+        raise ConfigError(
+            f"{path} holds no {network!r} network (method {cfg.train.method!r}); "
+            f"choose one of {[k for k in ('student', 'assistant', 'teacher') if k in saved['method']]}."
+        )
+    model = build_model(cfg.model, cfg.data.num_classes).to(dev)
+    model.load_state_dict(weights)
+    val = make_val_data(cfg.data, cfg.eval.max_images)
+    result = evaluate(model, val, cfg.eval, cfg.data.num_classes, dev, progress=True)
+    out = asdict(result)
+    out["confusion"] = np.asarray(result.confusion).tolist()
+    return {"checkpoint": str(path), "network": network, **out}
+
+
+def load_exported(model_dir: Path, device: torch.device) -> torch.nn.Module:
+    """A model saved by training's export (smp save_pretrained), in eval mode."""
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(
+            f"{model_dir} is not an exported model: expected config.json and weights written by "
+            f"`gtaseg train` (the run's model/ folder)."
+        )
+    return smp.from_pretrained(str(model_dir)).to(device).eval()
+
+
+def overlay(image_HW3: np.ndarray, mask_HW: np.ndarray, alpha: float) -> np.ndarray:
+    """Blend class colours over the image (uint8 RGB)."""
+    colours = color_palette(256)[mask_HW]
+    blended = (1 - alpha) * image_HW3.astype(np.float32) + alpha * colours.astype(np.float32)
+    return blended.clip(0, 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def predict_folder(
+    model_dir: Path,
+    images: Path,
+    out_dir: Path,
+    device: str = "auto",
+    overlay_alpha: float = 0.5,
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375),
+) -> list[Path]:
+    """Write `<id>_mask.png` (class indices) and `<id>_overlay.png` for every image in `images`."""
+    from gtaseg.config import EvalConfig
+
+    dev = resolve_device(device)
+    model = load_exported(model_dir, dev)
+    num_classes = model.segmentation_head[0].out_channels
+    out_dir.mkdir(parents=True, exist_ok=True)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    written = []
+    for path in make_predict_images(images):
+        rgb = read_image(path)
+        x = (torch.from_numpy(rgb).permute(2, 0, 1)[None].float() - m) / s
+        logits = predict_logits(model, x.to(dev), EvalConfig(mode="whole"), num_classes)
+        mask = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        Image.fromarray(mask).save(out_dir / f"{path.stem}_mask.png")
+        Image.fromarray(overlay(rgb, mask, overlay_alpha)).save(out_dir / f"{path.stem}_overlay.png")
+        written.append(out_dir / f"{path.stem}_mask.png")
+    return written
+
+
+def predict_val_overlays(cfg, model: torch.nn.Module, out_dir: Path, n: int = 4) -> list[Path]:
+    """Overlays of prediction | ground truth for the first `n` val images (tracking artifacts)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = next(model.parameters()).device
+    m = torch.tensor(cfg.data.mean).view(3, 1, 1)
+    s = torch.tensor(cfg.data.std).view(3, 1, 1)
+    paths = []
+    for i, batch in enumerate(make_val_data(cfg.data, n)):
+        logits = predict_logits(model, batch.x.to(dev), cfg.eval, cfg.data.num_classes)
+        pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        gt = batch.y[0].cpu().numpy().astype(np.uint8)
+        rgb = (batch.x[0].cpu() * s + m).permute(1, 2, 0).clamp(0, 255).numpy().astype(np.uint8)
+        panel = np.concatenate([overlay(rgb, pred, 0.5), overlay(rgb, gt, 0.5)], axis=1)
+        path = out_dir / f"val_{i}_{batch.ids[0].replace('/', '_')}.png"
+        Image.fromarray(panel).save(path)
+        paths.append(path)
+    return paths

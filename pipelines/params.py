@@ -1,0 +1,91 @@
+"""The pipeline's own settings (params.yaml minus `run:`), typed and validated like the run config.
+
+params.yaml layout:
+    data_prep:  the embedded demo dataset (stage `prepare`)
+    sweep:      label ratios x methods x seeds (stages `split`, `train`, `compare`)
+    tracking:   MLflow experiment, registered model name, champion rule
+    run:        one training run's config (gtaseg.config.Config), shared by every sweep cell
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from gtaseg.config import Config, ConfigError, _build, config_from_dict
+from gtaseg.data.splits import parse_amount
+
+
+@dataclass(frozen=True)
+class DataPrep:
+    n_train: int = 1024  # embedded training scenes
+    n_val: int = 256  # embedded validation scenes
+    size: int = 64  # scene side in pixels
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Sweep:
+    ratios: tuple[str, ...] = ("1_16", "1_4")  # label ratios ("1_16" = 1/16) or counts ("183")
+    methods: tuple[str, ...] = ("supervised", "mean_teacher", "gta")
+    seeds: tuple[int, ...] = (0,)
+    full_supervised: bool = True  # also train `supervised` on every label (the upper bound)
+    max_parallel: int = 1  # concurrent training tasks in the Prefect sweep (1 on a 2-core CPU)
+    epochs: dict[str, int] = field(default_factory=dict)  # epochs per ratio name (and "full")
+
+    def __post_init__(self) -> None:
+        for ratio in self.ratios:
+            parse_amount(ratio)  # raises a DataError naming the bad value
+        bad = sorted(set(self.methods) - {"supervised", "mean_teacher", "gta"})
+        if bad:
+            raise ConfigError(
+                f"sweep.methods: unknown {bad}; expected supervised, mean_teacher or gta."
+            )
+        needed = list(self.ratios) + (["full"] if self.full_supervised else [])
+        missing = [r for r in needed if r not in self.epochs]
+        if missing:
+            raise ConfigError(
+                f"sweep.epochs: expected an entry for every ratio, missing {missing}; add e.g. "
+                f'"{missing[0]}": 5 under sweep.epochs in params.yaml.'
+            )
+        if not self.seeds:
+            raise ConfigError("sweep.seeds: expected at least one seed, got an empty list.")
+
+
+@dataclass(frozen=True)
+class Tracking:
+    experiment: str = "gtaseg-demo"  # MLflow experiment
+    tracking_uri: str = "sqlite:///mlflow.db"  # used when MLFLOW_TRACKING_URI is not set
+    model_name: str = "gtaseg-student"  # registered model
+    champion_metric: str = "best_val_miou_student"  # compared to move the `champion` alias
+    champion_scope: str = "overall"  # overall | per_ratio (alias champion-<ratio> per ratio)
+    sweep_name: str = "demo-sweep"  # parent run that nests every training run
+    log_checkpoints: bool = True  # upload last/best checkpoints as artifacts
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    data_prep: DataPrep = field(default_factory=DataPrep)
+    sweep: Sweep = field(default_factory=Sweep)
+    tracking: Tracking = field(default_factory=Tracking)
+    run: Config = field(default_factory=Config)
+
+
+def load_params(path: str | Path = "params.yaml") -> PipelineParams:
+    """Parse params.yaml; unknown keys and wrong types are errors naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: expected the pipeline's params.yaml.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    run = config_from_dict(raw.pop("run", {}))
+    params = _build(_PipelineRaw, raw, "")
+    return PipelineParams(params.data_prep, params.sweep, params.tracking, run)
+
+
+@dataclass(frozen=True)
+class _PipelineRaw:
+    data_prep: DataPrep = field(default_factory=DataPrep)
+    sweep: Sweep = field(default_factory=Sweep)
+    tracking: Tracking = field(default_factory=Tracking)

@@ -1,0 +1,202 @@
+"""The pipeline's stage entry points. DVC stages and Prefect tasks call these same functions.
+
+    python -m pipelines.stages prepare
+    python -m pipelines.stages split --ratio 1_16 --seed 0
+    python -m pipelines.stages train --ratio 1_16 --method gta --seed 0
+    python -m pipelines.stages compare
+    python -m pipelines.stages register
+
+Paths are derived here once (`split_dir`, `run_dir`, ...) and nowhere else; dvc.yaml names the
+same folders as outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from gtaseg.config import Config, apply_overrides
+from gtaseg.data.embedded import make_embedded
+from gtaseg.data.formats import list_samples
+from gtaseg.data.splits import make_split, parse_amount, write_split
+from pipelines.params import PipelineParams, load_params
+
+FULL = "full"  # the ratio name of the fully supervised reference run
+RESULTS_DIR = Path("results")
+
+
+def split_dir(ratio: str, seed: int) -> Path:
+    return Path("data/splits") / ratio / f"seed{seed}"
+
+
+def run_dir(ratio: str, method: str, seed: int) -> Path:
+    return Path("runs") / ratio / method / f"seed{seed}"
+
+
+def run_config(params: PipelineParams, ratio: str, method: str, seed: int,
+               overrides: list[str] = ()) -> Config:
+    """The run config of one sweep cell: the shared `run:` section plus the cell's coordinates."""
+    cfg = dataclasses.replace(
+        params.run,
+        data=dataclasses.replace(params.run.data, split_dir=str(split_dir(ratio, seed))),
+        train=dataclasses.replace(params.run.train, method=method, seed=seed),
+    )
+    if ratio in params.sweep.epochs:
+        cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, epochs=params.sweep.epochs[ratio])
+        )
+    return apply_overrides(cfg, list(overrides))
+
+
+def sweep_cells(params: PipelineParams) -> list[tuple[str, str, int]]:
+    """(ratio, method, seed) of every training run in the sweep, the full-label reference last."""
+    s = params.sweep
+    cells = [(r, m, seed) for r in s.ratios for m in s.methods for seed in s.seeds]
+    if s.full_supervised:
+        cells += [(FULL, "supervised", seed) for seed in s.seeds]
+    return cells
+
+
+def prepare(params: PipelineParams) -> Path:
+    """Write the embedded dataset when the run uses it (other formats are read in place)."""
+    data = params.run.data
+    if data.format != "embedded":
+        print(f"data format {data.format}: nothing to prepare, reading {data.root} in place")
+        return Path(data.root)
+    p = params.data_prep
+    return make_embedded(Path(data.root), n_train=p.n_train, n_val=p.n_val, size=p.size,
+                         seed=p.seed, overwrite=True)
+
+
+def split(params: PipelineParams, ratio: str, seed: int) -> Path:
+    ids = list(list_samples(params.run.data, "train"))
+    labeled, unlabeled = make_split(ids, parse_amount(ratio), seed)
+    out = split_dir(ratio, seed)
+    write_split(out, labeled, unlabeled)
+    return out
+
+
+def file_digest(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(params: PipelineParams, ratio: str, method: str, seed: int) -> dict[str, str]:
+    """Identifiers that make a run findable and reproducible: split hash, DVC lock entry, commit."""
+    sdir = split_dir(ratio, seed)
+    tags = {
+        "gtaseg.ratio": ratio,
+        "gtaseg.method": method,
+        "gtaseg.seed": str(seed),
+        "gtaseg.dataset": f"{params.run.data.format}:{params.run.data.root}",
+        "gtaseg.split_dir": str(sdir),
+        "gtaseg.split_sha256": file_digest(sdir / "labeled.txt", sdir / "unlabeled.txt"),
+        "gtaseg.split_dvc_md5": dvc_lock_md5(str(sdir)),
+        "mlflow.source.git.commit": git_commit(),
+    }
+    return tags
+
+
+def dvc_lock_md5(path: str) -> str:
+    """The md5 DVC recorded for an output path in dvc.lock ("" when not tracked yet)."""
+    lock = Path("dvc.lock")
+    if not lock.is_file():
+        return ""
+    import yaml
+
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if out.get("path") == path:
+                return str(out.get("md5", ""))
+    return ""
+
+
+def train(params_path: str | Path, ratio: str, method: str, seed: int,
+          overrides: list[str] = (), parent_run_id: str | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Train one sweep cell with MLflow tracking; resumes from the run folder's checkpoint."""
+    from pipelines.tracking_run import tracked_training
+
+    params = load_params(params_path)
+    if ratio == FULL and not split_dir(FULL, seed).is_dir():
+        split(params, FULL, seed)
+    cfg = run_config(params, ratio, method, seed, overrides)
+    return tracked_training(params, cfg, run_dir(ratio, method, seed), ratio,
+                            run_tags(params, ratio, method, seed), parent_run_id, progress)
+
+
+def compare(params: PipelineParams) -> dict[str, Path]:
+    from pipelines.compare import collect_results, write_comparison
+
+    rows = []
+    for ratio, method, seed in sweep_cells(params):
+        metrics = run_dir(ratio, method, seed) / "metrics.json"
+        if metrics.is_file():
+            row = json.loads(metrics.read_text())
+            n_labeled = len((split_dir(ratio, seed) / "labeled.txt").read_text().split())
+            row.update(ratio=ratio.replace("_", "/"), labeled=n_labeled, method=method, seed=seed)
+            rows.append(row)
+    if not rows:
+        raise FileNotFoundError("no runs/*/metrics.json found: run the train stages first.")
+    return write_comparison(collect_results(rows), RESULTS_DIR)
+
+
+def register(params: PipelineParams) -> dict[str, Any]:
+    """Register every trained student of the sweep and move `champion` to the best of them."""
+    from pipelines.tracking_run import register_sweep
+
+    result = register_sweep(params, [run_dir(*cell) for cell in sweep_cells(params)])
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "champion.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.stages", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["prepare", "split", "train", "compare", "register"])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--ratio", help="label ratio name, e.g. 1_16 (split, train)")
+    parser.add_argument("--method", help="supervised | mean_teacher | gta (train)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="run config overrides (train)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    if args.stage == "prepare":
+        print(f"dataset ready at {prepare(params)}")
+    elif args.stage == "split":
+        print(f"split written to {split(params, args.ratio, args.seed)}")
+    elif args.stage == "train":
+        progress = sys.stderr.isatty() or os.environ.get("GTASEG_PROGRESS") == "1"
+        summary = train(args.params, args.ratio, args.method, args.seed, args.set,
+                        progress=progress)
+        print(json.dumps(summary, indent=2))
+    elif args.stage == "compare":
+        print("\n".join(f"wrote {p}" for p in compare(params).values()))
+    else:
+        print(json.dumps(register(params), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
