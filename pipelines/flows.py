@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,30 @@ def split_task(params_path: str, ratio: str, seed: int) -> str:
 @task(name="train", retries=0, task_run_name="train-{ratio}-{method}-seed{seed}")
 def train_task(params_path: str, ratio: str, method: str, seed: int,
                overrides: list[str] | None = None, parent_run_id: str | None = None) -> dict:
+    """One training run. With GTASEG_TRAIN_LAUNCHER set (the Kubernetes GPU job sets it to
+    `torchrun --standalone --nproc_per_node <gpus>`), the run is launched across the node's GPUs
+    as a subprocess; otherwise it runs in this process."""
+    launcher = os.environ.get("GTASEG_TRAIN_LAUNCHER", "").strip()
+    if launcher:
+        return launch_distributed(launcher, params_path, ratio, method, seed, overrides or [],
+                                  parent_run_id)
     progress = os.environ.get("GTASEG_PROGRESS") == "1"
     return stages.train(params_path, ratio, method, seed, overrides or [], parent_run_id,
                         progress=progress)
+
+
+def launch_distributed(launcher: str, params_path: str, ratio: str, method: str, seed: int,
+                       overrides: list[str], parent_run_id: str | None) -> dict:
+    """Run `pipelines.stages train` under the launcher (torchrun); rank 0 tracks and writes files."""
+    cmd = [*shlex.split(launcher), "-m", "pipelines.stages", "train", "--params", params_path,
+           "--ratio", ratio, "--method", method, "--seed", str(seed)]
+    if overrides:
+        cmd += ["--set", *overrides]
+    env = dict(os.environ)
+    if parent_run_id:
+        env["GTASEG_PARENT_RUN_ID"] = parent_run_id
+    subprocess.run(cmd, check=True, env=env)
+    return json.loads((stages.run_dir(ratio, method, seed) / "metrics.json").read_text())
 
 
 @task(name="sweep-parent-run", retries=3, retry_delay_seconds=5)

@@ -164,7 +164,8 @@ def register(params: PipelineParams) -> dict[str, Any]:
     """Register every trained student of the sweep and move `champion` to the best of them."""
     from pipelines.tracking_run import register_sweep
 
-    result = register_sweep(params, [run_dir(*cell) for cell in sweep_cells(params)])
+    cells = [(r, m, run_dir(r, m, seed)) for r, m, seed in sweep_cells(params)]
+    result = register_sweep(params, cells)
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "champion.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "train":
         progress = sys.stderr.isatty() or os.environ.get("GTASEG_PROGRESS") == "1"
         summary = train(args.params, args.ratio, args.method, args.seed, args.set,
-                        progress=progress)
+                        parent_run_id=os.environ.get("GTASEG_PARENT_RUN_ID"), progress=progress)
         print(json.dumps(summary, indent=2))
     elif args.stage == "compare":
         print("\n".join(f"wrote {p}" for p in compare(params).values()))

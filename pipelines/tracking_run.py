@@ -54,7 +54,10 @@ def sweep_parent_run(params: PipelineParams) -> str:
 def tracked_training(params: PipelineParams, cfg: Config, out: Path, ratio: str,
                      tags: dict[str, str], parent_run_id: str | None = None,
                      progress: bool = True) -> dict[str, Any]:
-    """Train `cfg` into `out` with an MLflow run; log checkpoints, model, plots; return metrics."""
+    """Train `cfg` into `out` with an MLflow run; log checkpoints, model, plots; return metrics.
+    Under torchrun only rank 0 opens the MLflow run; the other ranks just train."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return train(cfg, out, tracker=None, resume=True, progress=False)
     out.mkdir(parents=True, exist_ok=True)
     id_file = out / RUN_ID_FILE
     previous = id_file.read_text().strip() if id_file.is_file() else None
@@ -121,8 +124,10 @@ def confusion_plot(confusion: np.ndarray, names: list[str], path: Path) -> Path:
     return path
 
 
-def register_sweep(params: PipelineParams, run_dirs: list[Path]) -> dict[str, Any]:
-    """Offer each finished run's student to the registry; `champion` moves only to a better one."""
+def register_sweep(params: PipelineParams, cells: list[tuple[str, str, Path]]) -> dict[str, Any]:
+    """Offer each finished run's student, given as (ratio, method, run folder), to the registry;
+    `champion` moves only to a better one. The full-label reference is an upper bound, not a
+    semi-supervised student, so it is never offered."""
     import json
 
     from pipelines.registry import champion, promote_if_better
@@ -131,20 +136,16 @@ def register_sweep(params: PipelineParams, run_dirs: list[Path]) -> dict[str, An
     mlflow.set_tracking_uri(tracking_uri(params))
     t = params.tracking
     offered = []
-    for out in run_dirs:
+    for ratio, method, out in cells:
         metrics_file, id_file = out / "metrics.json", out / RUN_ID_FILE
-        if not (metrics_file.is_file() and id_file.is_file()):
+        if ratio == "full" or not (metrics_file.is_file() and id_file.is_file()):
             continue
         metrics = json.loads(metrics_file.read_text())
-        if metrics.get("method") == "supervised" and out.parts[1] == "full":
-            continue  # the full-label reference is an upper bound, not a semi-supervised student
-        run_id = id_file.read_text().strip()
-        ratio = out.parts[1]
         alias = "champion" if t.champion_scope == "overall" else f"champion-{ratio}"
-        res = promote_if_better(client, t.model_name, run_id, "student",
+        res = promote_if_better(client, t.model_name, id_file.read_text().strip(), "student",
                                 float(metrics[t.champion_metric]), metric_name=t.champion_metric,
-                                alias=alias, tags={"ratio": ratio, "method": metrics["method"]})
+                                alias=alias, tags={"ratio": ratio, "method": method})
         offered.append({"run_dir": str(out), "metric": metrics[t.champion_metric],
-                        "promoted": bool(getattr(res, "promoted", False))})
+                        "promoted": bool(res.promoted)})
     return {"model_name": t.model_name, "offered": offered,
             "champion": champion(client, t.model_name)}
