@@ -102,13 +102,14 @@ def sweep_flow(config_path: str = "params.yaml", ratios: list[str] | None = None
     methods = methods or list(params.sweep.methods)
     seeds = seeds or list(params.sweep.seeds)
     prepare_task(config_path)
-    for ratio in ratios + ([stages.FULL] if params.sweep.full_supervised else []):
+    for ratio in ratios:
         for seed in seeds:
             split_task(config_path, ratio, seed)
+    for seed in params.sweep.full_seeds:
+        split_task(config_path, stages.FULL, seed)
     parent = parent_run_task(config_path)
     cells = [(r, m, s) for r in ratios for m in methods for s in seeds]
-    if params.sweep.full_supervised:
-        cells += [(stages.FULL, "supervised", s) for s in seeds]
+    cells += [(stages.FULL, "supervised", s) for s in params.sweep.full_seeds]
     futures = [train_task.submit(config_path, r, m, s, None, parent) for r, m, s in cells]
     results = [f.result() for f in futures]
     logger.info("trained %d runs", len(results))

@@ -31,7 +31,7 @@ class Sweep:
     ratios: tuple[str, ...] = ("1_16", "1_4")  # label ratios ("1_16" = 1/16) or counts ("183")
     methods: tuple[str, ...] = ("supervised", "mean_teacher", "gta")
     seeds: tuple[int, ...] = (0,)
-    full_supervised: bool = True  # also train `supervised` on every label (the upper bound)
+    full_seeds: tuple[int, ...] = (0,)  # seeds of the all-labels `supervised` reference ([]: none)
     max_parallel: int = 1  # concurrent training tasks in the Prefect sweep (1 on a 2-core CPU)
     epochs: dict[str, int] = field(default_factory=dict)  # epochs per ratio name (and "full")
 
@@ -43,7 +43,7 @@ class Sweep:
             raise ConfigError(
                 f"sweep.methods: unknown {bad}; expected supervised, mean_teacher or gta."
             )
-        needed = list(self.ratios) + (["full"] if self.full_supervised else [])
+        needed = list(self.ratios) + (["full"] if self.full_seeds else [])
         missing = [r for r in needed if r not in self.epochs]
         if missing:
             raise ConfigError(

@@ -59,8 +59,7 @@ def sweep_cells(params: PipelineParams) -> list[tuple[str, str, int]]:
     """(ratio, method, seed) of every training run in the sweep, the full-label reference last."""
     s = params.sweep
     cells = [(r, m, seed) for r in s.ratios for m in s.methods for seed in s.seeds]
-    if s.full_supervised:
-        cells += [(FULL, "supervised", seed) for seed in s.seeds]
+    cells += [(FULL, "supervised", seed) for seed in s.full_seeds]
     return cells
 
 

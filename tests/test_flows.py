@@ -30,7 +30,7 @@ def prefect_harness():
 def scratch(tmp_path, monkeypatch) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data_prep"].update(n_train=16, n_val=4, size=32)
-    params["sweep"].update(ratios=["1_4"], methods=["supervised", "gta"], full_supervised=False,
+    params["sweep"].update(ratios=["1_4"], methods=["supervised", "gta"], full_seeds=[],
                            epochs={"1_4": 1}, max_parallel=2)
     run = params["run"]
     run["data"]["crop_size"] = 32
