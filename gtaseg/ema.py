@@ -39,7 +39,7 @@ def ema_update(
     targets = list(target.parameters())
     sources = list(source.parameters())
     assert len(targets) == len(sources), "ema_update needs two networks of one architecture"
-    kept = [(t, s) for t, s in zip(targets, sources) if id(t) not in skip]
+    kept = [(t, s) for t, s in zip(targets, sources, strict=True) if id(t) not in skip]
     if not kept:
         return
     t_list = [t for t, _ in kept]
@@ -51,5 +51,5 @@ def ema_update(
 @torch.no_grad()
 def copy_params(target: nn.Module, source: nn.Module) -> None:
     """target's parameters := source's (values, not aliases). BN buffers are left alone."""
-    for t, s in zip(target.parameters(), source.parameters()):
+    for t, s in zip(target.parameters(), source.parameters(), strict=True):
         t.copy_(s)

@@ -19,6 +19,8 @@ from gtaseg.distributed import resolve_device
 from gtaseg.evaluate import evaluate, predict_logits
 from gtaseg.model import build_model
 
+NETWORKS = ("student", "assistant", "teacher")
+
 
 def evaluate_checkpoint(
     path: Path, network: str = "student", overrides: list[str] = (), device: str = "auto"
@@ -31,7 +33,7 @@ def evaluate_checkpoint(
     if weights is None:
         raise ConfigError(
             f"{path} holds no {network!r} network (method {cfg.train.method!r}); "
-            f"choose one of {[k for k in ('student', 'assistant', 'teacher') if k in saved['method']]}."
+            f"choose one of {[k for k in NETWORKS if k in saved['method']]}."
         )
     model = build_model(cfg.model, cfg.data.num_classes).to(dev)
     model.load_state_dict(weights)
@@ -85,7 +87,9 @@ def predict_folder(
         logits = predict_logits(model, x.to(dev), EvalConfig(mode="whole"), num_classes)
         mask = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
         Image.fromarray(mask).save(out_dir / f"{path.stem}_mask.png")
-        Image.fromarray(overlay(rgb, mask, overlay_alpha)).save(out_dir / f"{path.stem}_overlay.png")
+        Image.fromarray(overlay(rgb, mask, overlay_alpha)).save(
+            out_dir / f"{path.stem}_overlay.png"
+        )
         written.append(out_dir / f"{path.stem}_mask.png")
     return written
 

@@ -22,7 +22,7 @@ def _rand_int(low: int, high: int, gen: torch.Generator) -> int:
 
 
 def cutout_box_mask(h: int, w: int, gen: torch.Generator, ratio: int = 2) -> torch.Tensor:
-    """(H, W) float mask of ones with a zero rectangle of area H*W/ratio (the original's sampling)."""
+    """(H, W) float mask of ones with a zero box of area H*W/ratio, sampled as the original."""
     area = h * w / ratio
     box_w = _rand_int(int(w / ratio) + 1, w, gen)
     box_h = min(h, round(area / box_w))

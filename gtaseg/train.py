@@ -32,8 +32,14 @@ from gtaseg.data.loaders import TrainData, make_train_data, make_val_data
 from gtaseg.distributed import DistInfo, all_reduce_sum, barrier, init_from_env, wrap_ddp
 from gtaseg.evaluate import EvalResult, evaluate
 from gtaseg.methods import get_step
-from gtaseg.methods.state import TrainState, build_state, load_state_dict, set_lrs, state_dict
-from gtaseg.methods.state import unwrap
+from gtaseg.methods.state import (
+    TrainState,
+    build_state,
+    load_state_dict,
+    set_lrs,
+    state_dict,
+    unwrap,
+)
 from gtaseg.metrics import ConfusionMatrix
 from gtaseg.tracking import NullTracker, Tracker, flatten_params
 
@@ -92,7 +98,9 @@ def train(
         world_size=info.world_size,
     )
     state = build_state(cfg, device, data.iters_per_epoch)
-    loop = LoopState(pseudo_cm=torch.zeros(cfg.data.num_classes, cfg.data.num_classes, dtype=torch.long))
+    loop = LoopState(
+        pseudo_cm=torch.zeros(cfg.data.num_classes, cfg.data.num_classes, dtype=torch.long)
+    )
     if resume:
         _resume(out / "checkpoints", state, loop, device)
     state.student = wrap_ddp(state.student, info, device)
@@ -107,7 +115,9 @@ def train(
     summary = _summary(cfg, state, loop, info)
     if info.is_main:
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, state.iteration)
+        tracker.log_metrics(
+            {k: v for k, v in summary.items() if isinstance(v, float)}, state.iteration
+        )
     barrier()
     return summary
 
@@ -126,15 +136,25 @@ def _run_loop(
     step_fn = get_step(cfg.train.method)
     pseudo_cm = ConfusionMatrix(cfg.data.num_classes, device)
     pseudo_cm.mat += loop.pseudo_cm.to(device)
-    bar = tqdm(total=state.total_iters, initial=state.iteration, disable=not (progress and info.is_main),
-               desc=f"{cfg.train.method}", unit="it", dynamic_ncols=True)
-    images_per_step = (cfg.train.batch_size_labeled + cfg.train.batch_size_unlabeled) * info.world_size
+    bar = tqdm(
+        total=state.total_iters,
+        initial=state.iteration,
+        disable=not (progress and info.is_main),
+        desc=f"{cfg.train.method}",
+        unit="it",
+        dynamic_ncols=True,
+    )
+    images_per_step = (
+        cfg.train.batch_size_labeled + cfg.train.batch_size_unlabeled
+    ) * info.world_size
     tic = time.perf_counter()
     while state.iteration < state.total_iters:
         epoch = state.epoch
         start = state.iteration - epoch * state.iters_per_epoch
         for batch in data.epoch(epoch, start_iter=start):
-            batch = type(batch)(*(t.to(device, non_blocking=True) if t is not None else None for t in batch))
+            batch = type(batch)(
+                *(t.to(device, non_blocking=True) if t is not None else None for t in batch)
+            )
             lr = set_lrs(state)
             result = step_fn(state, batch)
             state.iteration += 1
@@ -196,7 +216,8 @@ def _flush_losses(loop: LoopState, lr: float) -> dict[str, float]:
 
 def _evaluate_both(cfg, state, loop, pseudo_cm, info, device, epoch, images_per_step) -> dict:
     """Evaluate student (and teacher); pick the original's selection metric: the student during
-    warm-up, the teacher afterwards. Also scores the pseudo-labels seen since the last evaluation."""
+    warm-up, the teacher afterwards. Also scores the pseudo-labels seen since the last evaluation.
+    """
     val = make_val_data(cfg.data, cfg.eval.max_images, rank=info.rank, world_size=info.world_size)
     classes = cfg.data.num_classes
     res_s = evaluate(unwrap(state.student), val, cfg.eval, classes, device, reduce=all_reduce_sum)

@@ -16,7 +16,6 @@ import os
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -37,25 +36,52 @@ def split_task(params_path: str, ratio: str, seed: int) -> str:
 
 
 @task(name="train", retries=0, task_run_name="train-{ratio}-{method}-seed{seed}")
-def train_task(params_path: str, ratio: str, method: str, seed: int,
-               overrides: list[str] | None = None, parent_run_id: str | None = None) -> dict:
+def train_task(
+    params_path: str,
+    ratio: str,
+    method: str,
+    seed: int,
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
     """One training run. With GTASEG_TRAIN_LAUNCHER set (the Kubernetes GPU job sets it to
     `torchrun --standalone --nproc_per_node <gpus>`), the run is launched across the node's GPUs
     as a subprocess; otherwise it runs in this process."""
     launcher = os.environ.get("GTASEG_TRAIN_LAUNCHER", "").strip()
     if launcher:
-        return launch_distributed(launcher, params_path, ratio, method, seed, overrides or [],
-                                  parent_run_id)
+        return launch_distributed(
+            launcher, params_path, ratio, method, seed, overrides or [], parent_run_id
+        )
     progress = os.environ.get("GTASEG_PROGRESS") == "1"
-    return stages.train(params_path, ratio, method, seed, overrides or [], parent_run_id,
-                        progress=progress)
+    return stages.train(
+        params_path, ratio, method, seed, overrides or [], parent_run_id, progress=progress
+    )
 
 
-def launch_distributed(launcher: str, params_path: str, ratio: str, method: str, seed: int,
-                       overrides: list[str], parent_run_id: str | None) -> dict:
-    """Run `pipelines.stages train` under the launcher (torchrun); rank 0 tracks and writes files."""
-    cmd = [*shlex.split(launcher), "-m", "pipelines.stages", "train", "--params", params_path,
-           "--ratio", ratio, "--method", method, "--seed", str(seed)]
+def launch_distributed(
+    launcher: str,
+    params_path: str,
+    ratio: str,
+    method: str,
+    seed: int,
+    overrides: list[str],
+    parent_run_id: str | None,
+) -> dict:
+    """Run `pipelines.stages train` under the launcher (torchrun); rank 0 tracks, writes files."""
+    cmd = [
+        *shlex.split(launcher),
+        "-m",
+        "pipelines.stages",
+        "train",
+        "--params",
+        params_path,
+        "--ratio",
+        ratio,
+        "--method",
+        method,
+        "--seed",
+        str(seed),
+    ]
     if overrides:
         cmd += ["--set", *overrides]
     env = dict(os.environ)
@@ -83,8 +109,13 @@ def register_task(params_path: str) -> dict[str, Any]:
 
 
 @flow(name="gtaseg-train")
-def train_flow(config_path: str = "params.yaml", ratio: str = "1_16", method: str = "gta",
-               seed: int = 0, overrides: list[str] | None = None) -> dict:
+def train_flow(
+    config_path: str = "params.yaml",
+    ratio: str = "1_16",
+    method: str = "gta",
+    seed: int = 0,
+    overrides: list[str] | None = None,
+) -> dict:
     """Train one (ratio, method, seed) cell; the split must exist (stage `split`)."""
     if not stages.split_dir(ratio, seed).is_dir() and ratio != stages.FULL:
         split_task(config_path, ratio, seed)
@@ -92,8 +123,12 @@ def train_flow(config_path: str = "params.yaml", ratio: str = "1_16", method: st
 
 
 @flow(name="gtaseg-sweep")
-def sweep_flow(config_path: str = "params.yaml", ratios: list[str] | None = None,
-               methods: list[str] | None = None, seeds: list[int] | None = None) -> dict:
+def sweep_flow(
+    config_path: str = "params.yaml",
+    ratios: list[str] | None = None,
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> dict:
     """Prepare data, make splits, train every cell (concurrency `sweep.max_parallel`), compare the
     label ratios and register the champion student. Cells already trained resume/finish at once."""
     logger = get_run_logger()
@@ -126,8 +161,11 @@ def run_sweep(config_path: str = "params.yaml", **kwargs: Any) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.flows", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.flows",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("flow", choices=["train", "sweep"])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--ratio", default="1_16")

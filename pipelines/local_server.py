@@ -47,9 +47,20 @@ def local_prefect_server(home: Path | None = None, timeout_s: float = 180.0) -> 
     env["PREFECT_UI_ENABLED"] = "false"
     log = tempfile.NamedTemporaryFile("w+", prefix="prefect-server-", suffix=".log")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/api"
     try:

@@ -40,8 +40,9 @@ def run_dir(ratio: str, method: str, seed: int) -> Path:
     return Path("runs") / ratio / method / f"seed{seed}"
 
 
-def run_config(params: PipelineParams, ratio: str, method: str, seed: int,
-               overrides: list[str] = ()) -> Config:
+def run_config(
+    params: PipelineParams, ratio: str, method: str, seed: int, overrides: list[str] = ()
+) -> Config:
     """The run config of one sweep cell: the shared `run:` section plus the cell's coordinates."""
     cfg = dataclasses.replace(
         params.run,
@@ -70,8 +71,9 @@ def prepare(params: PipelineParams) -> Path:
         print(f"data format {data.format}: nothing to prepare, reading {data.root} in place")
         return Path(data.root)
     p = params.data_prep
-    return make_embedded(Path(data.root), n_train=p.n_train, n_val=p.n_val, size=p.size,
-                         seed=p.seed, overwrite=True)
+    return make_embedded(
+        Path(data.root), n_train=p.n_train, n_val=p.n_val, size=p.size, seed=p.seed, overwrite=True
+    )
 
 
 def split(params: PipelineParams, ratio: str, seed: int) -> Path:
@@ -91,8 +93,9 @@ def file_digest(*paths: Path) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -129,9 +132,15 @@ def dvc_lock_md5(path: str) -> str:
     return ""
 
 
-def train(params_path: str | Path, ratio: str, method: str, seed: int,
-          overrides: list[str] = (), parent_run_id: str | None = None,
-          progress: bool = True) -> dict[str, Any]:
+def train(
+    params_path: str | Path,
+    ratio: str,
+    method: str,
+    seed: int,
+    overrides: list[str] = (),
+    parent_run_id: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train one sweep cell with MLflow tracking; resumes from the run folder's checkpoint."""
     from pipelines.tracking_run import tracked_training
 
@@ -139,8 +148,15 @@ def train(params_path: str | Path, ratio: str, method: str, seed: int,
     if ratio == FULL and not split_dir(FULL, seed).is_dir():
         split(params, FULL, seed)
     cfg = run_config(params, ratio, method, seed, overrides)
-    return tracked_training(params, cfg, run_dir(ratio, method, seed), ratio,
-                            run_tags(params, ratio, method, seed), parent_run_id, progress)
+    return tracked_training(
+        params,
+        cfg,
+        run_dir(ratio, method, seed),
+        ratio,
+        run_tags(params, ratio, method, seed),
+        parent_run_id,
+        progress,
+    )
 
 
 def compare(params: PipelineParams) -> dict[str, Path]:
@@ -171,15 +187,19 @@ def register(params: PipelineParams) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.stages", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.stages",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("stage", choices=["prepare", "split", "train", "compare", "register"])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--ratio", help="label ratio name, e.g. 1_16 (split, train)")
     parser.add_argument("--method", help="supervised | mean_teacher | gta (train)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="run config overrides (train)")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="run config overrides (train)"
+    )
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if args.stage == "prepare":
@@ -188,8 +208,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"split written to {split(params, args.ratio, args.seed)}")
     elif args.stage == "train":
         progress = sys.stderr.isatty() or os.environ.get("GTASEG_PROGRESS") == "1"
-        summary = train(args.params, args.ratio, args.method, args.seed, args.set,
-                        parent_run_id=os.environ.get("GTASEG_PARENT_RUN_ID"), progress=progress)
+        summary = train(
+            args.params,
+            args.ratio,
+            args.method,
+            args.seed,
+            args.set,
+            parent_run_id=os.environ.get("GTASEG_PARENT_RUN_ID"),
+            progress=progress,
+        )
         print(json.dumps(summary, indent=2))
     elif args.stage == "compare":
         print("\n".join(f"wrote {p}" for p in compare(params).values()))

@@ -51,9 +51,15 @@ def sweep_parent_run(params: PipelineParams) -> str:
     return run.info.run_id
 
 
-def tracked_training(params: PipelineParams, cfg: Config, out: Path, ratio: str,
-                     tags: dict[str, str], parent_run_id: str | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+def tracked_training(
+    params: PipelineParams,
+    cfg: Config,
+    out: Path,
+    ratio: str,
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train `cfg` into `out` with an MLflow run; log checkpoints, model, plots; return metrics.
     Under torchrun only rank 0 opens the MLflow run; the other ranks just train."""
     if int(os.environ.get("RANK", "0")) != 0:
@@ -95,10 +101,16 @@ def _log_outputs(tracker: MlflowTracker, cfg: Config, out: Path, checkpoints: bo
     student = load_exported(out / "model", device)
     tracker.log_model(student, "student")
     tracker.log_artifact(out / "model", "student_smp")
-    result = evaluate(student, make_val_data(cfg.data, cfg.eval.max_images), cfg.eval,
-                      cfg.data.num_classes, device)
-    plot = confusion_plot(np.asarray(result.confusion), class_names(cfg.data),
-                          out / "plots" / "confusion_matrix.png")
+    result = evaluate(
+        student,
+        make_val_data(cfg.data, cfg.eval.max_images),
+        cfg.eval,
+        cfg.data.num_classes,
+        device,
+    )
+    plot = confusion_plot(
+        np.asarray(result.confusion), class_names(cfg.data), out / "plots" / "confusion_matrix.png"
+    )
     tracker.log_artifact(plot, "plots")
     for path in predict_val_overlays(cfg, student, out / "plots" / "overlays"):
         tracker.log_artifact(path, "overlays")
@@ -142,10 +154,25 @@ def register_sweep(params: PipelineParams, cells: list[tuple[str, str, Path]]) -
             continue
         metrics = json.loads(metrics_file.read_text())
         alias = "champion" if t.champion_scope == "overall" else f"champion-{ratio}"
-        res = promote_if_better(client, t.model_name, id_file.read_text().strip(), "student",
-                                float(metrics[t.champion_metric]), metric_name=t.champion_metric,
-                                alias=alias, tags={"ratio": ratio, "method": method})
-        offered.append({"run_dir": str(out), "metric": metrics[t.champion_metric],
-                        "promoted": bool(res.promoted)})
-    return {"model_name": t.model_name, "offered": offered,
-            "champion": champion(client, t.model_name)}
+        res = promote_if_better(
+            client,
+            t.model_name,
+            id_file.read_text().strip(),
+            "student",
+            float(metrics[t.champion_metric]),
+            metric_name=t.champion_metric,
+            alias=alias,
+            tags={"ratio": ratio, "method": method},
+        )
+        offered.append(
+            {
+                "run_dir": str(out),
+                "metric": metrics[t.champion_metric],
+                "promoted": bool(res.promoted),
+            }
+        )
+    return {
+        "model_name": t.model_name,
+        "offered": offered,
+        "champion": champion(client, t.model_name),
+    }

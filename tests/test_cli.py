@@ -13,33 +13,79 @@ from gtaseg.cli import main
 
 def test_cli_make_data_split_train_evaluate_predict(tmp_path, capsys, tiny_raw):
     root = tmp_path / "emb"
-    assert main(["make-data", "--root", str(root), "--n-train", "16", "--n-val", "4",
-                 "--size", "32"]) == 0
-    raw = {**tiny_raw, "data": {**tiny_raw["data"], "root": str(root),
-                                "split_dir": str(tmp_path / "split")}}
+    assert (
+        main(["make-data", "--root", str(root), "--n-train", "16", "--n-val", "4", "--size", "32"])
+        == 0
+    )
+    raw = {
+        **tiny_raw,
+        "data": {**tiny_raw["data"], "root": str(root), "split_dir": str(tmp_path / "split")},
+    }
     config = tmp_path / "params.yaml"
     config.write_text(yaml.safe_dump({"run": raw}))
-    assert main(["split", "--config", str(config), "--amount", "1/4", "--seed", "1",
-                 "--out", str(tmp_path / "split")]) == 0
+    assert (
+        main(
+            [
+                "split",
+                "--config",
+                str(config),
+                "--amount",
+                "1/4",
+                "--seed",
+                "1",
+                "--out",
+                str(tmp_path / "split"),
+            ]
+        )
+        == 0
+    )
     assert len((tmp_path / "split/labeled.txt").read_text().split()) == 4
     assert len((tmp_path / "split/unlabeled.txt").read_text().split()) == 12
 
     out = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress",
-                 "--set", "train.max_iters=3", "train.method=mean_teacher"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--set",
+                "train.max_iters=3",
+                "train.method=mean_teacher",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["method"] == "mean_teacher" and summary["iterations"] == 3
 
     capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", str(out / "checkpoints/last.pt"),
-                 "--network", "teacher"]) == 0
+    assert (
+        main(["evaluate", "--checkpoint", str(out / "checkpoints/last.pt"), "--network", "teacher"])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["network"] == "teacher" and 0 <= result["miou"] <= 1
     assert np.asarray(result["confusion"]).shape == (11, 11)
 
     images = root / "images"
-    assert main(["predict", "--model", str(out / "model"), "--images", str(images),
-                 "--out", str(tmp_path / "pred")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(out / "model"),
+                "--images",
+                str(images),
+                "--out",
+                str(tmp_path / "pred"),
+            ]
+        )
+        == 0
+    )
     masks = sorted((tmp_path / "pred").glob("*_mask.png"))
     assert len(masks) == len(list(images.iterdir()))
     mask = np.array(Image.open(masks[0]))

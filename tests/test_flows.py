@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -30,8 +29,13 @@ def prefect_harness():
 def scratch(tmp_path, monkeypatch) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data_prep"].update(n_train=16, n_val=4, size=32)
-    params["sweep"].update(ratios=["1_4"], methods=["supervised", "gta"], full_seeds=[],
-                           epochs={"1_4": 1}, max_parallel=2)
+    params["sweep"].update(
+        ratios=["1_4"],
+        methods=["supervised", "gta"],
+        full_seeds=[],
+        epochs={"1_4": 1},
+        max_parallel=2,
+    )
     run = params["run"]
     run["data"]["crop_size"] = 32
     run["model"]["decoder_channels"] = 16

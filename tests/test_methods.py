@@ -57,7 +57,9 @@ def test_teacher_gets_no_gradients_and_follows_the_student(tiny_raw):
     set_lrs(state)
     out = get_step("gta")(state, batches[0])
     assert all(not p.requires_grad and p.grad is None for p in state.teacher.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, state.teacher.parameters()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, state.teacher.parameters(), strict=True)
+    )
     assert set(out.losses) == {"loss_sup", "loss_unsup", "kept_frac"}
     assert all(torch.isfinite(v) for v in out.losses.values())
     assert out.pseudo_BHW.shape == batches[0].y_u.shape
@@ -79,7 +81,7 @@ def test_alias_epoch_shares_the_classifier_like_the_original(tiny_raw):
             for m in classifier_modules(state.assistant, "all_but_classifier")
             for p in m.parameters()
         ]
-        same = all(torch.equal(a, b) for a, b in zip(s_head, a_head))
+        same = all(torch.equal(a, b) for a, b in zip(s_head, a_head, strict=True))
         assert same == shared, mode
 
 

@@ -19,15 +19,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".env.defaults", "gtaseg",
-        "pipelines"]
+COPY = [
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    ".dvcignore",
+    ".env.defaults",
+    "gtaseg",
+    "pipelines",
+]
 
 
 def tiny_params(params: dict) -> dict:
     """Shrink the demo to seconds: 24 scenes of 32 px, two ratios, GTA-Seg only, 1-2 epochs."""
     params["data_prep"].update(n_train=24, n_val=6, size=32)
-    params["sweep"].update(ratios=["1_4", "1_2"], methods=["gta"],
-                           full_seeds=[], epochs={"1_4": 2, "1_2": 1})
+    params["sweep"].update(
+        ratios=["1_4", "1_2"], methods=["gta"], full_seeds=[], epochs={"1_4": 2, "1_2": 1}
+    )
     run = params["run"]
     run["data"]["crop_size"] = 32
     run["model"]["decoder_channels"] = 16
@@ -45,15 +53,16 @@ def _env(workdir: Path) -> dict[str, str]:
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(cwd), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A fresh git + DVC project holding the repo's pipeline with the tiny params, reproduced once."""
+    """A fresh git + DVC project with the repo's pipeline and the tiny params, reproduced once."""
     work = tmp_path_factory.mktemp("pipeline")
     for name in COPY:
         src = ROOT / name
@@ -96,8 +105,17 @@ def test_mlflow_runs_nested_with_params_metrics_artifacts(workspace):
     assert child.data.params["train.method"] == "gta"
     assert len(child.data.tags["gtaseg.split_sha256"]) == 16
     assert child.data.tags["gtaseg.split_dvc_md5"]  # the split's hash as DVC recorded it
-    for key in ("loss_sup", "loss_unsup", "lr", "val_miou_student", "val_miou_teacher",
-                "pseudo_miou", "pseudo_kept_frac", "val_iou_student_0", "train_images_per_s"):
+    for key in (
+        "loss_sup",
+        "loss_unsup",
+        "lr",
+        "val_miou_student",
+        "val_miou_teacher",
+        "pseudo_miou",
+        "pseudo_kept_frac",
+        "val_iou_student_0",
+        "train_images_per_s",
+    ):
         assert key in child.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"config.yaml", "metrics.json", "checkpoints", "plots", "overlays"} <= artifacts
@@ -142,9 +160,12 @@ def test_dvc_remote_push_pull_round_trip_on_s3(workspace, monkeypatch):
     server.start()
     try:
         endpoint = f"http://127.0.0.1:{port}"
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1",
-                           "AWS_ENDPOINT_URL_S3": endpoint}.items():
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": endpoint,
+        }.items():
             monkeypatch.setenv(key, value)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="gtaseg-dvc")
         run(["dvc", "push", "data/splits/1_4/seed0", "data/embedded"], workspace)

@@ -27,8 +27,14 @@ def test_tiny_run_writes_outputs_and_logs(tiny_raw, tmp_path):
     summary = train_mod.train(cfg, tmp_path / "run", tracker=tracker, progress=False)
     tracker.close()
     out = tmp_path / "run"
-    for name in ("metrics.json", "history.csv", "config.yaml", "model/config.json",
-                 "checkpoints/last.pt", "checkpoints/best.pt"):
+    for name in (
+        "metrics.json",
+        "history.csv",
+        "config.yaml",
+        "model/config.json",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
         assert (out / name).exists(), name
     assert summary["iterations"] == 12
     assert json.loads((out / "metrics.json").read_text())["iterations"] == 12
@@ -73,7 +79,10 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_raw, tmp_path, monk
 
 
 def test_resume_refuses_a_different_config(tiny_raw, tmp_path):
-    train_mod.train(_cfg(tiny_raw, max_iters=4, method="supervised"), tmp_path / "r", progress=False)
+    train_mod.train(
+        _cfg(tiny_raw, max_iters=4, method="supervised"), tmp_path / "r", progress=False
+    )
     with pytest.raises(ConfigError, match="different config"):
-        train_mod.train(_cfg(tiny_raw, max_iters=6, method="supervised"), tmp_path / "r",
-                        progress=False)
+        train_mod.train(
+            _cfg(tiny_raw, max_iters=6, method="supervised"), tmp_path / "r", progress=False
+        )

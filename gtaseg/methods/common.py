@@ -1,4 +1,4 @@
-"""Pieces shared by the methods' steps: pseudo-labelling, mixing, forwards, the supervised update."""
+"""Pieces shared by the methods' steps: pseudo-labels, mixing, forwards, the supervised update."""
 
 from __future__ import annotations
 

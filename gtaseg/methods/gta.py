@@ -18,7 +18,7 @@ import torch
 
 from gtaseg.data.loaders import Batch
 from gtaseg.ema import copy_params, ema_decay, ema_update
-from gtaseg.losses import confidence, conf_weighted_pseudo_loss, supervised_loss
+from gtaseg.losses import conf_weighted_pseudo_loss, confidence, supervised_loss
 from gtaseg.methods.common import (
     StepOutput,
     bn_statistics_forward,
@@ -111,7 +111,7 @@ def share_student_classifier(state: TrainState) -> None:
 
 def _same_module(net: torch.nn.Module, ref: torch.nn.Module, module: torch.nn.Module):
     """The submodule of `net` at the position `module` holds in `ref` (same architecture)."""
-    for (_, mine), (_, theirs) in zip(net.named_modules(), ref.named_modules()):
+    for (_, mine), (_, theirs) in zip(net.named_modules(), ref.named_modules(), strict=True):
         if theirs is module:
             return mine
     raise AssertionError("module not found in the reference network")

@@ -7,7 +7,7 @@ import torch
 
 from gtaseg.data.loaders import Batch
 from gtaseg.ema import ema_decay, ema_update
-from gtaseg.losses import confidence, conf_weighted_pseudo_loss, supervised_loss
+from gtaseg.losses import conf_weighted_pseudo_loss, confidence, supervised_loss
 from gtaseg.methods.common import (
     StepOutput,
     bn_statistics_forward,
