@@ -1,0 +1,221 @@
+"""Labelled / unlabelled split files: plain text, one image id per line, as in the literature.
+
+A split folder holds `labeled.txt` (required, non-empty) and `unlabeled.txt` (optional; empty or
+absent means fully supervised). `parse_id_list` reads the id lists other codebases ship: bare ids
+(`2007_000733`), Cityscapes paths (`leftImg8bit/train/hamburg/hamburg_000000_080169_leftImg8bit.png`
+-> `hamburg/hamburg_000000_080169`) and VOC pairs (`JPEGImages/x.jpg SegmentationClassAug/x.png`
+-> `x`), with or without a trailing newline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Collection, Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from gtaseg.data.formats import IMAGE_SUFFIXES, DataError
+
+LABELED_FILE = "labeled.txt"
+UNLABELED_FILE = "unlabeled.txt"
+_CITYSCAPES_SUFFIXES = ("_leftImg8bit.png", "_gtFine_labelIds.png")
+
+
+def entry_to_id(entry: str) -> str:
+    """The image id an id-list entry names (first whitespace-separated field of a line)."""
+    first = entry.split()[0].replace("\\", "/")
+    for suffix in _CITYSCAPES_SUFFIXES:
+        if first.endswith(suffix):
+            city, name = first.split("/")[-2:] if "/" in first else ("", first)
+            stem = name.removesuffix(suffix)
+            return f"{city}/{stem}" if city else stem
+    name = first.rsplit("/", 1)[-1]
+    stem, suffix = os.path.splitext(name)
+    return stem if suffix.lower() in IMAGE_SUFFIXES else first
+
+
+def _parse_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(
+            f"id list {path} does not exist: expected a text file with one id per line."
+        )
+    text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: tolerate a byte-order mark
+    ids = [entry_to_id(line) for line in text.splitlines() if line.strip()]
+    repeated = [i for i, count in Counter(ids).items() if count > 1]
+    if repeated:
+        raise DataError(
+            f"id list {path} lists {len(repeated)} id(s) more than once, e.g. {repeated[:5]}: "
+            f"expected each id once. Remove the duplicates."
+        )
+    return ids
+
+
+def parse_id_list(path: Path) -> list[str]:
+    """Ids in file order from an id list in any accepted format; blank lines are skipped.
+
+    Raises DataError when the file is missing, empty or repeats an id.
+    """
+    ids = _parse_lines(Path(path))
+    if not ids:
+        raise DataError(f"id list {path} is empty: expected at least one id per line.")
+    return ids
+
+
+def parse_amount(text: str) -> float | int:
+    """ "1/16" or "1_16" or "0.0625" -> ratio (float); "183" -> count (int); "full" -> 1.0."""
+    value = str(text).strip().lower()
+    if value == "full":
+        return 1.0
+    if value.isdigit():
+        return int(value)
+    try:
+        if "/" in value or "_" in value:
+            return float(Fraction(value.replace("_", "/")))
+        return float(value)
+    except (ValueError, ZeroDivisionError):
+        raise DataError(
+            f"label amount {text!r}: expected a ratio such as 1/16 or 0.0625, a count such as "
+            f"183, or 'full'."
+        ) from None
+
+
+def make_split(ids: Sequence[str], amount: float | int, seed: int) -> tuple[list[str], list[str]]:
+    """(labeled, unlabeled): disjoint, covering `ids`, both sorted; labelled drawn uniformly.
+
+    `amount`: float in (0, 1] = ratio (round(ratio * n), at least 1); int >= 1 = count. The draw
+    depends only on the set of ids and `seed`, not on their order.
+    """
+    pool = sorted(set(ids))
+    n = len(pool)
+    if n != len(ids):
+        raise DataError(f"make_split: the {len(ids)} ids contain duplicates; expected unique ids.")
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise DataError(f"label amount: expected a ratio (float) or count (int), got {amount!r}.")
+    if isinstance(amount, float):
+        if not 0 < amount <= 1:
+            raise DataError(
+                f"label ratio {amount}: expected a ratio in (0, 1] (dataset has {n} ids) or an "
+                f"integer count in [1, {n}]."
+            )
+        count = max(1, round(amount * n))
+    else:
+        if not 1 <= amount <= n:
+            raise DataError(
+                f"label count {amount}: expected an integer in [1, {n}] (the dataset has {n} ids) "
+                f"or a ratio in (0, 1]."
+            )
+        count = amount
+    chosen = np.random.default_rng(seed).choice(n, size=count, replace=False)
+    is_labeled = np.zeros(n, dtype=bool)
+    is_labeled[chosen] = True
+    labeled = [i for i, lab in zip(pool, is_labeled, strict=True) if lab]
+    unlabeled = [i for i, lab in zip(pool, is_labeled, strict=True) if not lab]
+    return labeled, unlabeled
+
+
+def _check_split(
+    labeled: Sequence[str],
+    unlabeled: Sequence[str],
+    available: Collection[str] | None,
+    sources: tuple[str, str],
+) -> None:
+    """DataError unless labelled is non-empty, the lists are disjoint and all ids available."""
+    if not labeled:
+        raise DataError(
+            f"{sources[0]}: the labelled list is empty: expected at least one labelled id. "
+            f"Make a new split with a larger amount."
+        )
+    both = sorted(set(labeled) & set(unlabeled))
+    if both:
+        raise DataError(
+            f"{sources[0]} and {sources[1]}: {len(both)} id(s) are both labelled and unlabelled, "
+            f"e.g. {both[:5]}: expected disjoint lists. Remove them from one of the files."
+        )
+    if available is not None:
+        known = set(available)
+        for source, ids in zip(sources, (labeled, unlabeled), strict=True):
+            unknown = [i for i in ids if i not in known]
+            if unknown:
+                raise DataError(
+                    f"{source}: {len(unknown)} id(s) are not in the dataset's train set "
+                    f"({len(known)} ids), e.g. {unknown[:5]}. Check data.root / data.format or "
+                    f"regenerate the split for this dataset."
+                )
+
+
+def _write_atomic(files: dict[Path, str]) -> None:
+    """Write every file to a temporary sibling first, then move all into place."""
+    tmps = {}
+    try:
+        for path, text in files.items():
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(text, encoding="utf-8")
+            tmps[path] = tmp
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def write_split(out_dir: Path, labeled: Sequence[str], unlabeled: Sequence[str]) -> None:
+    """Write out_dir/labeled.txt and unlabeled.txt (one id per line), after checking them.
+
+    Nothing is written when the check fails; each file is replaced atomically.
+    """
+    out_dir = Path(out_dir)
+    _check_split(
+        labeled, unlabeled, None, (str(out_dir / LABELED_FILE), str(out_dir / UNLABELED_FILE))
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(
+        {
+            out_dir / UNLABELED_FILE: "".join(f"{i}\n" for i in unlabeled),
+            out_dir / LABELED_FILE: "".join(f"{i}\n" for i in labeled),
+        }
+    )
+
+
+def load_split(split_dir: Path, available: Collection[str]) -> tuple[list[str], list[str]]:
+    """(labeled, unlabeled) from a split folder, checked against the dataset ids `available`."""
+    split_dir = Path(split_dir)
+    labeled_path = split_dir / LABELED_FILE
+    if not labeled_path.is_file():
+        raise DataError(
+            f"split file {labeled_path} does not exist: expected {LABELED_FILE} (and optionally "
+            f"{UNLABELED_FILE}) in data.split_dir. Create it with gtaseg.data.splits.write_split "
+            f"or import_split, or fix data.split_dir."
+        )
+    labeled = _parse_lines(labeled_path)
+    unlabeled_path = split_dir / UNLABELED_FILE
+    unlabeled = _parse_lines(unlabeled_path) if unlabeled_path.is_file() else []
+    _check_split(labeled, unlabeled, available, (str(labeled_path), str(unlabeled_path)))
+    return labeled, unlabeled
+
+
+def import_split(
+    src_dir_or_files: Path | tuple[Path, Path | None],
+    out_dir: Path,
+    available: Collection[str],
+) -> tuple[list[str], list[str]]:
+    """Import canonical lists (a folder with labeled.txt/unlabeled.txt, or a (labeled, unlabeled)
+    pair of files in any parse_id_list format) into out_dir, after checking them.
+
+    A missing unlabelled list means: every available id that is not labelled.
+    """
+    if isinstance(src_dir_or_files, tuple):
+        labeled_path, unlabeled_path = src_dir_or_files
+    else:
+        src = Path(src_dir_or_files)
+        labeled_path, unlabeled_path = src / LABELED_FILE, src / UNLABELED_FILE
+    labeled = parse_id_list(Path(labeled_path))
+    if unlabeled_path is not None and Path(unlabeled_path).is_file():
+        unlabeled = _parse_lines(Path(unlabeled_path))
+    else:
+        unlabeled = sorted(set(available) - set(labeled))
+    _check_split(labeled, unlabeled, available, (str(labeled_path), str(unlabeled_path)))
+    write_split(Path(out_dir), labeled, unlabeled)
+    return labeled, unlabeled

@@ -1,0 +1,212 @@
+"""Weak views and paired loaders: shapes, padding, repetition, determinism, resume, sharding."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import make_folder_dataset, write_rgb
+
+import gtaseg.data.loaders as loaders
+from gtaseg.config import DataConfig
+from gtaseg.data.formats import DataError
+from gtaseg.data.loaders import Batch, make_predict_images, make_train_data, make_val_data
+from gtaseg.data.splits import write_split
+from gtaseg.data.transforms import eval_transform, train_transform
+
+MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> DataConfig:
+    """Folder dataset of 14 train images (24x32); split: 2 labelled, 9 unlabelled."""
+    root = make_folder_dataset(tmp_path / "ds", n_train=14, n_val=3)
+    ids = [f"img_{k:03d}" for k in range(14)]
+    write_split(tmp_path / "split", ids[:2], ids[2:11])
+    return DataConfig(
+        format="folder", root=str(root), num_classes=3, split_dir=str(tmp_path / "split"),
+        crop_size=16,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def loaded(monkeypatch) -> list[str]:
+    """Names of the images the loaders read, in order (with num_workers=0)."""
+    names: list[str] = []
+    real = loaders.read_image
+
+    def recording_read(path: Path) -> np.ndarray:
+        names.append(Path(path).stem)
+        return real(path)
+
+    monkeypatch.setattr(loaders, "read_image", recording_read)
+    return names
+
+
+def assert_same_batches(a: list[Batch], b: list[Batch]) -> None:
+    assert len(a) == len(b)
+    for batch_a, batch_b in zip(a, b, strict=True):
+        for field_a, field_b in zip(batch_a, batch_b, strict=True):
+            assert (field_a is None and field_b is None) or torch.equal(field_a, field_b)
+
+
+def test_train_transform_shapes_and_purity() -> None:
+    cfg = DataConfig(crop_size=16)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    mask = rng.integers(0, 3, (24, 32), dtype=np.uint8)
+    before = image.copy(), mask.copy()
+    x, y = train_transform(image, mask, cfg, np.random.default_rng(5))
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert y.shape == (16, 16) and y.dtype == torch.int64
+    assert set(y.unique().tolist()) <= {0, 1, 2, 255}
+    x2, y2 = train_transform(image, mask, cfg, np.random.default_rng(5))
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert np.array_equal(image, before[0]) and np.array_equal(mask, before[1])
+
+
+def test_crop_padding_uses_ignore_for_masks_and_mean_for_images() -> None:
+    cfg = DataConfig(crop_size=20, scale_range=(0.5, 0.5), flip=False)
+    image = np.full((24, 32, 3), 200, dtype=np.uint8)
+    mask = np.ones((24, 32), dtype=np.uint8)
+    x, y = train_transform(image, mask, cfg, np.random.default_rng(0))
+    # rescaled to 12x16, centre-padded to 20x20: 4 rows above/below, 2 columns left/right
+    inside = torch.zeros(20, 20, dtype=torch.bool)
+    inside[4:16, 2:18] = True
+    assert (y[~inside] == 255).all() and (y[inside] == 1).all()
+    assert (x[:, ~inside] == 0).all()  # 0 after normalisation = the mean colour
+    assert (x[:, inside] > 1).all()
+
+
+def test_flip_mirrors_and_can_be_turned_off() -> None:
+    image = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.tile(np.arange(16, dtype=np.uint8) % 3, (16, 1))
+    plain_x, plain_y = eval_transform(image, mask, DataConfig())
+    mirrored = {True: [], False: []}
+    for flip in (True, False):
+        # scale 1 and crop = image size: the view is the image itself or its mirror
+        cfg = DataConfig(crop_size=16, scale_range=(1.0, 1.0), flip=flip)
+        for seed in range(20):
+            x, y = train_transform(image, mask, cfg, np.random.default_rng(seed))
+            is_mirror = torch.equal(x, plain_x.flip(-1)) and torch.equal(y, plain_y.flip(-1))
+            assert is_mirror or (torch.equal(x, plain_x) and torch.equal(y, plain_y))
+            mirrored[flip].append(is_mirror)
+    assert 0 < sum(mirrored[True]) < 20 and sum(mirrored[False]) == 0
+
+
+def test_eval_transform_normalises_full_image() -> None:
+    image = np.zeros((5, 7, 3), dtype=np.uint8)
+    image[..., 0] = 124
+    x, y = eval_transform(image, np.zeros((5, 7), dtype=np.uint8), DataConfig())
+    assert x.shape == (3, 5, 7) and y.shape == (5, 7) and y.dtype == torch.int64
+    assert torch.allclose(x[0], torch.full((5, 7), (124 - MEAN[0]) / STD[0]))
+    assert torch.allclose(x[1], torch.full((5, 7), -MEAN[1] / STD[1]))
+
+
+def test_batches_shapes_dtypes_and_epoch_length(cfg: DataConfig) -> None:
+    data = make_train_data(cfg, 2, 3, seed=0)
+    assert data.iters_per_epoch == 9 // 3
+    batches = list(data.epoch(0))
+    assert len(batches) == 3
+    b = batches[0]
+    assert b.x_l.shape == (2, 3, 16, 16) and b.x_l.dtype == torch.float32
+    assert b.y_l.shape == (2, 16, 16) and b.y_l.dtype == torch.int64
+    assert b.x_u.shape == (3, 3, 16, 16) and b.y_u.shape == (3, 16, 16)
+    assert set(torch.cat([x.y_u for x in batches]).unique().tolist()) == {0, 1, 2, 255}
+
+
+def test_one_epoch_is_one_pass_over_unlabeled_and_repeats_labeled(cfg, loaded) -> None:
+    data = make_train_data(cfg, 3, 3, seed=0)
+    list(data.epoch(0))
+    unlabeled = [n for n in loaded if n not in ("img_000", "img_001")]
+    assert sorted(unlabeled) == [f"img_{k:03d}" for k in range(2, 11)]  # each exactly once
+    counts = Counter(n for n in loaded if n in ("img_000", "img_001"))
+    # list * ceil(9 / 2) = 10 entries, of which a random sample of 9
+    assert sum(counts.values()) == 9 and set(counts.values()) == {4, 5}
+
+
+def test_same_seed_same_batches_and_epochs_differ(cfg: DataConfig) -> None:
+    first = list(make_train_data(cfg, 2, 2, seed=7).epoch(1))
+    again = make_train_data(cfg, 2, 2, seed=7)
+    assert_same_batches(first, list(again.epoch(1)))
+    assert not torch.equal(first[0].x_u, list(again.epoch(2))[0].x_u)
+    assert not torch.equal(first[0].x_u, list(make_train_data(cfg, 2, 2, seed=8).epoch(1))[0].x_u)
+
+
+def test_batches_do_not_depend_on_num_workers(cfg: DataConfig) -> None:
+    single = list(make_train_data(cfg, 2, 2, seed=3).epoch(0))
+    workers = make_train_data(dataclasses.replace(cfg, num_workers=2), 2, 2, seed=3)
+    assert_same_batches(single, list(workers.epoch(0)))
+    next(iter(workers.epoch(1)))  # an epoch abandoned midway (e.g. max_iters reached) ...
+    assert_same_batches(single[2:], list(workers.epoch(0, start_iter=2)))  # ... leaves no trace
+
+
+def test_resume_gives_the_tail_without_loading_skipped_images(cfg, loaded) -> None:
+    data = make_train_data(cfg, 2, 2, seed=0)
+    full = list(data.epoch(3))
+    loaded.clear()
+    tail = list(data.epoch(3, start_iter=2))
+    assert_same_batches(full[2:], tail)
+    assert len(loaded) == (data.iters_per_epoch - 2) * (2 + 2)
+    fresh = make_train_data(cfg, 2, 2, seed=0)  # a restarted process resumes the same way
+    assert_same_batches(full[3:], list(fresh.epoch(3, start_iter=3)))
+    with pytest.raises(ValueError, match="start_iter"):
+        list(data.epoch(3, start_iter=data.iters_per_epoch + 1))
+
+
+def test_ranks_take_disjoint_slices(cfg, loaded) -> None:
+    per_rank = []
+    for rank in (0, 1):
+        loaded.clear()
+        data = make_train_data(cfg, 1, 2, seed=0, rank=rank, world_size=2)
+        assert data.iters_per_epoch == 9 // (2 * 2)
+        list(data.epoch(0))
+        per_rank.append([n for n in loaded if n not in ("img_000", "img_001")])
+    assert len(per_rank[0]) == len(per_rank[1]) == 4
+    assert not set(per_rank[0]) & set(per_rank[1])
+
+
+def test_supervised_needs_no_unlabeled_batches(cfg: DataConfig) -> None:
+    data = make_train_data(cfg, 2, 3, seed=0, need_unlabeled=False)
+    assert data.iters_per_epoch == 3  # still one pass over the unlabelled set, for comparability
+    batch = next(data.epoch(0))
+    assert batch.x_u is None and batch.y_u is None and batch.x_l.shape[0] == 2
+
+
+def test_fully_supervised_split(cfg: DataConfig, tmp_path: Path) -> None:
+    ids = [f"img_{k:03d}" for k in range(14)]
+    write_split(tmp_path / "full", ids, [])
+    full = dataclasses.replace(cfg, split_dir=str(tmp_path / "full"))
+    data = make_train_data(full, 4, 4, seed=0, need_unlabeled=False)
+    assert data.iters_per_epoch == 14 // 4
+    with pytest.raises(DataError, match="unlabeled.txt to be non-empty"):
+        make_train_data(full, 4, 4, seed=0, need_unlabeled=True)
+
+
+def test_batch_larger_than_split_is_an_error(cfg: DataConfig) -> None:
+    with pytest.raises(DataError, match="no full batch"):
+        make_train_data(cfg, 2, 10, seed=0)
+
+
+def test_val_batches_full_images_and_sharding(cfg: DataConfig) -> None:
+    batches = list(make_val_data(cfg))
+    assert [b.ids for b in batches] == [["img_014"], ["img_015"], ["img_016"]]
+    assert batches[0].x.shape == (1, 3, 24, 32) and batches[0].x.dtype == torch.float32
+    assert batches[0].y.shape == (1, 24, 32) and batches[0].y.dtype == torch.int64
+    assert len(make_val_data(cfg, max_images=2)) == 2
+    shards = [[b.ids[0] for b in make_val_data(cfg, rank=r, world_size=2)] for r in (0, 1)]
+    assert shards == [["img_014", "img_016"], ["img_015"]]
+
+
+def test_predict_images(tmp_path: Path) -> None:
+    for name in ("b.jpg", "a.png", "c.JPEG"):
+        write_rgb(tmp_path / name, np.zeros((4, 4, 3)))
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.name for p in make_predict_images(tmp_path)] == ["a.png", "b.jpg", "c.JPEG"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty holds no"):
+        make_predict_images(tmp_path / "empty")
