@@ -67,6 +67,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # paper: SGD; adamw trains from scratch faster
     lr: float = 0.001  # base LR (VOC code config: 0.001 for 4 GPUs x 3+3 images)
     head_lr_multiplier: float = 10.0  # decoder/head LR = lr * this (code applies x10 on VOC only)
     momentum: float = 0.9
@@ -251,12 +252,24 @@ def load_config(path: str | Path, section: str | None = "run") -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found: expected a YAML file such as params.yaml.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(
+            f"{path} is not valid YAML{line}: {problem}. Fix the syntax (indentation, brackets, "
+            f"a ':' after each key)."
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top, got {type(raw).__name__}.")
     if section is not None and section in raw:
         raw = raw[section]
-    return config_from_dict(raw)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None  # the key alone does not say which file
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

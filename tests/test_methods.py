@@ -136,7 +136,7 @@ def test_assistant_lr_stays_at_base_unless_poly(tiny_raw):
 
 # Seeded golden losses of the first three semi-supervised GTA steps (CPU, deterministic). A change
 # here means the method's numerics changed: check that it was intended, then update the numbers.
-GOLDEN = [[2.36355, 1.72419], [2.47323, 1.5923], [2.45445, 1.04917]]
+GOLDEN = [[2.41851, 1.71869], [2.35654, 1.51101], [2.29393, 1.09541]]
 
 
 def test_golden_losses(tiny_raw):
@@ -149,4 +149,4 @@ def test_golden_losses(tiny_raw):
         out = get_step("gta")(state, batch)
         state.iteration += 1
         got.append([round(float(out.losses[k]), 5) for k in ("loss_sup", "loss_unsup")])
-    assert [v for row in got for v in row] == pytest.approx(sum(GOLDEN, []), abs=1e-4)
+    assert [v for row in got for v in row] == pytest.approx(sum(GOLDEN, []), abs=1e-4), got

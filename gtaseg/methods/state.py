@@ -81,14 +81,17 @@ class TrainState:
         scaler.update()
 
 
-def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
-    """SGD with two groups: encoder at lr, decoder/heads at lr * head_lr_multiplier."""
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Two groups: encoder at lr, decoder/heads at lr * head_lr_multiplier. SGD with momentum as
+    the paper (`optim.optimizer: sgd`), or AdamW for short from-scratch runs (the CPU demo)."""
     backbone, head = head_parameter_groups(model)
     o = cfg.optim
     groups = [
         {"params": backbone, "lr": o.lr, "lr_mult": 1.0},
         {"params": head, "lr": o.lr * o.head_lr_multiplier, "lr_mult": o.head_lr_multiplier},
     ]
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
@@ -121,13 +124,41 @@ def needs_teacher(cfg: Config) -> bool:
     return cfg.train.method in ("gta", "mean_teacher")
 
 
+def _channels_last_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: a 4-D input goes in as channels_last, the layout of the weights, so the
+    first convolution needs no layout conversion of its own."""
+    x = args[0]
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4):
+        return None
+    return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+
+
+def use_channels_last(*models: nn.Module | None) -> None:
+    """Convert weights to channels_last (NHWC; faster convolutions on tensor cores) and make
+    every forward convert its input alike. Mutates the models in place; None entries skipped."""
+    for model in models:
+        if model is not None:
+            model.to(memory_format=torch.channels_last)
+            model.register_forward_pre_hook(_channels_last_input)
+
+
+def compile_networks(state: TrainState) -> None:
+    """torch.compile the three networks in place (`nn.Module.compile`: the module objects, their
+    parameters and state_dict keys stay the same, so optimisers, EMA and checkpoints are
+    unaffected). Compilation happens lazily at the first forward in each mode and shape."""
+    for model in (state.student, state.assistant, state.teacher):
+        if model is not None:
+            unwrap(model).compile()
+
+
 def build_state(cfg: Config, device: torch.device, iters_per_epoch: int) -> TrainState:
-    """Fresh networks and optimisers for `cfg.train.method`, on `device`."""
+    """Fresh networks and optimisers for `cfg.train.method`, on `device`, with the fast paths
+    `cfg.train` asks for (channels_last, compile, a grad scaler for fp16 on CUDA)."""
     student = build_model(cfg.model, cfg.data.num_classes).to(device)
-    if cfg.train.channels_last:
-        student = student.to(memory_format=torch.channels_last)
     assistant = copy.deepcopy(student) if needs_assistant(cfg) else None
     teacher = make_frozen_copy(student) if needs_teacher(cfg) else None
+    if cfg.train.channels_last:
+        use_channels_last(student, assistant, teacher)
     epochs_total = cfg.train.epochs * iters_per_epoch
     total = min(epochs_total, cfg.train.max_iters or epochs_total)
     gen = torch.Generator().manual_seed(cfg.train.seed + 7919)
@@ -146,6 +177,8 @@ def build_state(cfg: Config, device: torch.device, iters_per_epoch: int) -> Trai
         state.scalers = {"student": torch.amp.GradScaler("cuda")}
         if assistant is not None:
             state.scalers["assistant"] = torch.amp.GradScaler("cuda")
+    if cfg.train.compile:
+        compile_networks(state)
     return state
 
 
