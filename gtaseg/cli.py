@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from gtaseg.checkpoint import CheckpointError
 from gtaseg.config import ConfigError, apply_overrides, load_config
 
 EPILOG = """examples:
@@ -16,6 +17,11 @@ EPILOG = """examples:
   gtaseg evaluate --checkpoint runs/gta/checkpoints/best.pt --network teacher
   gtaseg predict --model runs/gta/model --images my_images/ --out predictions/
 """
+
+
+class CommandError(RuntimeError):
+    """A failure outside the inputs that the user can fix (e.g. a service that is down); the
+    message says how. Printed without a traceback, like a bad input."""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -59,13 +65,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = _config(args)
     tracker = None
     if args.mlflow_experiment:
-        from gtaseg.mlflow_tracking import MlflowTracker
+        from gtaseg.mlflow_tracking import MlflowTracker, TrackingUnavailable
 
-        tracker = MlflowTracker(experiment=args.mlflow_experiment, run_name=Path(args.out).name)
-    summary = train(cfg, args.out, tracker=tracker, resume=not args.no_resume,
-                    progress=not args.no_progress)
-    if tracker is not None:
-        tracker.close()
+        fallback = Path(args.mlflow_fallback) if args.mlflow_fallback else None
+        try:
+            tracker = MlflowTracker(experiment=args.mlflow_experiment, run_name=Path(args.out).name,
+                                    fallback_dir=fallback)
+        except TrackingUnavailable as exc:  # before any training: nothing written yet
+            raise CommandError(f"{exc} (command line: --mlflow-fallback DIR)") from None
+    status = "FAILED"
+    try:
+        summary = train(cfg, args.out, tracker=tracker, resume=not args.no_resume,
+                        progress=not args.no_progress)
+        status = "FINISHED"
+    finally:
+        if tracker is not None:  # also on failure: buffered metrics are delivered, not lost
+            tracker.close(status)
     print(json.dumps(summary, indent=2))
 
 
@@ -117,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--mlflow-experiment", help="also log to MLflow (MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--mlflow-fallback", metavar="DIR",
+                   help="if the MLflow server is unreachable at start, log to JSONL files in DIR "
+                   "(replay later with gtaseg.mlflow_tracking.replay_jsonl) instead of failing")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint's student or teacher on the val set")
@@ -145,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError, CommandError) as exc:
         print(f"gtaseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

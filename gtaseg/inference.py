@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -44,14 +46,45 @@ def evaluate_checkpoint(
     return {"checkpoint": str(path), "network": network, **out}
 
 
+EXPORT_FILES = ("config.json", "model.safetensors")  # smp save_pretrained: JSON + safetensors
+
+
 def load_exported(model_dir: Path, device: torch.device) -> torch.nn.Module:
-    """A model saved by training's export (smp save_pretrained), in eval mode."""
-    if not (model_dir / "config.json").is_file():
+    """A model saved by training's export (smp save_pretrained), in eval mode.
+
+    Reads only JSON and safetensors, so a folder cannot run code (a pickle such as
+    pytorch_model.bin is never opened). Its config may name only an smp model class, pretrained
+    encoder weights it names are never downloaded, and every tensor must load (smp would
+    otherwise re-initialise mismatched layers with a warning). Raises ConfigError otherwise.
+    """
+    missing = [name for name in EXPORT_FILES if not (model_dir / name).is_file()]
+    if missing:
         raise ConfigError(
-            f"{model_dir} is not an exported model: expected config.json and weights written by "
-            f"`gtaseg train` (the run's model/ folder)."
+            f"{model_dir} is not an exported model: expected {' and '.join(EXPORT_FILES)} "
+            f"written by `gtaseg train` (the run's model/ folder), missing {missing}."
         )
-    return smp.from_pretrained(str(model_dir)).to(device).eval()
+    config_path = model_dir / "config.json"
+    try:
+        name = json.loads(config_path.read_text(encoding="utf-8")).get("_model_class")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{config_path}: expected smp's JSON config, got error {exc}.") from None
+    model_class = getattr(smp, str(name), None)
+    if not (isinstance(model_class, type) and issubclass(model_class, smp.base.SegmentationModel)):
+        raise ConfigError(
+            f"{config_path}: _model_class {name!r} is not an smp model class such as "
+            f"DeepLabV3Plus. Re-export the model with `gtaseg train`."
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*Mismatched keys")
+            model = model_class.from_pretrained(str(model_dir), encoder_weights=None, strict=True)
+    except Exception as exc:  # a damaged safetensors file, a config that does not fit its weights
+        detail = " ".join(str(exc).split())[:300]
+        raise ConfigError(
+            f"{model_dir}: cannot load the exported model ({type(exc).__name__}: {detail}). "
+            f"Re-export it with `gtaseg train`."
+        ) from None
+    return model.to(device).eval()
 
 
 def overlay(image_HW3: np.ndarray, mask_HW: np.ndarray, alpha: float) -> np.ndarray:

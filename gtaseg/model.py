@@ -7,6 +7,7 @@ The networks are plain segmentation-models-pytorch models: `encoder + decoder + 
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -26,6 +27,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
             f"model.arch: expected an smp architecture such as DeepLabV3Plus, Unet or FPN, "
             f"got {cfg.arch!r}."
         )
+    _check_encoder_name(cfg.encoder)
     kwargs: dict = {"encoder_name": cfg.encoder, "encoder_weights": None, "classes": num_classes}
     if cfg.arch == "DeepLabV3Plus":
         kwargs.update(
@@ -34,21 +36,37 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
             decoder_aspp_separable=cfg.aspp_separable,
             decoder_channels=cfg.decoder_channels,
         )
-    try:
-        model = getattr(smp, cfg.arch)(**kwargs)
-    except KeyError as exc:
-        known = ", ".join(sorted(smp.encoders.get_encoder_names())[:12])
-        raise ConfigError(
-            f"model.encoder: smp does not know encoder {cfg.encoder!r} ({exc}). Expected an smp "
-            f"encoder name such as {known}, ... (see smp.encoders.get_encoder_names())."
-        ) from None
+    model = getattr(smp, cfg.arch)(**kwargs)
     if cfg.encoder_weights:
         load_encoder_weights(model, Path(cfg.encoder_weights))
     return model
 
 
+def _check_encoder_name(name: str) -> None:
+    """ConfigError naming close matches unless smp (or timm, for `tu-` names) knows `name`."""
+    if name.startswith("tu-"):
+        import timm
+
+        if timm.is_model(name.removeprefix("tu-")):
+            return
+        known = ["tu-" + n for n in timm.list_models()]
+    else:
+        known = smp.encoders.get_encoder_names()
+        if name in known:
+            return
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    raise ConfigError(
+        f"model.encoder: smp does not know encoder {name!r}; {hint}Expected a name from "
+        f"smp.encoders.get_encoder_names() (e.g. resnet101) or 'tu-<timm model name>'."
+    )
+
+
 def load_encoder_weights(model: nn.Module, path: Path) -> None:
-    """Load a local encoder state dict strictly (classification `fc.*` keys are tolerated by smp)."""
+    """Load a local encoder state dict strictly (classification `fc.*` keys are tolerated by smp).
+
+    Reads with `weights_only=True`: a file whose pickle needs code is refused, never run.
+    """
     if not path.is_file():
         raise ConfigError(
             f"model.encoder_weights: file {path} does not exist. Expected a local .pth/.pt file "
@@ -58,17 +76,55 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"model.encoder_weights: cannot read {path} as a torch state dict: {exc}")
+        detail = _first_line(exc, ("GLOBAL", "nsupported"))
+        raise ConfigError(
+            f"model.encoder_weights: cannot read {path} as a torch state dict ({detail}). Expected "
+            f"plain tensors saved with torch.save(encoder.state_dict(), path); files whose pickle "
+            f"needs code are refused."
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    try:
-        model.encoder.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0:3]
+    if not isinstance(state, dict):
         raise ConfigError(
-            f"model.encoder_weights: {path} does not match encoder {type(model.encoder).__name__}: "
-            f"{' '.join(first)}. Use weights saved from the same encoder architecture."
+            f"model.encoder_weights: {path} holds a {type(state).__name__}, expected a state dict "
+            f"(parameter name -> tensor)."
+        )
+    try:
+        model.encoder.load_state_dict(dict(state))
+    except RuntimeError:
+        raise ConfigError(
+            f"model.encoder_weights: {path} does not match encoder {type(model.encoder).__name__} "
+            f"(model.encoder): {_state_mismatch(model.encoder.state_dict(), state)}. Use weights "
+            f"saved from the same encoder architecture."
         ) from None
+
+
+def _first_line(exc: Exception, markers: tuple[str, ...]) -> str:
+    """The line of an error message that names the cause (torch's are a page long)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if any(m in line for m in markers)]
+    return (named or lines or [type(exc).__name__])[0][:300]
+
+
+def _state_mismatch(expected: dict, got: dict) -> str:
+    """'N missing keys (e.g. ...), M unexpected keys (e.g. ...), K shape mismatches (...)'."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected and not k.startswith("fc.")]
+    shapes = [
+        f"{k}: {tuple(got[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in got and hasattr(got[k], "shape") and tuple(got[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [
+        f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
+        for what, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        )
+        if items
+    ]
+    return "; ".join(parts) or "the state dict does not load"
 
 
 def classifier_modules(model: nn.Module, scope: SemiConfig | str) -> list[nn.Module]:

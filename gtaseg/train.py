@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from gtaseg.checkpoint import load_latest_good, rng_state, save_checkpoint, set_rng_state
 from gtaseg.config import Config
+from gtaseg.data.formats import check_samples, list_samples
 from gtaseg.data.loaders import TrainData, make_train_data, make_val_data
 from gtaseg.distributed import DistInfo, all_reduce_sum, barrier, init_from_env, wrap_ddp
 from gtaseg.evaluate import EvalResult, evaluate
@@ -97,6 +98,8 @@ def train(
         rank=info.rank,
         world_size=info.world_size,
     )
+    # The val files are first read at the end of an epoch: check them before anything is written.
+    check_samples(list(list_samples(cfg.data, "val").values())[: cfg.eval.max_images], cfg.data)
     state = build_state(cfg, device, data.iters_per_epoch)
     loop = LoopState(
         pseudo_cm=torch.zeros(cfg.data.num_classes, cfg.data.num_classes, dtype=torch.long)
@@ -184,9 +187,11 @@ def _run_loop(
             if row["val_miou_student"] > loop.best_student_miou:
                 loop.best_student_miou = row["val_miou_student"]
                 _export_student(out, state, info)
-            _save(out, state, loop, pseudo_cm, info, "last.pt")
+            # best before last: a kill between the two then resumes before this evaluation and
+            # redoes it, instead of resuming after it with best.pt never written.
             if is_best:
                 _save(out, state, loop, pseudo_cm, info, "best.pt")
+            _save(out, state, loop, pseudo_cm, info, "last.pt")
         else:
             _save(out, state, loop, pseudo_cm, info, "last.pt")
         tic = time.perf_counter()

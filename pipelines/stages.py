@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gtaseg.checkpoint import CheckpointError
 from gtaseg.config import Config, apply_overrides
 from gtaseg.data.embedded import make_embedded
 from gtaseg.data.formats import list_samples
@@ -201,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="run config overrides (train)"
     )
     args = parser.parse_args(argv)
+    try:
+        return _run_stage(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:  # ConfigError, DataError too
+        print(f"pipelines.stages {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_stage(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     if args.stage == "prepare":
         print(f"dataset ready at {prepare(params)}")

@@ -7,6 +7,7 @@ both the checkpoint and the same MLflow run.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from gtaseg.config import Config  # noqa: E402
@@ -25,11 +27,12 @@ from gtaseg.data.loaders import make_val_data  # noqa: E402
 from gtaseg.distributed import resolve_device  # noqa: E402
 from gtaseg.evaluate import evaluate  # noqa: E402
 from gtaseg.inference import load_exported, predict_val_overlays  # noqa: E402
-from gtaseg.mlflow_tracking import MlflowTracker  # noqa: E402
+from gtaseg.mlflow_tracking import MlflowTracker, configure_http_client  # noqa: E402
 from gtaseg.train import train  # noqa: E402
 from pipelines.params import PipelineParams  # noqa: E402
 
 RUN_ID_FILE = "mlflow_run_id.txt"
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(params: PipelineParams) -> str:
@@ -68,24 +71,41 @@ def tracked_training(
     id_file = out / RUN_ID_FILE
     previous = id_file.read_text().strip() if id_file.is_file() else None
     resume = previous is not None and (out / "checkpoints").is_dir()
+    configure_http_client()  # before the first request: mlflow's own retries stall for minutes
+    if parent_run_id is None:
+        parent_run_id = sweep_parent_or_none(params)
     tracker = MlflowTracker(
         experiment=params.tracking.experiment,
         run_name=f"{ratio}-{cfg.train.method}-seed{cfg.train.seed}",
         tracking_uri=tracking_uri(params),
-        parent_run_id=parent_run_id or sweep_parent_run(params),
+        parent_run_id=parent_run_id,
         tags=tags,
         run_id=previous if resume else None,
         fallback_dir=out / "tracking-fallback",
     )
     if tracker.run_id is not None:  # None when the server was down and we log to fallback files
         id_file.write_text(tracker.run_id + "\n")
+    status = "FAILED"  # a killed or failed attempt must not read FINISHED; a retry resumes it
     try:
         summary = train(cfg, out, tracker=tracker, resume=True, progress=progress)
         summary["run_id"] = tracker.run_id
         _log_outputs(tracker, cfg, out, params.tracking.log_checkpoints)
+        status = "FINISHED"
     finally:
-        tracker.close()
+        tracker.close(status)
     return summary
+
+
+def sweep_parent_or_none(params: PipelineParams) -> str | None:
+    """The sweep's parent run, or None when the tracking server cannot be reached: the tracker
+    then logs to the run folder's fallback files (the run is not nested under the sweep)."""
+    try:
+        return sweep_parent_run(params)
+    except MlflowException as exc:
+        if exc.error_code not in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE"):
+            raise
+        log.warning("MLflow parent run unavailable (%s); training with the local fallback", exc)
+        return None
 
 
 def _log_outputs(tracker: MlflowTracker, cfg: Config, out: Path, checkpoints: bool) -> None:

@@ -24,6 +24,7 @@ from gtaseg.data.formats import (
     IMAGE_SUFFIXES,
     DataError,
     Sample,
+    check_samples,
     list_samples,
     read_image,
     read_mask,
@@ -200,13 +201,17 @@ def make_train_data(
     rank: int = 0,
     world_size: int = 1,
 ) -> TrainData:
-    """TrainData over the split at cfg.split_dir, checked against the dataset's train ids."""
+    """TrainData over the split at cfg.split_dir, checked against the dataset's train ids; every
+    file it will read is checked first (`check_samples`), so bad data fails before training."""
     samples = list_samples(cfg, "train")
     labeled_ids, unlabeled_ids = load_split(Path(cfg.split_dir), samples.keys())
+    labeled = [samples[i] for i in labeled_ids]
+    unlabeled = [samples[i] for i in unlabeled_ids]
+    check_samples(labeled + (unlabeled if need_unlabeled else []), cfg)
     return TrainData(
         cfg,
-        [samples[i] for i in labeled_ids],
-        [samples[i] for i in unlabeled_ids],
+        labeled,
+        unlabeled,
         (batch_size_labeled, batch_size_unlabeled),
         seed,
         need_unlabeled,

@@ -1,0 +1,582 @@
+"""Faults injected for real into whole training runs: kill -9 mid-run, corrupted checkpoints on
+disk, an MLflow server that is down at start or dies mid-run, a Prefect task whose first attempt
+dies. The units underneath (checkpoint.py, mlflow_tracking.py, storage.py, registry.py) have their
+own fault tests; docs/RELIABILITY.md maps every fault to the test that proves it.
+
+Runs use timm's tiny test ResNet as the encoder (same code path as resnet101, a tenth the time)
+and one intra-op thread: two threads on a busy 2-core CI machine run ~10x slower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import gtaseg.train as train_mod
+import pipelines.tracking_run as tracking_run
+from gtaseg.checkpoint import CheckpointWarning, load_checkpoint, prev_path
+from gtaseg.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ENCODER = "tu-test_resnet"
+TIMING_KEYS = {"wall_time_s", "train_images_per_s"}  # the only numbers two equal runs may differ in
+NETWORKS = ("student", "assistant", "teacher")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def restore_mlflow_uri(monkeypatch) -> None:
+    """Undo what a tracked run does to mlflow's process-wide state (log_model's URI switch leaves
+    the URI pinned and MLFLOW_TRACKING_URI set), so later tests see what they expect."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
+    if (uri := os.environ.get("MLFLOW_TRACKING_URI")) is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+
+def run_raw(tiny_raw: dict, **train: object) -> dict:
+    """tiny_raw (24 train images, 6 labelled: 9 iterations per epoch) with the tiny encoder."""
+    raw = {key: dict(value) for key, value in tiny_raw.items()}
+    raw["model"]["encoder"] = ENCODER
+    raw["eval"]["max_images"] = 2
+    raw["train"].update(train)
+    return raw
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump({"run": raw}, sort_keys=False))
+    return path
+
+
+def comparable(metrics_path: Path) -> dict:
+    metrics = json.loads(metrics_path.read_text())
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+def assert_same_networks(a: Path, b: Path) -> None:
+    state_a, state_b = load_checkpoint(a)["method"], load_checkpoint(b)["method"]
+    nets = [net for net in NETWORKS if net in state_a]
+    assert nets and nets == [net for net in NETWORKS if net in state_b]
+    for net in nets:
+        assert state_a[net].keys() == state_b[net].keys(), net
+        for name, tensor in state_a[net].items():
+            assert torch.equal(tensor, state_b[net][name]), f"{net}.{name}"
+
+
+# -- kill -9 ------------------------------------------------------------------------------------
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def train_command(config: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "gtaseg.cli", "train", "--config", str(config),
+            "--out", str(out), "--no-progress"]  # fmt: skip
+
+
+def start_training(config: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(train_command(config, out), env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def kill_after_checkpoints(proc: subprocess.Popen, last: Path, count: int, delay_s: float) -> None:
+    """SIGKILL `proc` `delay_s` after it has replaced `last` `count` times (an arbitrary point,
+    mid-step or mid-save)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + 600
+    while len(seen) < count:
+        assert proc.poll() is None, f"training ended before the kill:\n{proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no checkpoint appeared in 600 s"
+        try:
+            seen.add(last.stat().st_mtime_ns)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+    time.sleep(delay_s)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_kill_9_at_an_arbitrary_step_then_rerun_equals_an_uninterrupted_run(tiny_raw, tmp_path):
+    # 18 iterations (9 warm-up + 9 GTA-Seg), a checkpoint every 2: the kill lands mid-step or
+    # mid-save around iterations 4-8. Not in the epoch-end evaluation at 9: there a kill between
+    # last.pt and best.pt loses best.pt (test_kill_between_last_and_best_..., pending patch 2).
+    config = write_config(tmp_path / "run.yaml", run_raw(tiny_raw, checkpoint_every_iters=2))
+    straight = start_training(config, tmp_path / "straight")  # runs alongside, one core each
+    killed_run = tmp_path / "killed"
+    victim = start_training(config, killed_run)
+    count, delay_s = random.randint(2, 3), random.uniform(0.0, 0.5)
+    kill_after_checkpoints(victim, killed_run / "checkpoints" / "last.pt", count, delay_s)
+    where = f"(killed {delay_s:.2f} s after checkpoint #{count})"
+
+    assert victim.returncode == -signal.SIGKILL, where
+    assert not (killed_run / "metrics.json").exists(), where
+    rerun = subprocess.run(
+        train_command(config, killed_run), env=cli_env(), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert rerun.returncode == 0, f"{where}\n{rerun.stderr[-3000:]}"
+    resumed_at = int(
+        rerun.stdout.split("[gtaseg] resumed from ")[1].split(" at iteration ")[1].split("/")[0]
+    )
+    assert 2 <= resumed_at < 18, where
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-3000:]
+
+    assert comparable(killed_run / "metrics.json") == comparable(
+        tmp_path / "straight/metrics.json"
+    ), where
+    assert_same_networks(
+        killed_run / "checkpoints/last.pt", tmp_path / "straight/checkpoints/last.pt"
+    )
+    exported = [
+        load_file(run / "model" / "model.safetensors")
+        for run in (killed_run, tmp_path / "straight")
+    ]
+    assert exported[0].keys() == exported[1].keys()
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
+    stale = list((killed_run / "checkpoints").glob(".*.tmp"))
+    assert not stale, f"{where} stale temp files were kept: {stale}"
+
+
+# -- checkpoints corrupted on disk ---------------------------------------------------------------
+
+
+def test_corrupt_last_checkpoint_falls_back_to_prev_with_a_warning(
+    tiny_raw, tmp_path, monkeypatch, capsys
+):
+    # gta from the first step, 6 iterations, a checkpoint every 2: last = it 6, prev = it 4
+    raw = run_raw(tiny_raw, max_iters=6, checkpoint_every_iters=2)
+    raw["semi"] = {"sup_only_epochs": 0}
+    config = write_config(tmp_path / "run.yaml", raw)
+    argv = ["train", "--config", str(config), "--out", "run", "--no-progress"]
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    first_metrics = comparable(tmp_path / "run" / "metrics.json")
+    (tmp_path / "first.pt").write_bytes((checkpoints / "last.pt").read_bytes())
+    (tmp_path / "first.pt.sha256").write_bytes((checkpoints / "last.pt.sha256").read_bytes())
+    data = (checkpoints / "last.pt").read_bytes()
+    (checkpoints / "last.pt").write_bytes(data[: len(data) // 2])  # a torn write
+    capsys.readouterr()
+
+    with pytest.warns(
+        CheckpointWarning,
+        match=r"skipping checkpoint run/checkpoints/last\.pt: "
+        r"checkpoint run/checkpoints/last\.pt is truncated/corrupt",
+    ):
+        assert main(argv) == 0
+
+    out = capsys.readouterr().out
+    assert "[gtaseg] resumed from run/checkpoints/last.prev.pt at iteration 4/6" in out
+    assert comparable(tmp_path / "run" / "metrics.json") == first_metrics
+    assert_same_networks(checkpoints / "last.pt", tmp_path / "first.pt")
+
+
+def test_every_checkpoint_corrupt_is_a_clear_error_that_touches_nothing(
+    tiny_raw, tmp_path, monkeypatch, capsys
+):
+    config = write_config(
+        tmp_path / "run.yaml",
+        run_raw(tiny_raw, method="supervised", max_iters=4, checkpoint_every_iters=2),
+    )
+    argv = ["train", "--config", str(config), "--out", "run", "--no-progress"]
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit-pattern in the middle: bit rot
+    last.write_bytes(bytes(data))
+    prev_path(last).write_bytes(prev_path(last).read_bytes()[:100])
+    metrics = (tmp_path / "run" / "metrics.json").read_bytes()
+    capsys.readouterr()
+
+    with pytest.warns(CheckpointWarning):
+        code = main(argv)
+
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(
+        "gtaseg train: error: no loadable checkpoint in run/checkpoints "
+        "(tried last.pt and last.prev.pt)"
+    ), err
+    assert "Delete them to start fresh, or restore a good copy." in err
+    assert "Traceback" not in err
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL at a chosen line (BaseException: nothing may catch it)."""
+
+
+def test_kill_between_last_and_best_checkpoint_still_ends_with_best(
+    tiny_raw, tmp_path, monkeypatch
+):
+    cfg_raw = run_raw(tiny_raw, method="supervised", max_iters=9)  # one evaluation, at the end
+    from gtaseg.config import config_from_dict
+
+    cfg = config_from_dict(cfg_raw)
+    real_save = train_mod.save_checkpoint
+
+    def dies_on_best(path, payload):
+        if Path(path).name == "best.pt":
+            raise Killed
+        real_save(path, payload)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", dies_on_best)
+    with pytest.raises(Killed):
+        train_mod.train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    train_mod.train(cfg, tmp_path / "run", progress=False)
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "best.pt").is_file(), "the rerun never wrote best.pt"
+    assert_same_networks(checkpoints / "best.pt", checkpoints / "last.pt")
+
+
+# -- MLflow down at start, MLflow down mid-run ---------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_uri_from_env(monkeypatch) -> None:
+    """Forget a tracking URI pinned in-process by an earlier test (gtaseg.mlflow_tracking's
+    log_model restores mlflow's URI with set_tracking_uri, which outranks MLFLOW_TRACKING_URI), so
+    the CLI resolves it from the environment as a fresh process does. The private global is
+    patched because mlflow.set_tracking_uri(None) would also delete MLFLOW_TRACKING_URI."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+
+
+@pytest.mark.usefixtures("mlflow_uri_from_env")
+def test_mlflow_down_at_start_fails_before_training(tiny_raw, tmp_path, monkeypatch, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    config = write_config(tmp_path / "run.yaml", run_raw(tiny_raw, method="supervised"))
+    start = time.monotonic()
+
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--mlflow-experiment",
+            "exp",
+        ]
+    )
+
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"MLflow tracking server at {uri} is not reachable" in err
+    assert "--mlflow-fallback DIR" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # not even the run folder: nothing was trained
+    assert time.monotonic() - start < 15
+
+
+@pytest.mark.usefixtures("mlflow_uri_from_env")
+def test_mlflow_down_at_start_with_fallback_trains_and_replays(
+    tiny_raw, tmp_path, monkeypatch, capsys
+):
+    from mlflow.tracking import MlflowClient
+
+    from gtaseg.mlflow_tracking import replay_jsonl
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    config = write_config(
+        tmp_path / "run.yaml", run_raw(tiny_raw, method="supervised", max_iters=3)
+    )
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--mlflow-experiment",
+            "exp",
+            "--mlflow-fallback",
+            str(tmp_path / "fallback"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    (offline,) = (tmp_path / "fallback").glob("mlflow-offline-run-*.jsonl")
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+    store = f"sqlite:///{tmp_path / 'store.db'}"  # the server is back: replay into it
+    run = MlflowClient(store).get_run(replay_jsonl(offline, store))
+    assert run.info.status == "FINISHED" and run.data.params["train.method"] == "supervised"
+    assert run.data.metrics["best_val_miou_student"] == summary["best_val_miou_student"]
+
+
+class MlflowServer:
+    """A real `mlflow server` in its own process group, on a fixed port and sqlite store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def launch(self) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'server.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+        ]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self.process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_healthy(self, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log = (self.root / "server.log").read_text(errors="replace")[-2000:]
+                raise AssertionError(f"mlflow server exited with {self.process.returncode}:\n{log}")
+            try:
+                if requests.get(f"{self.uri}/health", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.5)
+        raise AssertionError(f"mlflow server on port {self.port} not healthy in {timeout_s} s")
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (the server and its uvicorn worker): a crash, not a shutdown."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    server.launch()  # boots while the test prepares its workspace
+    yield server
+    server.kill()
+
+
+def pipeline_workspace(root: Path, dataset: Path, **train: object) -> Path:
+    """A scratch pipeline project: the repo's params.yaml shrunk to a 1/4 split of `dataset`."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["sweep"].update(ratios=["1_4"], methods=["gta"], epochs={"1_4": 2, "full": 1})
+    run = params["run"]
+    run["data"].update(root=str(dataset), crop_size=32)
+    run["model"].update(encoder=ENCODER, decoder_channels=16)
+    run["train"].update(
+        batch_size_labeled=2, batch_size_unlabeled=2, checkpoint_every_iters=2, **train
+    )
+    run["eval"]["max_images"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+@pytest.mark.slow
+def test_mlflow_server_killed_mid_training_and_restarted_loses_no_metric(
+    mlflow_server, tiny_dataset, tmp_path, monkeypatch
+):
+    from mlflow.tracking import MlflowClient
+
+    from gtaseg.mlflow_tracking import MlflowTracker
+    from pipelines import stages
+    from pipelines.params import load_params
+
+    monkeypatch.chdir(pipeline_workspace(tmp_path, tiny_dataset))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.delenv("GTASEG_TRAIN_LAUNCHER", raising=False)
+    params = load_params("params.yaml")
+    stages.split(params, "1_4", 0)  # 6 labelled, 18 unlabelled: 9 iterations per epoch
+    cfg = stages.run_config(params, "1_4", "gta", 0)
+    logged: list[tuple[str, float, int, bool]] = []  # (key, value, step, server down?)
+    outage = threading.Event()
+
+    class Recording(MlflowTracker):
+        def log_metrics(self, metrics, step):
+            start = time.monotonic()
+            super().log_metrics(metrics, step)
+            assert time.monotonic() - start < 3.0, f"log_metrics stalled at step {step}"
+            logged.extend((k, float(v), int(step), outage.is_set()) for k, v in metrics.items())
+
+    # Down from iteration 3 to 12: the epoch-end evaluation (it 9) and loss log (it 10) happen
+    # while it is down. Restarting blocks the step, so the server is back for certain afterwards.
+    real_get_step = train_mod.get_step
+
+    def get_step_with_outage(method):
+        step = real_get_step(method)
+
+        def wrapped(state, batch):
+            if state.iteration == 3:
+                mlflow_server.kill()
+                outage.set()
+            elif state.iteration == 12:
+                mlflow_server.launch()
+                mlflow_server.wait_healthy()
+                outage.clear()
+            return step(state, batch)
+
+        return wrapped
+
+    mlflow_server.wait_healthy()
+    monkeypatch.setattr(tracking_run, "MlflowTracker", Recording)
+    monkeypatch.setattr(train_mod, "get_step", get_step_with_outage)
+    summary = tracking_run.tracked_training(
+        params,
+        cfg,
+        stages.run_dir("1_4", "gta", 0),
+        "1_4",
+        {"gtaseg.test": "outage"},
+        progress=False,
+    )
+
+    assert any(down for *_, down in logged), "no metric was logged while the server was down"
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    for key in {key for key, *_ in logged}:
+        expected = sorted((step, value) for k, value, step, _ in logged if k == key)
+        stored = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert stored == expected, key
+    assert run.data.metrics["best_val_miou_student"] == summary["best_val_miou_student"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "checkpoints", "plots"} <= artifacts
+    assert not list(Path(".").rglob("mlflow-unsent-*.jsonl")), "records were spilled, not sent"
+
+
+# -- Prefect: a retried task resumes --------------------------------------------------------------
+
+
+class Interrupt(Exception):
+    """The first attempt dies (pre-emption, OOM, a lost node) after a checkpoint."""
+
+
+@pytest.mark.slow
+def test_prefect_retry_resumes_from_the_checkpoint(tiny_dataset, tmp_path, monkeypatch, capsys):
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.flows import train_task
+    from pipelines.params import load_params
+    from pipelines.stages import split
+
+    monkeypatch.chdir(pipeline_workspace(tmp_path, tiny_dataset, method="supervised"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("GTASEG_TRAIN_LAUNCHER", raising=False)
+    split(load_params("params.yaml"), "1_4", 0)
+    steps_per_attempt: list[int] = []
+    real_get_step = train_mod.get_step
+
+    def get_step_dying_once(method):
+        step = real_get_step(method)
+        steps_per_attempt.append(0)
+
+        def wrapped(state, batch):
+            if len(steps_per_attempt) == 1 and state.iteration == 5:  # last checkpoint: it 4
+                raise Interrupt
+            steps_per_attempt[-1] += 1
+            return step(state, batch)
+
+        return wrapped
+
+    @flow
+    def train_with_one_retry() -> dict:
+        retrying = train_task.with_options(retries=1, retry_delay_seconds=0)
+        return retrying("params.yaml", "1_4", "supervised", 0)
+
+    monkeypatch.setattr(train_mod, "get_step", get_step_dying_once)
+    timeout = int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
+    with prefect_test_harness(server_startup_timeout=timeout):
+        summary = train_with_one_retry()
+
+    assert summary["iterations"] == 18
+    assert steps_per_attempt == [5, 14], "the retry did not continue from iteration 4"
+    out = capsys.readouterr().out
+    assert (
+        "[gtaseg] resumed from runs/1_4/supervised/seed0/checkpoints/last.pt at iteration "
+        "4/18" in out
+    )
+    run_ids = Path("runs/1_4/supervised/seed0/mlflow_run_id.txt").read_text().split()
+    assert run_ids == [summary["run_id"]]  # one MLflow run, continued by the retry
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    not hasattr(tracking_run, "sweep_parent_or_none"),
+    run=False,  # unpatched it would wait out mlflow's retries (~5 minutes, observed 292 s)
+    reason="tracked_training asks for the sweep's parent run before the tracker sets fail-fast "
+    "HTTP, so mlflow retries for minutes, then raises; needs the tracking_run.py patch in "
+    "docs/RELIABILITY.md (tracking_run.sweep_parent_or_none)",
+)
+def test_pipeline_train_with_mlflow_down_at_start_uses_the_fallback(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    from pipelines.params import load_params
+    from pipelines.stages import split
+
+    work = pipeline_workspace(tmp_path, tiny_dataset, method="supervised", max_iters=3)
+    monkeypatch.chdir(work)
+    split(load_params("params.yaml"), "1_4", 0)
+    env = {**cli_env(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                 "GTASEG_TRAIN_LAUNCHER"):  # fmt: skip
+        env.pop(name, None)  # mlflow's own defaults, as in a fresh shell
+    stage = [sys.executable, "-m", "pipelines.stages", "train", "--ratio", "1_4", "--method",
+             "supervised"]  # fmt: skip
+    try:  # unpatched, mlflow's retries alone take ~5 minutes: 150 s is plenty for a 3-step run
+        done = subprocess.run(stage, cwd=work, env=env, capture_output=True, text=True,
+                              timeout=150)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("`pipelines.stages train` still waiting for the MLflow server after 150 s")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run = work / "runs" / "1_4" / "supervised" / "seed0"
+    assert json.loads((run / "metrics.json").read_text())["iterations"] == 3
+    (offline,) = (run / "tracking-fallback").glob("mlflow-offline-*.jsonl")
+    records = [json.loads(line) for line in offline.read_text().splitlines()]
+    assert {"params", "metrics"} <= {r["type"] for r in records}
