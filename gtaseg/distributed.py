@@ -1,11 +1,25 @@
 """Process-group set-up for torchrun, behind a small value type the loop reads.
 
-Single process (no WORLD_SIZE in the environment) is the default and needs nothing started.
+Single process (no WORLD_SIZE in the environment) is the default and needs nothing started; every
+helper here is then a no-op, so the loop calls them unconditionally.
+
+Under torchrun (data parallel, one process per device):
+- student and assistant are wrapped in DistributedDataParallel; gradients are averaged over ranks,
+  so their parameters stay identical on every rank. On CUDA their BatchNorm layers become
+  SyncBatchNorm, as in the original code, so batch statistics and running buffers are global and
+  identical too. CPU (gloo) has no SyncBatchNorm kernel: there BN stays per-rank and DDP broadcasts
+  rank 0's buffers before each forward (`forward_sync_buffers`, the original's DDP default).
+- the teacher is not wrapped (it takes no gradients) and keeps plain BN: its running statistics
+  follow each rank's own batches between evaluations.
+- `sync_from_rank0` makes every rank hold rank 0's networks (parameters and buffers) before an
+  evaluation, so the sharded evaluation scores exactly the networks rank 0 saves.
+- `mean_over_ranks` averages logged scalars; `all_reduce_sum` sums confusion matrices.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +43,7 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> cuda:<local_rank> when CUDA is available, else cpu."""
+    """`auto` means cuda:<local_rank> when CUDA is available, else cpu."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -44,6 +58,8 @@ def init_from_env(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
     device = resolve_device(device_name, info.local_rank)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)  # "cuda" means this rank's own GPU
     if info.enabled and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -52,23 +68,89 @@ def init_from_env(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
-    """SyncBatchNorm + DistributedDataParallel when distributed (as the original); else as is."""
+    """DistributedDataParallel (+ SyncBatchNorm on CUDA) when distributed; else `model` as is.
+
+    BN layers are converted in place (the new SyncBatchNorm modules keep the same Parameter
+    objects, so optimisers built before wrapping stay valid). `find_unused_parameters=False`:
+    every parameter reaches each backward (the student's labelled loss and the assistant's
+    unlabelled loss both flow through the whole network; forwards that take no gradient run
+    under no_grad, which DDP ignores), so DDP need not search the graph.
+    """
     if not info.enabled:
         return model
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    sync_bn = device.type == "cuda"
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        # SyncBN already makes the buffers identical; without it, rank 0's are broadcast before
+        # each forward (the former `broadcast_buffers`; construction always syncs them once).
+        forward_sync_buffers=not sync_bn,
+        find_unused_parameters=False,
+    )
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (identity when not distributed); returns a new tensor."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active():
         return tensor
     out = tensor.clone()
     dist.all_reduce(out)
     return out
 
 
+def _collective_device() -> torch.device:
+    """Where the backend wants tensors: this rank's GPU for nccl, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def mean_over_ranks(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
+    """Each value averaged over ranks (every rank must pass the same keys); one host sync.
+
+    Without a process group, the values themselves as floats.
+    """
+    keys = sorted(values)
+    if not keys:
+        return {}
+    device = _collective_device() if _active() else torch.device("cpu")
+    stacked = torch.stack([torch.as_tensor(values[k]).detach().float().to(device) for k in keys])
+    if _active():
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(keys, stacked.tolist(), strict=True))
+
+
+@torch.no_grad()
+def sync_from_rank0(*modules: nn.Module | None) -> None:
+    """Overwrite this rank's parameters and buffers of `modules` with rank 0's, in place.
+
+    A collective: every rank calls it with the same modules (None entries are skipped). One
+    broadcast per dtype of a flattened copy. No-op when not distributed.
+    """
+    if not _active():
+        return
+    tensors = [t for m in modules if m is not None for t in (*m.parameters(), *m.buffers())]
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, src=0)
+        for tensor, value in zip(group, flat.split([t.numel() for t in group]), strict=True):
+            tensor.copy_(value.view_as(tensor))
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (torchrun warns when a group is never destroyed)."""
+    if _active():
+        dist.destroy_process_group()

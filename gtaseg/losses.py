@@ -27,7 +27,8 @@ def masked_percentile(values: torch.Tensor, mask: torch.Tensor, q: float) -> tor
     pos = (count - 1).clamp_min(0).to(values.dtype) * (q / 100.0)
     lo = pos.floor().long()
     hi = pos.ceil().long()
-    low, high = ordered[lo], ordered[hi]
+    # take() keeps the 0-dim index on the device; ordered[lo] would call lo.item() (a sync).
+    low, high = ordered.take(lo), ordered.take(hi)
     # lerp(inf, inf) is nan: take `low` itself where both ends are the same element.
     interp = torch.where(hi == lo, low, low + (high - low) * (pos - lo.to(values.dtype)))
     return torch.where(count > 0, interp, torch.full_like(interp, float("inf")))

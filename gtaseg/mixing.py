@@ -21,14 +21,17 @@ def _rand_int(low: int, high: int, gen: torch.Generator) -> int:
     return int(torch.randint(low, high, (1,), generator=gen))
 
 
-def cutout_box_mask(h: int, w: int, gen: torch.Generator, ratio: int = 2) -> torch.Tensor:
-    """(H, W) float mask of ones with a zero box of area H*W/ratio, sampled as the original."""
+def cutout_box_mask(
+    h: int, w: int, gen: torch.Generator, ratio: int = 2, device: torch.device | None = None
+) -> torch.Tensor:
+    """(H, W) float mask of ones with a zero box of area H*W/ratio, sampled as the original,
+    made on `device` (default CPU): the box is drawn on the host, the mask is never copied."""
     area = h * w / ratio
     box_w = _rand_int(int(w / ratio) + 1, w, gen)
     box_h = min(h, round(area / box_w))
     x0 = _rand_int(0, w - box_w + 1, gen)
     y0 = _rand_int(0, h - box_h + 1, gen)
-    mask = torch.ones(h, w)
+    mask = torch.ones(h, w, device=device)
     mask[y0 : y0 + box_h, x0 : x0 + box_w] = 0
     return mask
 
@@ -54,7 +57,7 @@ def mix_unlabeled(
     if mode == "classmix":
         masks = torch.stack([class_mask(y_BHW[i], gen) for i in range(b)])
     else:
-        masks = torch.stack([cutout_box_mask(h, w, gen) for _ in range(b)]).to(x_BCHW.device)
+        masks = torch.stack([cutout_box_mask(h, w, gen, device=x_BCHW.device) for _ in range(b)])
     if mode == "cutout":
         keep = masks.bool()
         x = x_BCHW * masks[:, None].to(x_BCHW.dtype)

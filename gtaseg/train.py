@@ -30,7 +30,16 @@ from gtaseg.checkpoint import load_latest_good, rng_state, save_checkpoint, set_
 from gtaseg.config import Config
 from gtaseg.data.formats import check_samples, list_samples
 from gtaseg.data.loaders import TrainData, make_train_data, make_val_data
-from gtaseg.distributed import DistInfo, all_reduce_sum, barrier, init_from_env, wrap_ddp
+from gtaseg.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    init_from_env,
+    mean_over_ranks,
+    shutdown,
+    sync_from_rank0,
+    wrap_ddp,
+)
 from gtaseg.evaluate import EvalResult, evaluate
 from gtaseg.methods import get_step
 from gtaseg.methods.state import (
@@ -109,6 +118,7 @@ def train(
     state.student = wrap_ddp(state.student, info, device)
     if state.assistant is not None:
         state.assistant = wrap_ddp(state.assistant, info, device)
+    sync_from_rank0(state.teacher)  # not DDP-wrapped: every rank starts from rank 0's teacher
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -122,6 +132,7 @@ def train(
             {k: v for k, v in summary.items() if isinstance(v, float)}, state.iteration
         )
     barrier()
+    shutdown()
     return summary
 
 
@@ -181,7 +192,8 @@ def _run_loop(
                 tracker.log_metrics(_flush_losses(loop, lr), state.iteration)
             row = _evaluate_both(cfg, state, loop, pseudo_cm, info, device, epoch, images_per_step)
             tracker.log_metrics(row, state.iteration)
-            bar.write(_format_row(row))
+            if info.is_main:
+                bar.write(_format_row(row))  # tqdm.write prints even when the bar is disabled
             is_best = row["val_miou"] > loop.best_val_miou
             loop.best_val_miou = max(loop.best_val_miou, row["val_miou"])
             if row["val_miou_student"] > loop.best_student_miou:
@@ -209,11 +221,13 @@ def _accumulate(loop: LoopState, result, batch, pseudo_cm: ConfusionMatrix) -> N
 
 
 def _flush_losses(loop: LoopState, lr: float) -> dict[str, float]:
-    logged = {k: float(total) / count for k, (total, count) in loop.loss_sums.items()}
+    """Mean of each loss since the last flush, over steps and ranks (a collective under DDP:
+    every rank flushes at the same iterations); one host sync."""
+    totals = mean_over_ranks({k: total for k, (total, _) in loop.loss_sums.items()})
+    logged = {k: totals[k] / count for k, (_, count) in loop.loss_sums.items()}
     if "kept_frac" in loop.loss_sums:
-        total, count = loop.loss_sums["kept_frac"]
-        loop.kept_sum += float(total)
-        loop.kept_count += count
+        loop.kept_sum += totals["kept_frac"]
+        loop.kept_count += loop.loss_sums["kept_frac"][1]
     loop.loss_sums = {}
     logged["lr"] = lr
     return logged
@@ -222,7 +236,11 @@ def _flush_losses(loop: LoopState, lr: float) -> dict[str, float]:
 def _evaluate_both(cfg, state, loop, pseudo_cm, info, device, epoch, images_per_step) -> dict:
     """Evaluate student (and teacher); pick the original's selection metric: the student during
     warm-up, the teacher afterwards. Also scores the pseudo-labels seen since the last evaluation.
+    Under DDP every rank first takes rank 0's networks (the teacher's BN statistics, and on CPU
+    the student's and assistant's, are per rank), so the sharded evaluation scores exactly the
+    networks rank 0 saves and exports.
     """
+    sync_from_rank0(unwrap(state.student), unwrap(state.assistant), state.teacher)
     val = make_val_data(cfg.data, cfg.eval.max_images, rank=info.rank, world_size=info.world_size)
     classes = cfg.data.num_classes
     res_s = evaluate(unwrap(state.student), val, cfg.eval, classes, device, reduce=all_reduce_sum)

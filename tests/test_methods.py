@@ -136,7 +136,7 @@ def test_assistant_lr_stays_at_base_unless_poly(tiny_raw):
 
 # Seeded golden losses of the first three semi-supervised GTA steps (CPU, deterministic). A change
 # here means the method's numerics changed: check that it was intended, then update the numbers.
-GOLDEN = [[2.41851, 1.71869], [2.35654, 1.51101], [2.29393, 1.09541]]
+GOLDEN = [[2.42738, 1.76572], [2.35607, 1.52003], [2.45013, 1.26554]]
 
 
 def test_golden_losses(tiny_raw):

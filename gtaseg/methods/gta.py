@@ -66,11 +66,13 @@ def assistant_update(
     semi = state.cfg.semi
     n_l = 0 if semi.efficient else x_l.shape[0]
     x_in = x_u if semi.efficient else torch.cat([x_l, x_u])
-    if semi.teacher_forward == "train" and not semi.efficient:
-        conf_u, _ = confidence(bn_statistics_forward(state, state.teacher, x_in)[n_l:])
     state.assistant.train()
     with state.autocast():
         logits_BCHW = state.assistant(x_in)
+    # The teacher's pass comes after the assistant's, as in the original: dropout draws from the
+    # global RNG in this order, so the step reproduces the original's iteration exactly.
+    if semi.teacher_forward == "train" and not semi.efficient:
+        conf_u, _ = confidence(bn_statistics_forward(state, state.teacher, x_in)[n_l:])
     loss_u, kept = conf_weighted_pseudo_loss(logits_BCHW[n_l:], y_u, conf_u, semi.drop_percent)
     state.backward_step(semi.loss_weight * loss_u, state.opt_assistant, "assistant")
     return loss_u.detach(), kept

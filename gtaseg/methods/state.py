@@ -90,9 +90,14 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         {"params": backbone, "lr": o.lr, "lr_mult": 1.0},
         {"params": head, "lr": o.lr * o.head_lr_multiplier, "lr_mult": o.head_lr_multiplier},
     ]
+    # On CUDA one fused kernel updates every parameter (GradScaler supports it); CPU keeps the
+    # default implementation, so CPU results stay as they are.
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if o.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, **fused)
+    return torch.optim.SGD(
+        groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fused
+    )
 
 
 def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
