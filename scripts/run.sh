@@ -11,7 +11,9 @@ cd "$here"
 venv="${GTASEG_VENV:-$HOME/.cache/gtaseg/venv}"
 lock="requirements/lock.txt"
 stamp="$venv/.gtaseg-lock"
-want="$(sha256sum "$lock" pyproject.toml | sha256sum | cut -c1-16)"
+# The stamp covers the lock, pyproject and this checkout's path: another clone re-points the
+# editable install at itself (seconds); a changed lock reinstalls.
+want="$( (sha256sum "$lock" pyproject.toml; echo "$here") | sha256sum | cut -c1-16)"
 
 ensure_env() {
   if [ ! -x "$venv/bin/python" ]; then
