@@ -101,7 +101,8 @@ def test_mlflow_runs_nested_with_params_metrics_artifacts(workspace):
     parents = [r for r in runs if r.data.tags.get("gtaseg.sweep") == "demo-sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(parents) == 1 and len(children) == 2
-    child = next(r for r in children if r.data.tags["gtaseg.method"] == "gta")
+    # 1_4 trains 2 epochs (warm-up + one semi-supervised epoch); 1_2 only its warm-up epoch
+    child = next(r for r in children if r.data.tags["gtaseg.ratio"] == "1_4")
     assert child.data.params["train.method"] == "gta"
     assert len(child.data.tags["gtaseg.split_sha256"]) == 16
     assert child.data.tags["gtaseg.split_dvc_md5"]  # the split's hash as DVC recorded it
