@@ -32,6 +32,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def restore_mlflow_uri(monkeypatch) -> None:
+    """Undo what a tracked run does to mlflow's process-wide state (log_model's URI switch leaves
+    the URI pinned and MLFLOW_TRACKING_URI set), so later tests see what they expect."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
+    if (uri := os.environ.get("MLFLOW_TRACKING_URI")) is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A 24-train / 6-val embedded dataset of 32x32 scenes, with a 1/4 split."""

@@ -49,19 +49,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(autouse=True)
-def restore_mlflow_uri(monkeypatch) -> None:
-    """Undo what a tracked run does to mlflow's process-wide state (log_model's URI switch leaves
-    the URI pinned and MLFLOW_TRACKING_URI set), so later tests see what they expect."""
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
-    if (uri := os.environ.get("MLFLOW_TRACKING_URI")) is None:
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    else:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-
-
 class Exploit:
     """Runs a shell command when unpickled by a loader that trusts the pickle."""
 
