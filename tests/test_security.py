@@ -263,6 +263,11 @@ def test_a_tracked_run_writes_no_credential_anywhere(
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # params: sqlite:///mlflow.db here
     monkeypatch.delenv("GTASEG_TRAIN_LAUNCHER", raising=False)
+    from mlflow.tracking._tracking_service import utils
+
+    # An earlier in-process tracked run may have pinned mlflow's global URI; unpin it (the
+    # autouse conftest fixture restores it after this test).
+    monkeypatch.setattr(utils, "_tracking_uri", None)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
