@@ -36,10 +36,12 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
-    from gtaseg.data.embedded import make_embedded
+    from gtaseg.data.embedded import SceneStyle, make_embedded
 
+    style = SceneStyle(tuple(args.digits), tuple(args.per_scene), tuple(args.digit_size),
+                       tuple(args.distractors), args.vivid_distractors)
     root = make_embedded(Path(args.root), n_train=args.n_train, n_val=args.n_val, size=args.size,
-                         seed=args.seed, overwrite=args.overwrite)
+                         seed=args.seed, overwrite=args.overwrite, style=style)
     print(f"embedded dataset written to {root}")
 
 
@@ -114,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="scene side in pixels (default: 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing different dataset")
+    style = p.add_argument_group("scene style (defaults: the hardest variant; params.yaml's "
+                                 "data_prep holds the demo's)")
+    style.add_argument("--digits", type=int, nargs="+", default=list(range(10)), metavar="D",
+                       help="digit classes drawn; data.num_classes = count + 1 (default: 0-9)")
+    style.add_argument("--per-scene", type=int, nargs=2, default=[2, 5], metavar=("LO", "HI"),
+                       help="digits per scene (default: 2 5)")
+    style.add_argument("--digit-size", type=float, nargs=2, default=[0.21875, 0.46875],
+                       metavar=("LO", "HI"), help="digit side / scene side (default: 0.21875 "
+                       "0.46875, 14-30 px on 64)")
+    style.add_argument("--distractors", type=int, nargs=2, default=[2, 6], metavar=("LO", "HI"),
+                       help="background strokes and blobs per scene (default: 2 6)")
+    style.add_argument("--vivid-distractors", type=float, default=0.25, metavar="F",
+                       help="share of distractors as vivid as digits (default: 0.25)")
     p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("split", help="write labeled.txt / unlabeled.txt for a label ratio or count")

@@ -15,7 +15,10 @@ from pathlib import Path
 import yaml
 
 from gtaseg.config import Config, ConfigError, _build, config_from_dict
+from gtaseg.data.embedded import SceneStyle
 from gtaseg.data.splits import parse_amount
+
+_STYLE = SceneStyle()
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,20 @@ class DataPrep:
     n_val: int = 256  # embedded validation scenes
     size: int = 64  # scene side in pixels
     seed: int = 0
+    # scene style (gtaseg.data.embedded.SceneStyle); defaults: the hardest variant
+    digits: tuple[int, ...] = _STYLE.digits  # digit classes drawn; run.data.num_classes = len + 1
+    per_scene: tuple[int, int] = _STYLE.per_scene  # digits per scene (inclusive range)
+    digit_size: tuple[float, float] = _STYLE.digit_size  # digit side / scene side
+    distractors: tuple[int, int] = _STYLE.distractors  # background strokes/blobs per scene
+    vivid_distractors: float = _STYLE.vivid_distractors  # share of them as vivid as digits
+
+    def __post_init__(self) -> None:
+        self.style()  # raises a DataError naming the bad field
+
+    def style(self) -> SceneStyle:
+        return SceneStyle(
+            self.digits, self.per_scene, self.digit_size, self.distractors, self.vivid_distractors
+        )
 
 
 @dataclass(frozen=True)

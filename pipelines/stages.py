@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gtaseg.checkpoint import CheckpointError
-from gtaseg.config import Config, apply_overrides
+from gtaseg.config import Config, ConfigError, apply_overrides
 from gtaseg.data.embedded import make_embedded
 from gtaseg.data.formats import list_samples
 from gtaseg.data.splits import make_split, parse_amount, write_split
@@ -72,9 +72,14 @@ def prepare(params: PipelineParams) -> Path:
         print(f"data format {data.format}: nothing to prepare, reading {data.root} in place")
         return Path(data.root)
     p = params.data_prep
-    return make_embedded(
-        Path(data.root), n_train=p.n_train, n_val=p.n_val, size=p.size, seed=p.seed, overwrite=True
-    )
+    if data.num_classes != len(p.digits) + 1:
+        raise ConfigError(
+            f"run.data.num_classes is {data.num_classes} but data_prep.digits draws "
+            f"{len(p.digits)} digit classes {list(p.digits)}: expected num_classes = "
+            f"{len(p.digits) + 1} (background + digits). Fix one of the two in params.yaml."
+        )
+    return make_embedded(Path(data.root), n_train=p.n_train, n_val=p.n_val, size=p.size,
+                         seed=p.seed, overwrite=True, style=p.style())
 
 
 def split(params: PipelineParams, ratio: str, seed: int) -> Path:

@@ -38,7 +38,7 @@ def test_layout_reads_as_folder_format(tiny: Path) -> None:
     assert class_names(cfg) == ["background"] + [f"digit_{d}" for d in range(10)]
     train, val = list_samples(cfg, "train"), list_samples(cfg, "val")
     assert len(train) == 8 and len(val) == 4 and not set(train) & set(val)
-    assert "make_embedded(n_train=8, n_val=4, size=32, seed=0)" in (tiny / "README.txt").read_text()
+    assert "make_embedded(n_train=8, n_val=4, size=32, seed=0, style=" in (tiny / "README.txt").read_text()
     for sample in [*train.values(), *val.values()]:
         image = read_image(sample.image)
         mask = read_mask(sample, cfg, image.shape[:2])  # checks size and class range
@@ -50,9 +50,9 @@ def test_layout_reads_as_folder_format(tiny: Path) -> None:
 def test_labels_follow_digit_intensity() -> None:
     digits = np.zeros((1, 8, 8))
     digits[0, 2:6, 3:5] = 1.0  # a bar: fully inside -> label, soft edge -> ignore band
-    image, mask = render_scene(np.random.default_rng(0), digits, np.array([7]), 64)
+    image, mask = render_scene(np.random.default_rng(0), digits, np.array([8]), 64)
     assert image.dtype == np.uint8 and mask.dtype == np.uint8
-    assert set(np.unique(mask).tolist()) == {0, 8, 255}  # digit 7 is class 8
+    assert set(np.unique(mask).tolist()) == {0, 8, 255}  # labels are class indices
     # the ignore band is thin and hugs the digit: every 255 pixel is within 2 px of a digit pixel
     padded = np.pad(mask == 8, 2)
     near_digit = np.zeros_like(mask, dtype=bool)
