@@ -38,9 +38,11 @@ STYLES = {  # name: (scene side, make-data style flags)
 }
 ENCODERS = ["resnet18", "mobilenet_v2", "timm-regnetx_002"]
 OPTIMS = {"adamw1e-3": "optim.optimizer=adamw optim.lr=0.001 optim.head_lr_multiplier=1",
+          "adamw2e-3": "optim.optimizer=adamw optim.lr=0.002 optim.head_lr_multiplier=1",
           "adamw3e-3": "optim.optimizer=adamw optim.lr=0.003 optim.head_lr_multiplier=1"}
 SEMI_METHODS = {"supervised": "train.method=supervised", "mean_teacher": "train.method=mean_teacher",
-                "gta": "train.method=gta", "gta_efficient": "train.method=gta semi.efficient=true"}
+                "gta": "train.method=gta", "gta_efficient": "train.method=gta semi.efficient=true",
+                "gta_warmup1": "train.method=gta semi.sup_only_epochs=1"}
 
 
 def n_classes(style: str) -> int:
@@ -66,7 +68,7 @@ def make_data(root: Path, style: str, n_train: int, n_val: int) -> None:
 _LOCK = threading.Lock()
 
 
-def run(root: Path, job: dict, device: str) -> dict:
+def run(root: Path, job: dict, device: str, extra: list[str]) -> dict:
     size, flags = STYLES[job["style"]]
     out = root / "runs" / job["name"]
     sets = [f"data.root={root / 'data' / job['style']}",
@@ -74,7 +76,7 @@ def run(root: Path, job: dict, device: str) -> dict:
             f"data.num_classes={n_classes(job['style'])}", f"data.crop_size={size}", f"eval.crop_size={size}",
             "data.flip=false", f"model.encoder={job['encoder']}", f"train.epochs={job['epochs']}",
             f"train.seed={job['seed']}", f"train.device={device}", "train.deterministic=false",
-            "train.checkpoint_every_iters=0", *job["sets"].split()]
+            "train.checkpoint_every_iters=0", *extra, *job["sets"].split()]
     start = time.perf_counter()
     rc = sh([sys.executable, "-m", "gtaseg.cli", "train", "--no-progress", "--out", str(out),
              "--set", *sets], root / "runs" / f"{job['name']}.log")
@@ -103,11 +105,17 @@ def main() -> None:
     ap.add_argument("--semi-epochs", type=int, default=6)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--encoders", nargs="+", default=ENCODERS)
+    ap.add_argument("--styles", nargs="+", default=list(STYLES), choices=list(STYLES))
+    ap.add_argument("--optim", default="adamw1e-3", choices=list(OPTIMS), help="phase 2's")
+    ap.add_argument("--methods", nargs="+", default=["supervised", "mean_teacher", "gta",
+                                                      "gta_efficient"], choices=list(SEMI_METHODS))
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every run (a run's own settings win)")
     ap.add_argument("--quick", action="store_true", help="tiny data and one cell per phase")
     args = ap.parse_args()
     root = Path(args.out).resolve()
     (root / "runs").mkdir(parents=True, exist_ok=True)
-    styles, encoders = list(STYLES), args.encoders
+    styles, encoders = args.styles, args.encoders
     n_train, n_val = 512, 128
     if args.quick:
         styles, encoders, n_train, n_val = styles[:1], encoders[:1], 32, 4
@@ -122,17 +130,17 @@ def main() -> None:
                          "epochs": args.learn_epochs, "name": f"learn_{style}_{enc}_{opt}",
                          "sets": OPTIMS[opt] + " train.method=supervised"})
     if "semi" in args.phases:
-        for style, enc, method, seed in product(styles, encoders, SEMI_METHODS, args.seeds):
-            jobs.append({"phase": "semi", "style": style, "encoder": enc, "optim": "adamw1e-3",
+        for style, enc, method, seed in product(styles, encoders, args.methods, args.seeds):
+            jobs.append({"phase": "semi", "style": style, "encoder": enc, "optim": args.optim,
                          "method": method, "seed": seed, "split": "1_16",
                          "epochs": args.semi_epochs, "name": f"semi_{style}_{enc}_{method}_{seed}",
-                         "sets": OPTIMS["adamw1e-3"] + " " + SEMI_METHODS[method]})
+                         "sets": OPTIMS[args.optim] + " " + SEMI_METHODS[method]})
     # seed 0 of every semi cell first (GTA, the longest, leading), then other seeds, then phase 1
     order = list(SEMI_METHODS)
     jobs.sort(key=lambda j: (j["phase"] != "semi", j["seed"], order.index(j["method"])
                              if j["phase"] == "semi" else 0))
     with ThreadPoolExecutor(args.parallel) as pool:
-        rows = list(pool.map(lambda j: run(root, j, args.device), jobs))
+        rows = list(pool.map(lambda j: run(root, j, args.device, args.set), jobs))
     keys = sorted({k for r in rows for k in r})
     with (root / "runs.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, keys)

@@ -55,6 +55,7 @@ class ModelConfig:
     arch: str = "DeepLabV3Plus"  # any smp architecture name
     encoder: str = "resnet101"  # any smp encoder name (paper: ResNet-101)
     encoder_weights: str | None = None  # local path to encoder weights (.pth/.pt/.safetensors) or null
+    encoder_depth: int = 5  # encoder stages used, 3-5 (paper: 5); fewer: a smaller, faster net
     output_stride: int = 8  # DeepLabV3+ encoder output stride (paper: 8)
     atrous_rates: tuple[int, int, int] = (12, 24, 36)  # ASPP dilations (paper: 12/24/36)
     aspp_separable: bool = False  # smp default is separable; the paper uses plain convs
@@ -62,6 +63,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.output_stride in (8, 16), "model.output_stride", "8 or 16", self.output_stride)
+        _check(self.encoder_depth in (3, 4, 5), "model.encoder_depth", "3, 4 or 5", self.encoder_depth)
+        _check(self.encoder_depth > 3 or self.output_stride == 8, "model.output_stride",
+               "8 with model.encoder_depth 3 (three stages reach stride 8)", self.output_stride)
         _check(self.decoder_channels > 0, "model.decoder_channels", "> 0", self.decoder_channels)
 
 

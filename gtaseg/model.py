@@ -12,6 +12,7 @@ from pathlib import Path
 
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gtaseg.config import ConfigError, ModelConfig, SemiConfig
@@ -29,6 +30,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         )
     _check_encoder_name(cfg.encoder)
     kwargs: dict = {"encoder_name": cfg.encoder, "encoder_weights": None, "classes": num_classes}
+    if cfg.encoder_depth != 5 or cfg.arch == "DeepLabV3Plus":
+        kwargs["encoder_depth"] = cfg.encoder_depth
     if cfg.arch == "DeepLabV3Plus":
         kwargs.update(
             encoder_output_stride=cfg.output_stride,
@@ -37,9 +40,47 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
             decoder_channels=cfg.decoder_channels,
         )
     model = getattr(smp, cfg.arch)(**kwargs)
+    _drop_unused_stages(model.encoder, cfg.encoder_depth)
+    _accept_any_size(model)
     if cfg.encoder_weights:
         load_encoder_weights(model, Path(cfg.encoder_weights))
     return model
+
+
+def _accept_any_size(model: nn.Module) -> None:
+    """smp refuses inputs whose sides are not multiples of the encoder's output stride; the
+    original's networks take the paper's 513 / 769 crops. Hooks pad the input (bottom/right, zeros
+    = the normalised mean) up to the next multiple and crop the logits back, so every input size
+    works and the state dict is unchanged. Sizes that are already multiples pass untouched."""
+    multiple = int(getattr(model.encoder, "output_stride", 32))
+    original: list[tuple[int, int] | None] = [None]
+
+    def pad(module: nn.Module, args: tuple) -> tuple | None:
+        x = args[0]
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % multiple, -width % multiple
+        original[0] = (height, width) if pad_h or pad_w else None
+        return None if original[0] is None else (F.pad(x, (0, pad_w, 0, pad_h)), *args[1:])
+
+    def crop(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        size, original[0] = original[0], None
+        return None if size is None else output[..., : size[0], : size[1]]
+
+    model.register_forward_pre_hook(pad)
+    model.register_forward_hook(crop)
+
+
+def _unused_stages(encoder: nn.Module, depth: int) -> list[str]:
+    """Names of a ResNet-style encoder's stages that a depth-`depth` forward never runs."""
+    return [f"layer{k}" for k in range(depth, 5) if isinstance(getattr(encoder, f"layer{k}", None),
+                                                                nn.Module)]
+
+
+def _drop_unused_stages(encoder: nn.Module, depth: int) -> None:
+    """smp keeps every ResNet stage whatever the depth; the unused ones would cost optimiser, EMA
+    and checkpoint work, and DDP refuses parameters that never get a gradient. Remove them."""
+    for name in _unused_stages(encoder, depth):
+        delattr(encoder, name)
 
 
 def _check_encoder_name(name: str) -> None:
@@ -89,8 +130,10 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
             f"model.encoder_weights: {path} holds a {type(state).__name__}, expected a state dict "
             f"(parameter name -> tensor)."
         )
+    dropped = tuple(f"layer{k}." for k in range(getattr(model.encoder, "_depth", 5), 5))
+    state = {k: v for k, v in state.items() if not k.startswith(dropped)}  # stages not built
     try:
-        model.encoder.load_state_dict(dict(state))
+        model.encoder.load_state_dict(state)
     except RuntimeError:
         raise ConfigError(
             f"model.encoder_weights: {path} does not match encoder {type(model.encoder).__name__} "

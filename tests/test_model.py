@@ -1,0 +1,58 @@
+"""The model builder: any input size trains (the paper's 513 / 769 crops), shallow encoders carry
+no unused stages, and local encoder weights still load into them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gtaseg.config import ConfigError, ModelConfig
+from gtaseg.model import build_model, load_encoder_weights
+
+SMALL = {"encoder": "resnet18", "atrous_rates": (1, 2, 3), "decoder_channels": 16}
+
+
+@pytest.mark.parametrize("size", [(33, 35), (41, 40), (32, 32)])
+def test_training_forward_takes_sizes_that_are_not_stride_multiples(size):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SMALL, output_stride=8), 3).train()
+    x = torch.randn(2, 3, *size)
+    logits = model(x)
+    assert logits.shape == (2, 3, *size)
+    F.cross_entropy(logits, torch.zeros(2, *size, dtype=torch.long)).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_padding_is_zeros_at_the_bottom_right_and_cropped_away():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SMALL, output_stride=8), 3).eval()
+    x = torch.randn(1, 3, 37, 30)
+    padded = F.pad(x, (0, 2, 0, 3))  # to 40 x 32, multiples of 8
+    with torch.no_grad():
+        expected = model(padded)[..., :37, :30]  # a multiple passes the hooks untouched
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize(("depth", "stride", "params_below"), [(4, 16, 4e6), (3, 8, 1.2e6)])
+def test_shallow_encoders_have_no_unused_parameters(depth, stride, params_below):
+    model = build_model(ModelConfig(**SMALL, encoder_depth=depth, output_stride=stride), 3)
+    assert sum(p.numel() for p in model.parameters()) < params_below  # resnet18 whole: 11M
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_depth_three_needs_stride_eight():
+    with pytest.raises(ConfigError, match="model.output_stride"):
+        ModelConfig(encoder_depth=3, output_stride=16)
+    with pytest.raises(ConfigError, match="model.encoder_depth"):
+        ModelConfig(encoder_depth=2)
+
+
+def test_full_encoder_weights_load_into_a_shallow_encoder(tmp_path):
+    full = build_model(ModelConfig(**SMALL, output_stride=8), 3)
+    path = tmp_path / "resnet18.pth"
+    torch.save(full.encoder.state_dict(), path)
+    shallow = build_model(ModelConfig(**SMALL, encoder_depth=3, output_stride=8), 3)
+    load_encoder_weights(shallow, path)
+    assert torch.equal(shallow.encoder.layer2[0].conv1.weight, full.encoder.layer2[0].conv1.weight)
