@@ -36,8 +36,17 @@ log = logging.getLogger(__name__)
 
 
 def tracking_uri(params: PipelineParams) -> str:
-    """MLFLOW_TRACKING_URI wins; else the params' local store (sqlite, nothing to start)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.tracking_uri
+    """MLFLOW_TRACKING_URI wins; else the params' local store (sqlite, nothing to start).
+
+    A relative sqlite path is made absolute against the current folder: mlflow caches one store
+    per URI string for the life of the process, so `sqlite:///mlflow.db` would otherwise keep
+    writing to the folder the first run started in.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        uri = prefix + str(Path.cwd() / uri[len(prefix):])
+    return uri
 
 
 def sweep_parent_run(params: PipelineParams) -> str:

@@ -246,12 +246,6 @@ def test_secret_scan_finds_what_it_looks_for() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="KNOWN ISOLATION BUG: after tests/test_flows.py's in-process sweep, process-wide "
-    "mlflow/Prefect state sends this run's store elsewhere and the mlflow.db check fails; passes "
-    "when run alone (pytest tests/test_security.py). Fix the leak, then remove this marker.",
-)
 def test_a_tracked_run_writes_no_credential_anywhere(
     tiny_dataset, tmp_path, monkeypatch, capfd, caplog
 ) -> None:
