@@ -36,11 +36,12 @@ STYLES = {  # name: (scene side, make-data style flags)
     "d10_s48": (48, "--digits 0 1 2 3 4 5 6 7 8 9 --per-scene 2 4 --digit-size 0.3 0.5 "
                     "--distractors 1 4 --vivid-distractors 0.15"),
 }
-ENCODERS = ["resnet18", "mobilenet_v2", "timm-regnetx_002"]
+ENCODERS = ["resnet18", "mobilenet_v2"]  # timm-regnetx_002 failed to build with a dilated stride
 OPTIMS = {"adamw1e-3": "optim.optimizer=adamw optim.lr=0.001 optim.head_lr_multiplier=1",
           "adamw2e-3": "optim.optimizer=adamw optim.lr=0.002 optim.head_lr_multiplier=1",
           "adamw3e-3": "optim.optimizer=adamw optim.lr=0.003 optim.head_lr_multiplier=1"}
-SEMI_METHODS = {"supervised": "train.method=supervised", "mean_teacher": "train.method=mean_teacher",
+SEMI_METHODS = {"supervised": "train.method=supervised",
+                "mean_teacher": "train.method=mean_teacher",
                 "gta": "train.method=gta", "gta_efficient": "train.method=gta semi.efficient=true",
                 "gta_warmup1": "train.method=gta semi.sup_only_epochs=1"}
 
@@ -61,7 +62,8 @@ def make_data(root: Path, style: str, n_train: int, n_val: int) -> None:
     sh(cli + ["make-data", "--root", str(data), "--n-train", str(n_train), "--n-val", str(n_val),
               "--size", str(size), *flags.split()], root / f"make_{style}.log")
     for amount, name in (("full", "full"), ("1/16", "1_16")):
-        sh(cli + ["split", "--set", f"data.root={data}", f"data.num_classes={n_classes(style)}", "--amount", amount,
+        sh(cli + ["split", "--set", f"data.root={data}", f"data.num_classes={n_classes(style)}",
+                  "--amount", amount,
                   "--out", str(root / "splits" / style / name)], root / f"split_{style}_{name}.log")
 
 
@@ -73,7 +75,8 @@ def run(root: Path, job: dict, device: str, extra: list[str]) -> dict:
     out = root / "runs" / job["name"]
     sets = [f"data.root={root / 'data' / job['style']}",
             f"data.split_dir={root / 'splits' / job['style'] / job['split']}",
-            f"data.num_classes={n_classes(job['style'])}", f"data.crop_size={size}", f"eval.crop_size={size}",
+            f"data.num_classes={n_classes(job['style'])}",
+            f"data.crop_size={size}", f"eval.crop_size={size}",
             "data.flip=false", f"model.encoder={job['encoder']}", f"train.epochs={job['epochs']}",
             f"train.seed={job['seed']}", f"train.device={device}", "train.deterministic=false",
             "train.checkpoint_every_iters=0", *extra, *job["sets"].split()]
@@ -87,7 +90,8 @@ def run(root: Path, job: dict, device: str, extra: list[str]) -> dict:
         row |= {"best": metrics["best_val_miou_student"], "final": metrics["val_miou_student"],
                 "iterations": metrics["iterations"]}
         with (out / "history.csv").open() as f:
-            row["curve"] = " ".join(f"{float(r['val_miou_student']):.3f}" for r in csv.DictReader(f))
+            curve = [float(r["val_miou_student"]) for r in csv.DictReader(f)]
+            row["curve"] = " ".join(f"{v:.3f}" for v in curve)
     with _LOCK:  # one line per finished run, so a grid cut short keeps what it measured
         print(json.dumps(row), flush=True)
         with (root / "runs.jsonl").open("a") as f:

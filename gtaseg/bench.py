@@ -61,7 +61,8 @@ RATIOS = (
     ("efficient_over_supervised", "gta_efficient", "supervised", 2.5),
     ("faithful_over_reference", "gta", "reference", 1.0),
 )
-# The embedded demo's model (params.yaml `run:`), 64x64 crops, 8 + 8 images per step.
+# A small DeepLabV3+ (resnet18, stride 16, 64 channels), 64x64 crops, 8 + 8 images per step;
+# `--config params.yaml` benchmarks the demo's own (smaller, 32 px) model instead.
 DEFAULT_RUN: dict[str, Any] = {
     "data": {"num_classes": 11, "crop_size": 64},
     "model": {
@@ -97,7 +98,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         "--config",
         default=None,
         help="YAML config (its run: section); default: "
-        "the embedded demo model (DeepLabV3+ resnet18, stride 16, 64 channels)",
+        "a small DeepLabV3+ (resnet18, stride 16, 64 channels); params.yaml: the demo's model",
     )
     p.add_argument("--encoder", help="smp encoder name (overrides the config)")
     p.add_argument("--size", type=int, help="input side in pixels (default: the crop size, 64)")

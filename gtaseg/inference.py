@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from gtaseg.data.formats import color_palette, read_image
 from gtaseg.data.loaders import make_predict_images, make_val_data
 from gtaseg.distributed import resolve_device
 from gtaseg.evaluate import evaluate, predict_logits
-from gtaseg.model import build_model
+from gtaseg.model import build_model, finish_model
 
 NETWORKS = ("student", "assistant", "teacher")
 
@@ -75,9 +74,7 @@ def load_exported(model_dir: Path, device: torch.device) -> torch.nn.Module:
             f"DeepLabV3Plus. Re-export the model with `gtaseg train`."
         )
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", message=".*Mismatched keys")
-            model = model_class.from_pretrained(str(model_dir), encoder_weights=None, strict=True)
+        model = _from_export(model_class, model_dir)
     except Exception as exc:  # a damaged safetensors file, a config that does not fit its weights
         detail = " ".join(str(exc).split())[:300]
         raise ConfigError(
@@ -85,6 +82,19 @@ def load_exported(model_dir: Path, device: torch.device) -> torch.nn.Module:
             f"Re-export it with `gtaseg train`."
         ) from None
     return model.to(device).eval()
+
+
+def _from_export(model_class: type, model_dir: Path) -> torch.nn.Module:
+    """smp's from_pretrained, plus what build_model does after smp: shallow encoders lose their
+    unused stages (the export has no tensors for them) and any input size is accepted."""
+    from safetensors.torch import load_file
+
+    kwargs = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")} | {"encoder_weights": None}
+    model = model_class(**kwargs)
+    finish_model(model, int(kwargs.get("encoder_depth", 5)))
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
+    return model
 
 
 def overlay(image_HW3: np.ndarray, mask_HW: np.ndarray, alpha: float) -> np.ndarray:

@@ -40,11 +40,16 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
             decoder_channels=cfg.decoder_channels,
         )
     model = getattr(smp, cfg.arch)(**kwargs)
-    _drop_unused_stages(model.encoder, cfg.encoder_depth)
-    _accept_any_size(model)
+    finish_model(model, cfg.encoder_depth)
     if cfg.encoder_weights:
         load_encoder_weights(model, Path(cfg.encoder_weights))
     return model
+
+
+def finish_model(model: nn.Module, encoder_depth: int) -> None:
+    """What every network gets after smp builds it (also when read back from an export)."""
+    _drop_unused_stages(model.encoder, encoder_depth)
+    _accept_any_size(model)
 
 
 def _accept_any_size(model: nn.Module) -> None:

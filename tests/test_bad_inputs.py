@@ -466,7 +466,7 @@ def test_bad_pipeline_params_fail_with_one_line(
 
     edit, argv, expect = PIPELINE_CASES[name]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["run"]["data"]["root"] = str(tiny_dataset)
+    params["run"]["data"].update(root=str(tiny_dataset), num_classes=11)
     monkeypatch.chdir(tmp_path)
     write_split(tmp_path / "data/splits/1_4/seed0", ["train_0000"], ["train_0001"])
     edit(params)
