@@ -85,8 +85,12 @@ def test_whole_runs_an_smp_model_on_a_size_it_cannot_take_directly():
     cfg = ModelConfig(arch="DeepLabV3Plus", encoder="resnet18", decoder_channels=16)
     model = build_model(cfg, NUM_CLASSES).eval()
     x = torch.randn(1, 3, 40, 50)
+    bare = build_model(cfg, NUM_CLASSES).eval()
+    bare._forward_pre_hooks.clear()  # smp alone refuses sides that are not stride multiples
+    bare._forward_hooks.clear()
     with pytest.raises(RuntimeError, match="divisible"):
-        model(x)
+        bare(x)
+    assert model(x).shape == (1, NUM_CLASSES, 40, 50)  # build_model's hooks pad and crop
     logits = predict_logits(model, x, EvalConfig(mode="whole"), NUM_CLASSES)
     assert logits.shape == (1, NUM_CLASSES, 40, 50)
     sliding = EvalConfig(mode="sliding", crop_size=36, stride_ratio=2 / 3)
