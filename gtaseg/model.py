@@ -56,7 +56,8 @@ def _accept_any_size(model: nn.Module) -> None:
     """smp refuses inputs whose sides are not multiples of the encoder's output stride; the
     original's networks take the paper's 513 / 769 crops. Hooks pad the input (bottom/right, zeros
     = the normalised mean) up to the next multiple and crop the logits back, so every input size
-    works and the state dict is unchanged. Sizes that are already multiples pass untouched."""
+    works and the state dict is unchanged. Sizes that are already multiples pass untouched.
+    Copies of the model (teacher, assistant) share the hooks; their forwards never interleave."""
     multiple = int(getattr(model.encoder, "output_stride", 32))
     original: list[tuple[int, int] | None] = [None]
 
@@ -77,8 +78,8 @@ def _accept_any_size(model: nn.Module) -> None:
 
 def _unused_stages(encoder: nn.Module, depth: int) -> list[str]:
     """Names of a ResNet-style encoder's stages that a depth-`depth` forward never runs."""
-    return [f"layer{k}" for k in range(depth, 5) if isinstance(getattr(encoder, f"layer{k}", None),
-                                                                nn.Module)]
+    stages = (f"layer{k}" for k in range(depth, 5))
+    return [name for name in stages if isinstance(getattr(encoder, name, None), nn.Module)]
 
 
 def _drop_unused_stages(encoder: nn.Module, depth: int) -> None:
