@@ -32,6 +32,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Two intra-op threads on a busy 2-core CI machine run ~10x slower than one
+    (oversubscription); modules that train in-process use this."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def restore_mlflow_uri(monkeypatch) -> None:
     """Undo what a tracked run does to mlflow's process-wide state (log_model's URI switch leaves

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import chdir
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,26 +30,9 @@ import yaml
 from PIL import Image
 
 from gtaseg.cli import main
-from gtaseg.data import formats
 
 ENCODER = "tu-test_resnet"  # timm's 0.4M-parameter test ResNet: same code path, a tenth the time
-# Cases that fail while reading pixels can only fail *early* with a pre-flight check of every
-# file (`gtaseg.data.formats.check_samples`, the patch in docs/RELIABILITY.md); until it lands they
-# fail mid-run or not at all (a finished run is resumed without reading any image).
-NEEDS_PREFLIGHT = pytest.mark.xfail(
-    not hasattr(formats, "check_samples"),
-    reason="needs the data pre-flight check (gtaseg.data.formats.check_samples)",
-    strict=True,
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Two intra-op threads on a busy 2-core CI machine run ~10x slower than one (oversubscription).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_config(tiny_raw: dict) -> dict:
@@ -292,18 +275,15 @@ CASES = {
     "corrupt image bytes": Case(
         corrupt_image,
         ("cannot read image ds/images/<labelled id>.png", "Re-export or remove"),
-        marks=(NEEDS_PREFLIGHT,),
     ),
     "truncated image": Case(
         truncated_image,
         ("cannot read image ds/images/<labelled id>.png", "Re-export or remove"),
-        marks=(NEEDS_PREFLIGHT,),
     ),
     "unreadable mask (no read permission)": Case(
         unreadable_mask,
         ("cannot read mask ds/masks/<labelled id>.png", "Permission denied"),
         marks=(
-            NEEDS_PREFLIGHT,
             pytest.mark.skipif(
                 os.geteuid() == 0, reason="root reads files whatever their permissions"
             ),
@@ -320,7 +300,6 @@ CASES = {
     "mask size differs from image": Case(
         mask_size_differs,
         ("mask ds/masks/<labelled id>.png is 16x24", "is 32x32", "Re-export the mask"),
-        marks=(NEEDS_PREFLIGHT,),
     ),
     "class index above the class count": Case(
         class_index_above_count,
@@ -328,7 +307,6 @@ CASES = {
             "mask ds/masks/<labelled id>.png has class values [11]",
             "expected values in [0, 10] or 255",
         ),
-        marks=(NEEDS_PREFLIGHT,),
     ),
     "empty image folder": Case(
         empty_image_folder,
@@ -341,7 +319,6 @@ CASES = {
     "val_list id not in the dataset": Case(
         val_list_id_not_in_dataset,
         ("listed in my_val.txt have no image", "ghost_0002"),
-        marks=(NEEDS_PREFLIGHT,),
     ),
     "labelled and unlabelled overlap": Case(
         overlapping_split,

@@ -38,12 +38,7 @@ TIMING_KEYS = {"wall_time_s", "train_images_per_s"}  # the only numbers two equa
 NETWORKS = ("student", "assistant", "teacher")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_raw(tiny_raw: dict, **train: object) -> dict:
@@ -533,13 +528,6 @@ def test_prefect_retry_resumes_from_the_checkpoint(tiny_dataset, tmp_path, monke
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    not hasattr(tracking_run, "sweep_parent_or_none"),
-    run=False,  # unpatched it would wait out mlflow's retries (~5 minutes, observed 292 s)
-    reason="tracked_training asks for the sweep's parent run before the tracker sets fail-fast "
-    "HTTP, so mlflow retries for minutes, then raises; needs the tracking_run.py patch in "
-    "docs/RELIABILITY.md (tracking_run.sweep_parent_or_none)",
-)
 def test_pipeline_train_with_mlflow_down_at_start_uses_the_fallback(
     tiny_dataset, tmp_path, monkeypatch
 ):

@@ -20,33 +20,17 @@ import re
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from gtaseg import inference
 from gtaseg.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = "tu-test_resnet"
-# An exported model is read as JSON + safetensors with no download only after the inference.py
-# patch in docs/RELIABILITY.md (it defines EXPORT_FILES); until then these cases fail.
-NEEDS_EXPORT_CHECK = pytest.mark.xfail(
-    not hasattr(inference, "EXPORT_FILES"),
-    reason="needs the hardened gtaseg.inference.load_exported (docs/RELIABILITY.md)",
-    strict=True,
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Exploit:
@@ -183,7 +167,6 @@ def test_predict_never_unpickles_a_model_folder(exported, tmp_path, monkeypatch,
     assert not marker.exists() and not list(tmp_path.glob("pred/*"))
 
 
-@NEEDS_EXPORT_CHECK
 def test_predict_refuses_a_pickle_disguised_as_safetensors(
     exported, tmp_path, monkeypatch, capsys
 ) -> None:
@@ -198,7 +181,6 @@ def test_predict_refuses_a_pickle_disguised_as_safetensors(
     assert not marker.exists() and not list(tmp_path.glob("pred/*"))
 
 
-@NEEDS_EXPORT_CHECK
 def test_predict_refuses_a_config_naming_a_non_model(
     exported, tmp_path, monkeypatch, capsys
 ) -> None:
@@ -212,7 +194,6 @@ def test_predict_refuses_a_config_naming_a_non_model(
     assert "_model_class 'encoders' is not an smp model class" in err
 
 
-@NEEDS_EXPORT_CHECK
 def test_predict_never_downloads_weights_a_config_asks_for(
     exported, tmp_path, monkeypatch, capsys
 ) -> None:
