@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,27 +78,7 @@ def tiny_raw(tiny_dataset, tmp_path) -> dict:
     ids = sorted((tiny_dataset / "train.txt").read_text().split())
     labeled, unlabeled = make_split(ids, 0.25, 0)
     write_split(tmp_path / "split", labeled, unlabeled)
-    return {
-        "data": {
-            "format": "embedded",
-            "root": str(tiny_dataset),
-            "split_dir": str(tmp_path / "split"),
-            "crop_size": 32,
-        },
-        "model": {
-            "encoder": "resnet18",
-            "output_stride": 16,
-            "decoder_channels": 16,
-            "atrous_rates": [1, 2, 3],
-        },
-        "optim": {"lr": 0.01},
-        "train": {
-            "method": "gta",
-            "epochs": 2,
-            "batch_size_labeled": 2,
-            "batch_size_unlabeled": 2,
-            "seed": 0,
-        },
-        "semi": {"sup_only_epochs": 1},
-        "eval": {"mode": "whole", "max_images": 4},
-    }
+    raw = {section: dict(values) for section, values in TINY_RUN.items()}
+    raw["data"].update(root=str(tiny_dataset), split_dir=str(tmp_path / "split"))
+    raw["model"]["encoder"] = "resnet18"
+    return raw

@@ -111,3 +111,21 @@ def make_cityscapes(root: Path, hw: tuple[int, int] = (16, 32)) -> Path:
             labels = label_ids[rng.integers(0, len(label_ids), hw)]
             write_index_png(root / "gtFine" / subset / f"{sample_id}_gtFine_labelIds.png", labels)
     return root
+
+
+# A seconds-long CPU run config without paths or encoder: conftest's `tiny_raw` adds those, and
+# module-scoped workspaces (test_bad_inputs) copy it directly.
+TINY_RUN = {
+    "data": {"format": "embedded", "crop_size": 32},
+    "model": {"output_stride": 16, "decoder_channels": 16, "atrous_rates": [1, 2, 3]},
+    "optim": {"lr": 0.01},
+    "train": {
+        "method": "gta",
+        "epochs": 2,
+        "batch_size_labeled": 2,
+        "batch_size_unlabeled": 2,
+        "seed": 0,
+    },
+    "semi": {"sup_only_epochs": 1},
+    "eval": {"mode": "whole", "max_images": 4},
+}

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from data_fixtures import TINY_RUN
 from PIL import Image
 
 from gtaseg.cli import main
@@ -56,7 +57,7 @@ def template(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     shutil.copytree(tiny_dataset, work / "ds")
     ids = sorted((work / "ds" / "train.txt").read_text().split())
     write_split(work / "split", *make_split(ids, 0.25, 0))
-    raw = run_config(TINY_RAW)
+    raw = run_config(TINY_RUN)
     (work / "cfg.yaml").write_text(yaml.safe_dump({"run": raw}, sort_keys=False))
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -67,30 +68,6 @@ def template(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         torch.set_num_threads(previous)
     assert (work / "run" / "metrics.json").is_file()
     return work
-
-
-# The tiny_raw fixture's values minus its absolute paths (tiny_raw is function-scoped; the
-# template is built once per module). test_tiny_raw_is_still_what_the_template_copies pins them.
-TINY_RAW = {
-    "data": {"format": "embedded", "crop_size": 32},
-    "model": {"output_stride": 16, "decoder_channels": 16, "atrous_rates": [1, 2, 3]},
-    "optim": {"lr": 0.01},
-    "train": {
-        "method": "gta",
-        "epochs": 2,
-        "batch_size_labeled": 2,
-        "batch_size_unlabeled": 2,
-        "seed": 0,
-    },
-    "semi": {"sup_only_epochs": 1},
-    "eval": {"mode": "whole", "max_images": 4},
-}
-
-
-def test_tiny_raw_is_still_what_the_template_copies(tiny_raw: dict) -> None:
-    for section, values in TINY_RAW.items():
-        for key, value in values.items():
-            assert tiny_raw[section][key] == value, f"{section}.{key}"
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
