@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +15,7 @@ import pytest
 import requests
 import torch
 from mlflow.tracking import MlflowClient
+from servers import MlflowServer, free_port
 
 from gtaseg.mlflow_tracking import (
     MAX_PARAM_CHARS,
@@ -203,14 +200,8 @@ def test_http_client_fails_fast_unless_configured(monkeypatch: pytest.MonkeyPatc
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "42"  # an operator's choice is kept
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_server_down_at_start_raises_before_training() -> None:
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(TrackingUnavailable, match=f"server at {uri} is not reachable.*fallback"):
         MlflowTracker("exp", "run", tracking_uri=uri)
@@ -218,7 +209,7 @@ def test_server_down_at_start_raises_before_training() -> None:
 
 
 def test_server_down_at_start_with_fallback_logs_jsonl(local_store: str, tmp_path: Path) -> None:
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     tracker = MlflowTracker("exp", "offline", tracking_uri=uri, fallback_dir=tmp_path / "fb")
     assert tracker.run_id is None
     tracker.log_params({"model": {"arch": "DeepLabV3Plus"}})
@@ -235,61 +226,6 @@ def test_server_down_at_start_with_fallback_logs_jsonl(local_store: str, tmp_pat
     assert run.info.run_name == "offline" and run.info.status == "FINISHED"
     assert run.data.params == {"model.arch": "DeepLabV3Plus"}
     assert _steps(MlflowClient(local_store), run_id) == [(s, float(s)) for s in range(3)]
-
-
-class MlflowServer:
-    """A real `mlflow server` subprocess (its own process group) on a fixed port and store."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.store = f"sqlite:///{root / 'server.db'}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 150.0) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            self.store,
-            "--artifacts-destination",
-            str(self.root / "artifacts"),
-        ]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self.process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = (self.root / "server.log").read_text(errors="replace")[-2000:]
-                pytest.fail(f"mlflow server exited with {self.process.returncode}:\n{tail}")
-            try:
-                if requests.get(f"{self.uri}/health", timeout=2).ok:
-                    return
-            except requests.RequestException:
-                time.sleep(0.5)
-        self.kill()
-        pytest.fail(f"mlflow server on port {self.port} not healthy after {timeout_s} s")
-
-    def ensure_up(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            self.start()
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (the server and its uvicorn workers): a crash."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 import yaml
 from safetensors.torch import load_file
+from servers import MlflowServer, free_port
 
 import gtaseg.train as train_mod
 import pipelines.tracking_run as tracking_run
@@ -245,12 +244,6 @@ def test_kill_between_last_and_best_checkpoint_still_ends_with_best(
 # -- MLflow down at start, MLflow down mid-run ---------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_uri_from_env(monkeypatch) -> None:
     """Forget a tracking URI pinned in-process by an earlier test (gtaseg.mlflow_tracking's
@@ -324,57 +317,6 @@ def test_mlflow_down_at_start_with_fallback_trains_and_replays(
     run = MlflowClient(store).get_run(replay_jsonl(offline, store))
     assert run.info.status == "FINISHED" and run.data.params["train.method"] == "supervised"
     assert run.data.metrics["best_val_miou_student"] == summary["best_val_miou_student"]
-
-
-class MlflowServer:
-    """A real `mlflow server` in its own process group, on a fixed port and sqlite store."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def launch(self) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{self.root / 'server.db'}",
-            "--artifacts-destination",
-            str(self.root / "artifacts"),
-        ]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self.process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def wait_healthy(self, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                log = (self.root / "server.log").read_text(errors="replace")[-2000:]
-                raise AssertionError(f"mlflow server exited with {self.process.returncode}:\n{log}")
-            try:
-                if requests.get(f"{self.uri}/health", timeout=2).ok:
-                    return
-            except requests.RequestException:
-                time.sleep(0.5)
-        raise AssertionError(f"mlflow server on port {self.port} not healthy in {timeout_s} s")
-
-    def kill(self) -> None:
-        """SIGKILL the whole group (the server and its uvicorn worker): a crash, not a shutdown."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
 
 
 @pytest.fixture

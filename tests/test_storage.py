@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,12 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 from moto.server import ThreadedMotoServer
+from servers import free_port
 
 from pipelines import storage
 from pipelines.storage import StorageError
 
 SECRET = "sEcReT-4f1b9c-never-print-me"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sha256(data: bytes) -> str:
@@ -42,7 +36,7 @@ def _sha256(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
@@ -386,7 +380,7 @@ def _start_moto_subprocess(port: int) -> subprocess.Popen:
 def test_server_killed_mid_run_gives_bounded_retries(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    port = _free_port()
+    port = free_port()
     proc = _start_moto_subprocess(port)
     try:
         client = storage.make_client(f"http://127.0.0.1:{port}")
