@@ -1,4 +1,5 @@
-"""`gtaseg` command line: make the embedded dataset, make splits, train, evaluate, predict, bench."""
+"""`gtaseg` command line: make the embedded dataset, make splits, train, evaluate, predict,
+export an encoder, bench."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ EPILOG = """examples:
   gtaseg train --config params.yaml --out runs/gta --set train.method=gta train.epochs=2
   gtaseg evaluate --checkpoint runs/gta/checkpoints/best.pt --network teacher
   gtaseg predict --model runs/gta/model --images my_images/ --out predictions/
+  gtaseg export-encoder --model runs/gta/model --out weights/encoder.pth
 """
 
 
@@ -101,6 +103,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} masks and overlays to {args.out}")
 
 
+def cmd_export_encoder(args: argparse.Namespace) -> None:
+    from gtaseg.inference import export_encoder
+
+    info = export_encoder(Path(args.model), Path(args.out))
+    print(f"wrote the {info['encoder']} encoder (depth {info['encoder_depth']}, "
+          f"{info['tensors']} tensors) to {info['path']}; use it with "
+          f"--set model.encoder_weights={info['path']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gtaseg",
@@ -167,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: 0.5)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export-encoder", help="save a trained model's encoder as pretrained "
+                       "weights for model.encoder_weights")
+    p.add_argument("--model", required=True, help="a run's model/ folder (smp save_pretrained)")
+    p.add_argument("--out", required=True, help="output .pth file (plain tensors)")
+    p.set_defaults(func=cmd_export_encoder)
 
     from gtaseg.bench import add_bench_parser
 

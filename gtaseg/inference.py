@@ -97,6 +97,25 @@ def _from_export(model_class: type, model_dir: Path) -> torch.nn.Module:
     return model
 
 
+def export_encoder(model_dir: Path, out: Path) -> dict[str, Any]:
+    """Save the encoder of an exported model as plain tensors, the file `model.encoder_weights`
+    reads: a run trained on one dataset becomes the pretrained start of another (the demo's
+    `pretrain` stage does this in place of ImageNet weights, which cannot be downloaded here).
+
+    Written to a temporary name and renamed, so an existing `out` is replaced whole or not at all.
+    Returns the encoder's name, depth and tensor count.
+    """
+    model = load_exported(model_dir, torch.device("cpu"))
+    kwargs = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    state = {k: v.contiguous() for k, v in model.encoder.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(out)
+    return {"encoder": kwargs.get("encoder_name"), "encoder_depth": kwargs.get("encoder_depth", 5),
+            "tensors": len(state), "path": str(out)}
+
+
 def overlay(image_HW3: np.ndarray, mask_HW: np.ndarray, alpha: float) -> np.ndarray:
     """Blend class colours over the image (uint8 RGB)."""
     colours = color_palette(256)[mask_HW]

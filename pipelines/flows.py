@@ -30,6 +30,13 @@ def prepare_task(params_path: str) -> str:
     return str(stages.prepare(load_params(params_path)))
 
 
+@task(name="pretrain-encoder")
+def pretrain_task(params_path: str) -> str:
+    """The demo's pretrained encoder; an up-to-date one is reused (DVC decides that itself)."""
+    progress = os.environ.get("GTASEG_PROGRESS") == "1"
+    return str(stages.pretrain(load_params(params_path), reuse=True, progress=progress))
+
+
 @task(name="make-split")
 def split_task(params_path: str, ratio: str, seed: int) -> str:
     return str(stages.split(load_params(params_path), ratio, seed))
@@ -117,6 +124,8 @@ def train_flow(
     overrides: list[str] | None = None,
 ) -> dict:
     """Train one (ratio, method, seed) cell; the split must exist (stage `split`)."""
+    if stages.uses_pretrain(load_params(config_path)):
+        pretrain_task(config_path)
     if not stages.split_dir(ratio, seed).is_dir() and ratio != stages.FULL:
         split_task(config_path, ratio, seed)
     return train_task(config_path, ratio, method, seed, overrides)
@@ -129,7 +138,8 @@ def sweep_flow(
     methods: list[str] | None = None,
     seeds: list[int] | None = None,
 ) -> dict:
-    """Prepare data, make splits, train every cell (concurrency `sweep.max_parallel`), compare the
+    """Prepare data, pretrain the demo's encoder (when run.model.encoder_weights names the
+    `pretrain` stage's file), make splits, train every cell (concurrency `sweep.max_parallel`), compare the
     label ratios and register the champion student. Cells already trained resume/finish at once."""
     logger = get_run_logger()
     params = load_params(config_path)
@@ -137,6 +147,8 @@ def sweep_flow(
     methods = methods or list(params.sweep.methods)
     seeds = seeds or list(params.sweep.seeds)
     prepare_task(config_path)
+    if stages.uses_pretrain(params):
+        pretrain_task(config_path)
     for ratio in ratios:
         for seed in seeds:
             split_task(config_path, ratio, seed)

@@ -2,6 +2,7 @@
 
 params.yaml layout:
     data_prep:  the embedded demo dataset (stage `prepare`)
+    pretrain:   the demo's pretrained encoder, trained on other digit classes (stage `pretrain`)
     sweep:      label ratios x methods x seeds (stages `split`, `train`, `compare`)
     tracking:   MLflow experiment, registered model name, champion rule
     run:        one training run's config (gtaseg.config.Config), shared by every sweep cell
@@ -41,6 +42,27 @@ class DataPrep:
         return SceneStyle(
             self.digits, self.per_scene, self.digit_size, self.distractors, self.vivid_distractors
         )
+
+
+@dataclass(frozen=True)
+class Pretrain:
+    """The embedded demo's stand-in for ImageNet weights: the `run:` architecture trained with all
+    labels on scenes of digit classes the demo never sees (data_prep's style otherwise), and its
+    encoder saved where `run.model.encoder_weights` can point."""
+
+    digits: tuple[int, ...] = (5, 6, 7, 8, 9)  # must not overlap data_prep.digits
+    n_train: int = 1024  # pretraining scenes (all labelled)
+    n_val: int = 128  # scenes to report the pretraining mIoU on
+    seed: int = 1  # scene and training seed
+    epochs: int = 8  # passes over the pretraining scenes
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.n_train < 1 or self.n_val < 1:
+            raise ConfigError(
+                f"pretrain: epochs, n_train and n_val must be >= 1, got {self.epochs}, "
+                f"{self.n_train}, {self.n_val}. To train without it, set "
+                f"run.model.encoder_weights: null."
+            )
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,7 @@ class Tracking:
 @dataclass(frozen=True)
 class PipelineParams:
     data_prep: DataPrep = field(default_factory=DataPrep)
+    pretrain: Pretrain = field(default_factory=Pretrain)
     sweep: Sweep = field(default_factory=Sweep)
     tracking: Tracking = field(default_factory=Tracking)
     run: Config = field(default_factory=Config)
@@ -98,11 +121,20 @@ def load_params(path: str | Path = "params.yaml") -> PipelineParams:
     raw = yaml.safe_load(path.read_text()) or {}
     run = config_from_dict(raw.pop("run", {}))
     params = _build(_PipelineRaw, raw, "")
-    return PipelineParams(params.data_prep, params.sweep, params.tracking, run)
+    overlap = sorted(set(params.pretrain.digits) & set(params.data_prep.digits))
+    if overlap:
+        raise ConfigError(
+            f"pretrain.digits {list(params.pretrain.digits)} overlap data_prep.digits "
+            f"{list(params.data_prep.digits)} in {overlap}: pretraining with all labels on the "
+            f"demo's own classes would leak the labels a 1/16 split hides. Expected disjoint "
+            f"classes, e.g. pretrain.digits: [5, 6, 7, 8, 9] with data_prep.digits: [0, 1, 2, 3, 4]."
+        )
+    return PipelineParams(params.data_prep, params.pretrain, params.sweep, params.tracking, run)
 
 
 @dataclass(frozen=True)
 class _PipelineRaw:
     data_prep: DataPrep = field(default_factory=DataPrep)
+    pretrain: Pretrain = field(default_factory=Pretrain)
     sweep: Sweep = field(default_factory=Sweep)
     tracking: Tracking = field(default_factory=Tracking)

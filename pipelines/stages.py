@@ -1,6 +1,7 @@
 """The pipeline's stage entry points. DVC stages and Prefect tasks call these same functions.
 
     python -m pipelines.stages prepare
+    python -m pipelines.stages pretrain
     python -m pipelines.stages split --ratio 1_16 --seed 0
     python -m pipelines.stages train --ratio 1_16 --method gta --seed 0
     python -m pipelines.stages compare
@@ -17,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,8 @@ from pipelines.params import PipelineParams, load_params
 
 FULL = "full"  # the ratio name of the fully supervised reference run
 RESULTS_DIR = Path("results")
+PRETRAIN_DATA = Path("data/pretrain")  # the pretraining scenes (embedded/) and their split/
+PRETRAIN_DIR = Path("models/pretrained")  # encoder.pth, pretrain.json and the run folder run/
 
 
 def split_dir(ratio: str, seed: int) -> Path:
@@ -80,6 +84,90 @@ def prepare(params: PipelineParams) -> Path:
         )
     return make_embedded(Path(data.root), n_train=p.n_train, n_val=p.n_val, size=p.size,
                          seed=p.seed, overwrite=True, style=p.style())
+
+
+def pretrain_output() -> Path:
+    """The encoder file the `pretrain` stage writes (point run.model.encoder_weights here)."""
+    return PRETRAIN_DIR / "encoder.pth"
+
+
+def uses_pretrain(params: PipelineParams) -> bool:
+    """Whether the run config starts from the `pretrain` stage's encoder."""
+    weights = params.run.model.encoder_weights
+    return weights is not None and Path(weights) == pretrain_output()
+
+
+def pretrain_spec(params: PipelineParams) -> dict[str, Any]:
+    """Everything the pretrained encoder depends on (a flow reuses the file when this matches)."""
+    run = params.run
+    spec = {
+        "pretrain": dataclasses.asdict(params.pretrain),
+        "data_prep": dataclasses.asdict(params.data_prep),
+        "model": dataclasses.asdict(run.model) | {"encoder_weights": None},
+        "optim": dataclasses.asdict(run.optim),
+        "crop_size": run.data.crop_size,
+        "scale_range": list(run.data.scale_range),
+        "flip": run.data.flip,
+        "batch_size": run.train.batch_size_labeled,
+    }
+    return json.loads(json.dumps(spec))  # tuples as lists, as pretrain.json reads back
+
+
+def pretrain_config(params: PipelineParams) -> Config:
+    """The `run:` architecture and optimiser, supervised on all pretraining scenes, from scratch."""
+    p, run = params.pretrain, params.run
+    return dataclasses.replace(
+        run,
+        data=dataclasses.replace(
+            run.data,
+            format="embedded",
+            root=str(PRETRAIN_DATA / "embedded"),
+            split_dir=str(PRETRAIN_DATA / "split"),
+            num_classes=len(p.digits) + 1,
+            val_list=None,
+        ),
+        model=dataclasses.replace(run.model, encoder_weights=None),
+        train=dataclasses.replace(
+            run.train, method="supervised", seed=p.seed, epochs=p.epochs, max_iters=None
+        ),
+    )
+
+
+def pretrain(params: PipelineParams, reuse: bool = False, progress: bool = True) -> Path:
+    """Train the demo's pretrained encoder: the paper starts from ImageNet weights, which cannot be
+    downloaded here, so the demo pretrains on scenes of digit classes it never trains or evaluates
+    on (`pretrain.digits`), with all their labels, and keeps the encoder.
+
+    `reuse`: keep an existing encoder whose pretrain.json records the same inputs (the flows; DVC
+    decides that itself). Any other start trains from scratch into a cleared run folder.
+    """
+    out, record = pretrain_output(), PRETRAIN_DIR / "pretrain.json"
+    spec = pretrain_spec(params)
+    if reuse and out.is_file() and record.is_file():
+        if json.loads(record.read_text()).get("spec") == spec:
+            print(f"pretrained encoder {out} is up to date")
+            return out
+    p = params.pretrain
+    style = dataclasses.replace(params.data_prep.style(), digits=tuple(p.digits))
+    make_embedded(PRETRAIN_DATA / "embedded", n_train=p.n_train, n_val=p.n_val,
+                  size=params.data_prep.size, seed=p.seed, overwrite=True, style=style)
+    cfg = pretrain_config(params)
+    ids = list(list_samples(cfg.data, "train"))
+    write_split(Path(cfg.data.split_dir), *make_split(ids, parse_amount(FULL), p.seed))
+    run_folder = PRETRAIN_DIR / "run"
+    if run_folder.exists():
+        shutil.rmtree(run_folder)  # never resume a pretraining made with other inputs
+    from gtaseg.inference import export_encoder
+    from pipelines.tracking_run import tracked_training
+
+    tags = {"gtaseg.ratio": "pretrain", "gtaseg.method": "supervised", "gtaseg.seed": str(p.seed),
+            "gtaseg.dataset": f"embedded:{cfg.data.root}", "mlflow.source.git.commit": git_commit()}
+    summary = tracked_training(params, cfg, run_folder, "pretrain", tags, None, progress)
+    info = export_encoder(run_folder / "model", out)
+    record.write_text(json.dumps({"spec": spec, "encoder": info,
+                                  "best_val_miou": summary["best_val_miou_student"],
+                                  "wall_time_s": summary["wall_time_s"]}, indent=2) + "\n")
+    return out
 
 
 def split(params: PipelineParams, ratio: str, seed: int) -> Path:
@@ -198,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("stage", choices=["prepare", "split", "train", "compare", "register"])
+    parser.add_argument(
+        "stage", choices=["prepare", "pretrain", "split", "train", "compare", "register"]
+    )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--ratio", help="label ratio name, e.g. 1_16 (split, train)")
     parser.add_argument("--method", help="supervised | mean_teacher | gta (train)")
@@ -216,12 +306,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_stage(args: argparse.Namespace) -> int:
     params = load_params(args.params)
+    progress = sys.stderr.isatty() or os.environ.get("GTASEG_PROGRESS") == "1"
     if args.stage == "prepare":
         print(f"dataset ready at {prepare(params)}")
+    elif args.stage == "pretrain":
+        print(f"pretrained encoder written to {pretrain(params, progress=progress)}")
     elif args.stage == "split":
         print(f"split written to {split(params, args.ratio, args.seed)}")
     elif args.stage == "train":
-        progress = sys.stderr.isatty() or os.environ.get("GTASEG_PROGRESS") == "1"
         summary = train(
             args.params,
             args.ratio,

@@ -408,6 +408,12 @@ PIPELINE_CASES = {
         ["split", "--ratio", "1.5"],
         ("label ratio 1.5: expected a ratio in (0, 1]",),
     ),
+    "pretraining classes overlap the demo's": (
+        lambda params: params["pretrain"].update(digits=[4, 5, 6]),
+        ["pretrain"],
+        ("pretrain.digits [4, 5, 6] overlap data_prep.digits [0, 1, 2, 3, 4] in [4]",
+         "would leak the labels a 1/16 split hides"),
+    ),
 }
 
 
@@ -421,6 +427,7 @@ def test_bad_pipeline_params_fail_with_one_line(
     edit, argv, expect = PIPELINE_CASES[name]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["run"]["data"].update(root=str(tiny_dataset), num_classes=11)
+    params["run"]["model"]["encoder_weights"] = None
     monkeypatch.chdir(tmp_path)
     write_split(tmp_path / "data/splits/1_4/seed0", ["train_0000"], ["train_0001"])
     edit(params)

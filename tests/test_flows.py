@@ -29,6 +29,7 @@ def prefect_harness():
 def scratch(tmp_path, monkeypatch) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data_prep"].update(n_train=16, n_val=4, size=32)
+    params["pretrain"].update(n_train=8, n_val=2, epochs=1)
     params["sweep"].update(
         ratios=["1_4"],
         methods=["supervised", "gta"],
@@ -57,8 +58,13 @@ def test_sweep_flow_trains_compares_and_registers(prefect_harness, scratch):
     assert Path(result["tables"]["summary_md"]).is_file()
     champion = json.loads((scratch / "results/champion.json").read_text())
     assert champion["champion"]["version"] in {"1", "2"}
+    encoder = scratch / "models/pretrained/encoder.pth"
+    record = json.loads((scratch / "models/pretrained/pretrain.json").read_text())
+    assert record["spec"]["pretrain"]["digits"] == [5, 6, 7, 8, 9]
+    made = encoder.stat().st_mtime_ns
     # a second sweep finds every run finished: each resumes at its last iteration and re-registers
     again = run_sweep("params.yaml")
+    assert encoder.stat().st_mtime_ns == made  # the pretrained encoder is reused, not retrained
     assert again["runs"] == 2
     for method in ("supervised", "gta"):
         metrics = json.loads((scratch / f"runs/1_4/{method}/seed0/metrics.json").read_text())

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gtaseg.config import ConfigError, ModelConfig
+from gtaseg.cli import main
 from gtaseg.model import build_model, load_encoder_weights
 
 SMALL = {"encoder": "resnet18", "atrous_rates": (1, 2, 3), "decoder_channels": 16}
@@ -56,3 +57,27 @@ def test_full_encoder_weights_load_into_a_shallow_encoder(tmp_path):
     shallow = build_model(ModelConfig(**SMALL, encoder_depth=3, output_stride=8), 3)
     load_encoder_weights(shallow, path)
     assert torch.equal(shallow.encoder.layer2[0].conv1.weight, full.encoder.layer2[0].conv1.weight)
+
+
+def test_an_exported_encoder_is_a_pretrained_start_for_another_task(tmp_path, capsys):
+    """export-encoder: a trained model's encoder, saved as plain tensors, loads into a model with
+    another number of classes; the decoder stays fresh, and nothing else is in the file."""
+    cfg = ModelConfig(**SMALL, encoder_depth=3, output_stride=8)
+    torch.manual_seed(0)
+    trained = build_model(cfg, 6)
+    trained.save_pretrained(str(tmp_path / "model"))
+    out = tmp_path / "weights" / "encoder.pth"
+
+    assert main(["export-encoder", "--model", str(tmp_path / "model"), "--out", str(out)]) == 0
+
+    assert f"model.encoder_weights={out}" in capsys.readouterr().out
+    state = torch.load(out, weights_only=True)
+    assert set(state) == set(trained.encoder.state_dict())  # no decoder, no unbuilt stages
+    torch.manual_seed(1)
+    other = build_model(cfg, 3)
+    head_before = other.segmentation_head[0].weight.clone()
+    load_encoder_weights(other, out)
+    for name, tensor in trained.encoder.state_dict().items():
+        assert torch.equal(other.encoder.state_dict()[name], tensor), name
+    assert torch.equal(other.segmentation_head[0].weight, head_before)
+    assert not torch.equal(other.decoder.block1[0].weight, trained.decoder.block1[0].weight)

@@ -31,8 +31,10 @@ COPY = [
 
 
 def tiny_params(params: dict) -> dict:
-    """Shrink the demo to seconds: 24 scenes of 32 px, two ratios, GTA-Seg only, 1-2 epochs."""
+    """Shrink the demo to seconds: 24 scenes of 32 px, two ratios, GTA-Seg only, 1-2 epochs, and
+    a one-epoch pretraining on 8 scenes."""
     params["data_prep"].update(n_train=24, n_val=6, size=32)
+    params["pretrain"].update(n_train=8, n_val=2, epochs=1)
     params["sweep"].update(
         ratios=["1_4", "1_2"], methods=["gta"], full_seeds=[], epochs={"1_4": 2, "1_2": 1}
     )
@@ -91,6 +93,13 @@ def test_repro_produces_every_output(workspace):
     champion = json.loads((workspace / "results/champion.json").read_text())
     assert champion["champion"] is not None
     assert len(champion["offered"]) == 2
+    # every run started from the `pretrain` stage's encoder, trained on the other digit classes
+    record = json.loads((workspace / "models/pretrained/pretrain.json").read_text())
+    assert record["encoder"]["tensors"] > 0 and 0 <= record["best_val_miou"] <= 1
+    classes = (workspace / "data/pretrain/embedded/classes.txt").read_text().split()
+    assert classes[1:] == [f"digit_{d}" for d in (5, 6, 7, 8, 9)], classes
+    config = yaml.safe_load((workspace / "runs/1_4/gta/seed0/config.yaml").read_text())
+    assert config["model"]["encoder_weights"] == "models/pretrained/encoder.pth"
 
 
 def test_mlflow_runs_nested_with_params_metrics_artifacts(workspace):
@@ -101,7 +110,8 @@ def test_mlflow_runs_nested_with_params_metrics_artifacts(workspace):
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("gtaseg.sweep") == "demo-sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
-    assert len(parents) == 1 and len(children) == 2
+    assert len(parents) == 1 and len(children) == 3
+    assert sorted(r.data.tags["gtaseg.ratio"] for r in children) == ["1_2", "1_4", "pretrain"]
     # 1_4 trains 2 epochs (warm-up + one semi-supervised epoch); 1_2 only its warm-up epoch
     child = next(r for r in children if r.data.tags["gtaseg.ratio"] == "1_4")
     assert child.data.params["train.method"] == "gta"
@@ -145,7 +155,7 @@ def test_second_repro_is_a_noop_and_one_ratio_reruns_alone(workspace):
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = set(json.loads(run(["dvc", "status", "--json"], workspace).stdout))
     assert "train@1_2-gta-0" in changed
-    assert not any(s.startswith("train@1_4") or s.startswith("split") for s in changed)
+    assert not any(s.startswith(("train@1_4", "split", "pretrain")) for s in changed)
 
 
 def test_dvc_remote_push_pull_round_trip_on_s3(workspace, monkeypatch):

@@ -333,7 +333,7 @@ def pipeline_workspace(root: Path, dataset: Path, **train: object) -> Path:
     params["sweep"].update(ratios=["1_4"], methods=["gta"], epochs={"1_4": 2, "full": 1})
     run = params["run"]
     run["data"].update(root=str(dataset), crop_size=32, num_classes=11)
-    run["model"].update(encoder=ENCODER, decoder_channels=16)
+    run["model"].update(encoder=ENCODER, decoder_channels=16, encoder_weights=None)
     run["train"].update(
         batch_size_labeled=2, batch_size_unlabeled=2, checkpoint_every_iters=2, **train
     )

@@ -256,7 +256,7 @@ def test_a_tracked_run_writes_no_credential_anywhere(
     params["sweep"].update(ratios=["1_4"], methods=["supervised"], epochs={"1_4": 1, "full": 1})
     run = params["run"]
     run["data"].update(root=str(tiny_dataset), crop_size=32, num_classes=11)
-    run["model"].update(encoder=ENCODER, decoder_channels=16)
+    run["model"].update(encoder=ENCODER, decoder_channels=16, encoder_weights=None)
     run["train"].update(batch_size_labeled=2, batch_size_unlabeled=2, max_iters=3)
     run["eval"]["max_images"] = 2
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
