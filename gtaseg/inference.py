@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ def evaluate_checkpoint(
             f"{path} holds no {network!r} network (method {cfg.train.method!r}); "
             f"choose one of {[k for k in NETWORKS if k in saved['method']]}."
         )
-    model = build_model(cfg.model, cfg.data.num_classes).to(dev)
+    # The checkpoint holds every weight: the run's pretrained file need not exist here.
+    model = build_model(replace(cfg.model, encoder_weights=None), cfg.data.num_classes).to(dev)
     model.load_state_dict(weights)
     val = make_val_data(cfg.data, cfg.eval.max_images)
     result = evaluate(model, val, cfg.eval, cfg.data.num_classes, dev, progress=True)

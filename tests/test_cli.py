@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image
 
 from gtaseg.cli import main
+from gtaseg.config import config_from_dict
+from gtaseg.model import build_model
 
 
 def test_cli_make_data_split_train_evaluate_predict(tmp_path, capsys, tiny_raw):
@@ -42,6 +45,10 @@ def test_cli_make_data_split_train_evaluate_predict(tmp_path, capsys, tiny_raw):
     assert len((tmp_path / "split/labeled.txt").read_text().split()) == 4
     assert len((tmp_path / "split/unlabeled.txt").read_text().split()) == 12
 
+    # start from a pretrained encoder file, as the demo does
+    model_cfg = config_from_dict(raw).model
+    weights = tmp_path / "encoder.pth"
+    torch.save(build_model(model_cfg, 11).encoder.state_dict(), weights)
     out = tmp_path / "run"
     assert (
         main(
@@ -55,6 +62,7 @@ def test_cli_make_data_split_train_evaluate_predict(tmp_path, capsys, tiny_raw):
                 "--set",
                 "train.max_iters=3",
                 "train.method=mean_teacher",
+                f"model.encoder_weights={weights}",
             ]
         )
         == 0
@@ -62,6 +70,7 @@ def test_cli_make_data_split_train_evaluate_predict(tmp_path, capsys, tiny_raw):
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["method"] == "mean_teacher" and summary["iterations"] == 3
 
+    weights.unlink()  # the checkpoint holds every weight: evaluating it needs no pretrained file
     capsys.readouterr()
     assert (
         main(["evaluate", "--checkpoint", str(out / "checkpoints/last.pt"), "--network", "teacher"])
