@@ -54,7 +54,7 @@ class Pretrain:
     n_train: int = 1024  # pretraining scenes (all labelled)
     n_val: int = 128  # scenes to report the pretraining mIoU on
     seed: int = 1  # scene and training seed
-    epochs: int = 8  # passes over the pretraining scenes
+    epochs: int = 16  # passes over the pretraining scenes
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.n_train < 1 or self.n_val < 1:
