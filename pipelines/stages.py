@@ -133,15 +133,25 @@ def pretrain_config(params: PipelineParams) -> Config:
     )
 
 
-def pretrain(params: PipelineParams, reuse: bool = False, progress: bool = True) -> Path:
+def pretrain(params: PipelineParams, reuse: bool = False, progress: bool = True) -> Path | None:
     """Train the demo's pretrained encoder: the paper starts from ImageNet weights, which cannot be
     downloaded here, so the demo pretrains on scenes of digit classes it never trains or evaluates
     on (`pretrain.digits`), with all their labels, and keeps the encoder.
 
     `reuse`: keep an existing encoder whose pretrain.json records the same inputs (the flows; DVC
-    decides that itself). Any other start trains from scratch into a cleared run folder.
+    decides that itself). Any other start trains from scratch into a cleared run folder. When
+    `run.model.encoder_weights` names another file (or none), nothing is trained: pretrain.json
+    says so and None is returned.
     """
     out, record = pretrain_output(), PRETRAIN_DIR / "pretrain.json"
+    if not uses_pretrain(params):
+        PRETRAIN_DIR.mkdir(parents=True, exist_ok=True)
+        PRETRAIN_DATA.mkdir(parents=True, exist_ok=True)
+        reason = (f"run.model.encoder_weights is {params.run.model.encoder_weights}, not {out}: "
+                  f"nothing to pretrain")
+        record.write_text(json.dumps({"skipped": reason}, indent=2) + "\n")
+        print(reason)
+        return None
     spec = pretrain_spec(params)
     if reuse and out.is_file() and record.is_file():
         if json.loads(record.read_text()).get("spec") == spec:
@@ -310,7 +320,9 @@ def _run_stage(args: argparse.Namespace) -> int:
     if args.stage == "prepare":
         print(f"dataset ready at {prepare(params)}")
     elif args.stage == "pretrain":
-        print(f"pretrained encoder written to {pretrain(params, progress=progress)}")
+        written = pretrain(params, progress=progress)
+        if written is not None:
+            print(f"pretrained encoder written to {written}")
     elif args.stage == "split":
         print(f"split written to {split(params, args.ratio, args.seed)}")
     elif args.stage == "train":
