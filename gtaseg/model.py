@@ -117,9 +117,9 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise ConfigError(
             f"model.encoder_weights: file {path} does not exist. Expected a local .pth/.pt file "
-            f"with the encoder's state dict (this tool never downloads weights; the demo's pipeline "
-            f"makes models/pretrained/encoder.pth in its `pretrain` stage); set null to train "
-            f"from scratch."
+            f"with the encoder's state dict (this tool never downloads weights; the demo's "
+            f"pipeline makes models/pretrained/encoder.pth in its `pretrain` stage); set null to "
+            f"train from scratch."
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -139,8 +139,9 @@ def sweep_flow(
     seeds: list[int] | None = None,
 ) -> dict:
     """Prepare data, pretrain the demo's encoder (when run.model.encoder_weights names the
-    `pretrain` stage's file), make splits, train every cell (concurrency `sweep.max_parallel`), compare the
-    label ratios and register the champion student. Cells already trained resume/finish at once."""
+    `pretrain` stage's file), make splits, train every cell (concurrency `sweep.max_parallel`),
+    compare the label ratios and register the champion student. Cells already trained
+    resume/finish at once."""
     logger = get_run_logger()
     params = load_params(config_path)
     ratios = ratios or list(params.sweep.ratios)

@@ -127,7 +127,8 @@ def load_params(path: str | Path = "params.yaml") -> PipelineParams:
             f"pretrain.digits {list(params.pretrain.digits)} overlap data_prep.digits "
             f"{list(params.data_prep.digits)} in {overlap}: pretraining with all labels on the "
             f"demo's own classes would leak the labels a 1/16 split hides. Expected disjoint "
-            f"classes, e.g. pretrain.digits: [5, 6, 7, 8, 9] with data_prep.digits: [0, 1, 2, 3, 4]."
+            f"classes, e.g. pretrain.digits: [5, 6, 7, 8, 9] with data_prep.digits: "
+            f"[0, 1, 2, 3, 4]."
         )
     return PipelineParams(params.data_prep, params.pretrain, params.sweep, params.tracking, run)
 

@@ -170,8 +170,7 @@ def pretrain(params: PipelineParams, reuse: bool = False, progress: bool = True)
     from gtaseg.inference import export_encoder
     from pipelines.tracking_run import tracked_training
 
-    tags = {"gtaseg.ratio": "pretrain", "gtaseg.method": "supervised", "gtaseg.seed": str(p.seed),
-            "gtaseg.dataset": f"embedded:{cfg.data.root}", "mlflow.source.git.commit": git_commit()}
+    tags = base_tags("pretrain", "supervised", p.seed, f"embedded:{cfg.data.root}")
     summary = tracked_training(params, cfg, run_folder, "pretrain", tags, None, progress)
     info = export_encoder(run_folder / "model", out)
     record.write_text(json.dumps({"spec": spec, "encoder": info,
@@ -205,18 +204,26 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_tags(params: PipelineParams, ratio: str, method: str, seed: int) -> dict[str, str]:
-    """Identifiers that make a run findable and reproducible: split hash, DVC lock entry, commit."""
-    sdir = split_dir(ratio, seed)
-    tags = {
+def base_tags(ratio: str, method: str, seed: int, dataset: str) -> dict[str, str]:
+    """What every tracked run of the pipeline is tagged with (the pretraining included)."""
+    return {
         "gtaseg.ratio": ratio,
         "gtaseg.method": method,
         "gtaseg.seed": str(seed),
-        "gtaseg.dataset": f"{params.run.data.format}:{params.run.data.root}",
+        "gtaseg.dataset": dataset,
+        "mlflow.source.git.commit": git_commit(),
+    }
+
+
+def run_tags(params: PipelineParams, ratio: str, method: str, seed: int) -> dict[str, str]:
+    """Identifiers that make a run findable and reproducible: split hash, DVC lock entry, commit."""
+    sdir = split_dir(ratio, seed)
+    dataset = f"{params.run.data.format}:{params.run.data.root}"
+    tags = {
+        **base_tags(ratio, method, seed, dataset),
         "gtaseg.split_dir": str(sdir),
         "gtaseg.split_sha256": file_digest(sdir / "labeled.txt", sdir / "unlabeled.txt"),
         "gtaseg.split_dvc_md5": dvc_lock_md5(str(sdir)),
-        "mlflow.source.git.commit": git_commit(),
     }
     return tags
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gtaseg.config import ConfigError, ModelConfig
 from gtaseg.cli import main
+from gtaseg.config import ConfigError, ModelConfig
 from gtaseg.model import build_model, load_encoder_weights
 
 SMALL = {"encoder": "resnet18", "atrous_rates": (1, 2, 3), "decoder_channels": 16}
