@@ -76,10 +76,17 @@ def _accept_any_size(model: nn.Module) -> None:
     model.register_forward_hook(crop)
 
 
+def _stages_beyond(depth: int) -> list[str]:
+    """Names of the ResNet-style stages a depth-`depth` encoder never runs (built or not)."""
+    return [f"layer{k}" for k in range(depth, 5)]
+
+
 def _unused_stages(encoder: nn.Module, depth: int) -> list[str]:
-    """Names of a ResNet-style encoder's stages that a depth-`depth` forward never runs."""
-    stages = (f"layer{k}" for k in range(depth, 5))
-    return [name for name in stages if isinstance(getattr(encoder, name, None), nn.Module)]
+    """The stages beyond `depth` that this encoder still holds."""
+    return [
+        name for name in _stages_beyond(depth)
+        if isinstance(getattr(encoder, name, None), nn.Module)
+    ]
 
 
 def _drop_unused_stages(encoder: nn.Module, depth: int) -> None:
@@ -137,7 +144,7 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
             f"model.encoder_weights: {path} holds a {type(state).__name__}, expected a state dict "
             f"(parameter name -> tensor)."
         )
-    dropped = tuple(f"layer{k}." for k in range(getattr(model.encoder, "_depth", 5), 5))
+    dropped = tuple(f"{name}." for name in _stages_beyond(getattr(model.encoder, "_depth", 5)))
     state = {k: v for k, v in state.items() if not k.startswith(dropped)}  # stages not built
     try:
         model.encoder.load_state_dict(state)
