@@ -49,7 +49,7 @@ def cmd_make_data(args: argparse.Namespace) -> None:
 
 def cmd_split(args: argparse.Namespace) -> None:
     from gtaseg.data.formats import list_samples
-    from gtaseg.data.splits import import_split, make_split, parse_amount, write_split
+    from gtaseg.data.splits import draw_split, import_split, parse_amount, write_split
 
     cfg = _config(args)
     ids = list(list_samples(cfg.data, "train"))
@@ -57,8 +57,7 @@ def cmd_split(args: argparse.Namespace) -> None:
     if args.import_from:
         import_split(Path(args.import_from), out, ids)
     else:
-        labeled, unlabeled = make_split(ids, parse_amount(args.amount), args.seed)
-        write_split(out, labeled, unlabeled)
+        write_split(out, *draw_split(cfg.data, parse_amount(args.amount), args.seed))
     n_l = len((out / "labeled.txt").read_text().split())
     print(f"split written to {out}: {n_l} labelled of {len(ids)} training images")
 
@@ -145,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", help="write labeled.txt / unlabeled.txt for a label ratio or count")
     _add_config_args(p)
     p.add_argument("--amount", default="1/16",
-                   help="label ratio (1/16, 0.125) or count (92, 183, ...) or 'full' (default: 1/16)")
+                   help="label ratio (1/16, 0.125) or count (92, 183, ...) or 'full' (default: "
+                   "1/16); labelled ids come from data.labeled_pool when the config sets it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder for the two lists")
     p.add_argument("--import-from", metavar="DIR",

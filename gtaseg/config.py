@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from gtaseg import IGNORE_INDEX
+
 Method = Literal["supervised", "mean_teacher", "gta"]
 DataFormat = Literal["embedded", "folder", "voc", "cityscapes"]
 MixMode = Literal["cutmix", "classmix", "cutout", "none"]
@@ -34,12 +36,16 @@ class DataConfig:
     voc_augmented: bool = False  # VOC: read masks from SegmentationClassAug (10,582 train ids)
     split_dir: str = "data/splits/embedded/1_16/seed0"  # folder with labeled.txt / unlabeled.txt
     val_list: str | None = None  # optional id list for validation; default: the format's val set
+    labeled_pool: str | None = None  # id list new splits draw labelled ids from (classic VOC:
+    # ImageSets/Segmentation/train.txt, the 1,464 fine masks); null: every training id
     crop_size: int = 64  # square training crop (VOC paper: 513, Cityscapes: 769)
     scale_range: tuple[float, float] = (0.5, 2.0)  # random rescale factor range for weak views
     flip: bool = True  # random horizontal flip
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # ImageNet mean, 0-255 scale
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)  # ImageNet std, 0-255 scale
     num_workers: int = 0  # DataLoader workers (0 = load in the training process)
+    pad_label: int = 0  # label of the padding added by crops (training, center-crop validation)
+    # 0 = background, the original code's Crop; 255 = ignore, padding then never counts
 
     def __post_init__(self) -> None:
         _check(self.num_classes >= 2, "data.num_classes", ">= 2", self.num_classes)
@@ -48,6 +54,9 @@ class DataConfig:
         lo, hi = self.scale_range
         _check(0 < lo <= hi, "data.scale_range", "0 < low <= high", self.scale_range)
         _check(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
+        _check(0 <= self.pad_label < self.num_classes or self.pad_label == IGNORE_INDEX,
+               "data.pad_label", f"a class in [0, {self.num_classes - 1}] or {IGNORE_INDEX} "
+               f"(ignore)", self.pad_label)
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,10 @@ class SemiConfig:
     # code: everything but decoder.block2 + segmentation_head; paper text: the feature extractor
     warmup_copy: Literal["alias", "once"] = "alias"
     # alias: reproduce the code's first-semi-epoch tensor sharing; once: copy at the switch only
+    classifier_tie: Literal["auto", "lasting", "off"] = "auto"
+    # lasting: the student's and the assistant's classifier stay one tensor to the end of training
+    # (the code, after its alias epoch), so it takes both the pseudo-label and the supervised step;
+    # off: independent after the switch; auto: lasting with warmup_copy alias, off with once
     teacher_forward: Literal["train", "eval_only"] = "train"
     # train: code's extra train-mode teacher forward (updates teacher BN stats, its logits weight
     # the loss); eval_only: reuse the eval-mode pseudo-label logits (efficient mode)
@@ -113,6 +126,13 @@ class SemiConfig:
             _check(0 <= value < 1, f"semi.{key}", "in [0, 1)", value)
         _check(0 <= self.drop_percent <= 100, "semi.drop_percent", "in [0, 100]", self.drop_percent)
         _check(0 <= self.mix_prob <= 1, "semi.mix_prob", "in [0, 1]", self.mix_prob)
+
+    @property
+    def tie_lasts(self) -> bool:
+        """Whether the student's and the assistant's classifier stay tied after the switch."""
+        if self.classifier_tie == "auto":
+            return self.warmup_copy == "alias"
+        return self.classifier_tie == "lasting"
 
 
 @dataclass(frozen=True)

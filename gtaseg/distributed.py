@@ -9,8 +9,10 @@ Under torchrun (data parallel, one process per device):
   SyncBatchNorm, as in the original code, so batch statistics and running buffers are global and
   identical too. CPU (gloo) has no SyncBatchNorm kernel: there BN stays per-rank and DDP broadcasts
   rank 0's buffers before each forward (`forward_sync_buffers`, the original's DDP default).
-- the teacher is not wrapped (it takes no gradients) and keeps plain BN: its running statistics
-  follow each rank's own batches between evaluations.
+- the teacher is not wrapped (it takes no gradients); on CUDA its BatchNorm layers become
+  SyncBatchNorm too (the original builds all three networks with SyncBN), so its train-mode
+  forwards use global batch statistics. On CPU its running statistics follow each rank's own
+  batches between evaluations.
 - `sync_from_rank0` makes every rank hold rank 0's networks (parameters and buffers) before an
   evaluation, so the sharded evaluation scores exactly the networks rank 0 saves.
 - `mean_over_ranks` averages logged scalars; `all_reduce_sum` sums confusion matrices.
@@ -89,6 +91,15 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
         forward_sync_buffers=not sync_bn,
         find_unused_parameters=False,
     )
+
+
+def sync_bn_teacher(teacher: nn.Module | None, info: DistInfo, device: torch.device):
+    """The teacher with SyncBatchNorm layers when distributed on CUDA (same Parameter objects, so
+    the EMA's pairing by position holds); else the teacher as it is. Every rank runs the
+    teacher's train-mode forwards in the same steps, as SyncBatchNorm's collectives need."""
+    if teacher is None or not info.enabled or device.type != "cuda":
+        return teacher
+    return nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
 
 
 def _active() -> bool:

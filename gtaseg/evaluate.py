@@ -125,12 +125,15 @@ def predict_logits(
     return _forward_logits(model, x_BCHW, num_classes)
 
 
-def center_crop(x_BCHW: Tensor, y_BHW: Tensor, size: int) -> tuple[Tensor, Tensor]:
+def center_crop(
+    x_BCHW: Tensor, y_BHW: Tensor, size: int, pad_label: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
     """Crop images and labels to size x size at the centre.
 
     A side shorter than `size` is first padded evenly on both ends: images with 0 (the normalised
-    mean), labels with IGNORE_INDEX, so padding never counts in the metrics. Returns new tensors
-    or views; inputs are not mutated.
+    mean), labels with `pad_label`. IGNORE_INDEX keeps padding out of the metrics; the original's
+    VOC validation pads with 0 (`data.pad_label`), so its padding scores as background. Returns
+    new tensors or views; inputs are not mutated.
     """
     if x_BCHW.shape[-2:] != y_BHW.shape[-2:]:
         raise ValueError(
@@ -142,7 +145,7 @@ def center_crop(x_BCHW: Tensor, y_BHW: Tensor, size: int) -> tuple[Tensor, Tenso
     if pad_h or pad_w:
         pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
         x_BCHW = F.pad(x_BCHW, pads, value=0.0)
-        y_BHW = F.pad(y_BHW, pads, value=IGNORE_INDEX)
+        y_BHW = F.pad(y_BHW, pads, value=pad_label)
         height, width = height + pad_h, width + pad_w
     top, left = (height - size) // 2, (width - size) // 2
     return (
@@ -175,6 +178,7 @@ def evaluate(
     *,
     progress: bool = False,
     window_batch: int = 8,
+    pad_label: int = IGNORE_INDEX,
 ) -> EvalResult:
     """Evaluate `model` on batches (x (B,3,H,W) float, y (B,H,W) int64, ids) by cfg's protocol.
 
@@ -182,6 +186,7 @@ def evaluate(
     `reduce`, if given, receives a copy of the int64 confusion matrix and returns the matrix to
     score (the DDP hook: all_reduce it); it is called on every process, even one with no images.
     `window_batch`: sliding windows per forward (lower it if the device runs out of memory).
+    `pad_label`: the label of center-crop padding (`data.pad_label`; see `center_crop`).
     """
     if progress:
         from tqdm import tqdm  # only the interactive path pays for the import
@@ -197,7 +202,7 @@ def evaluate(
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             if cfg.mode == "center_crop":
-                x, y = center_crop(x, y, cfg.crop_size)
+                x, y = center_crop(x, y, cfg.crop_size, pad_label)
             logits = predict_logits(model, x, cfg, num_classes, window_batch=window_batch)
             confusion.update(logits.argmax(1), y)
             n_images += x.shape[0]

@@ -40,7 +40,8 @@ def evaluate_checkpoint(
     model = build_model(replace(cfg.model, encoder_weights=None), cfg.data.num_classes).to(dev)
     model.load_state_dict(weights)
     val = make_val_data(cfg.data, cfg.eval.max_images)
-    result = evaluate(model, val, cfg.eval, cfg.data.num_classes, dev, progress=True)
+    result = evaluate(model, val, cfg.eval, cfg.data.num_classes, dev, progress=True,
+                      pad_label=cfg.data.pad_label)
     out = asdict(result)
     out["confusion"] = np.asarray(result.confusion).tolist()
     return {"checkpoint": str(path), "network": network, **out}

@@ -37,6 +37,7 @@ from gtaseg.distributed import (
     init_from_env,
     mean_over_ranks,
     shutdown,
+    sync_bn_teacher,
     sync_from_rank0,
     wrap_ddp,
 )
@@ -118,6 +119,7 @@ def train(
     state.student = wrap_ddp(state.student, info, device)
     if state.assistant is not None:
         state.assistant = wrap_ddp(state.assistant, info, device)
+    state.teacher = sync_bn_teacher(state.teacher, info, device)
     sync_from_rank0(state.teacher)  # not DDP-wrapped: every rank starts from rank 0's teacher
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -234,8 +236,10 @@ def _flush_losses(loop: LoopState, lr: float) -> dict[str, float]:
 
 
 def _evaluate_both(cfg, state, loop, pseudo_cm, info, device, epoch, images_per_step) -> dict:
-    """Evaluate student (and teacher); pick the original's selection metric: the student during
-    warm-up, the teacher afterwards. Also scores the pseudo-labels seen since the last evaluation.
+    """Evaluate student (and teacher); pick the original's selection metric: the student after a
+    warm-up epoch (`epoch < sup_only_epochs`, the epoch just trained, as the original's
+    `validate`), the teacher afterwards. Also scores the pseudo-labels seen since the last
+    evaluation.
     Under DDP every rank first takes rank 0's networks (the teacher's BN statistics, and on CPU
     the student's and assistant's, are per rank), so the sharded evaluation scores exactly the
     networks rank 0 saves and exports.
@@ -243,15 +247,17 @@ def _evaluate_both(cfg, state, loop, pseudo_cm, info, device, epoch, images_per_
     sync_from_rank0(unwrap(state.student), unwrap(state.assistant), state.teacher)
     val = make_val_data(cfg.data, cfg.eval.max_images, rank=info.rank, world_size=info.world_size)
     classes = cfg.data.num_classes
-    res_s = evaluate(unwrap(state.student), val, cfg.eval, classes, device, reduce=all_reduce_sum)
+    scored = {"reduce": all_reduce_sum, "pad_label": cfg.data.pad_label}
+    res_s = evaluate(unwrap(state.student), val, cfg.eval, classes, device, **scored)
     row = {"epoch": float(epoch), "val_miou_student": res_s.miou}
     row.update(_per_class("val_iou_student", res_s))
     selected = res_s.miou
     if state.teacher is not None:
-        res_t = evaluate(state.teacher, val, cfg.eval, classes, device, reduce=all_reduce_sum)
+        res_t = evaluate(state.teacher, val, cfg.eval, classes, device, **scored)
         row["val_miou_teacher"] = res_t.miou
         row.update(_per_class("val_iou_teacher", res_t))
-        selected = res_s.miou if state.in_warmup else res_t.miou
+        # The teacher is a copy of the student only from the first semi-supervised step on.
+        selected = res_s.miou if epoch < cfg.semi.sup_only_epochs else res_t.miou
     row["val_miou"] = selected
     pseudo_cm.mat.copy_(all_reduce_sum(pseudo_cm.mat))
     if int(pseudo_cm.mat.sum()) > 0:

@@ -28,7 +28,7 @@ from gtaseg.checkpoint import CheckpointError
 from gtaseg.config import Config, ConfigError, apply_overrides
 from gtaseg.data.embedded import make_embedded
 from gtaseg.data.formats import list_samples
-from gtaseg.data.splits import make_split, parse_amount, write_split
+from gtaseg.data.splits import draw_split, make_split, parse_amount, write_split
 from pipelines.params import PipelineParams, load_params
 
 FULL = "full"  # the ratio name of the fully supervised reference run
@@ -180,10 +180,8 @@ def pretrain(params: PipelineParams, reuse: bool = False, progress: bool = True)
 
 
 def split(params: PipelineParams, ratio: str, seed: int) -> Path:
-    ids = list(list_samples(params.run.data, "train"))
-    labeled, unlabeled = make_split(ids, parse_amount(ratio), seed)
     out = split_dir(ratio, seed)
-    write_split(out, labeled, unlabeled)
+    write_split(out, *draw_split(params.run.data, parse_amount(ratio), seed))
     return out
 
 

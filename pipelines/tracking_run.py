@@ -136,6 +136,7 @@ def _log_outputs(tracker: MlflowTracker, cfg: Config, out: Path, checkpoints: bo
         cfg.eval,
         cfg.data.num_classes,
         device,
+        pad_label=cfg.data.pad_label,
     )
     plot = confusion_plot(
         np.asarray(result.confusion), class_names(cfg.data), out / "plots" / "confusion_matrix.png"

@@ -109,3 +109,28 @@ def test_cli_reports_bad_config_key_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train.epohcs" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_classic_voc_profile_imports_the_original_split_lists(tmp_path, capsys):
+    """The original's classic lists (e.g. data/splits/pascal/183) take the labelled ids from the
+    1,464 of train.txt and the unlabelled ones from the rest of the 10,582 augmented set; the
+    profile reads that pool, so they import unchanged, and new splits draw labels the same way."""
+    from data_fixtures import VOC_AUG_ONLY, VOC_TRAIN, make_voc
+
+    root = make_voc(tmp_path / "VOC2012", augmented=True)
+    lists = tmp_path / "pascal" / "2"
+    lists.mkdir(parents=True)
+    (lists / "labeled.txt").write_text("\n".join(VOC_TRAIN[:2]))  # no trailing newline
+    (lists / "unlabeled.txt").write_text("\n".join(VOC_TRAIN[2:] + VOC_AUG_ONLY))
+    pool = root / "ImageSets" / "Segmentation" / "train.txt"
+    overrides = ["--set", f"data.root={root}", f"data.labeled_pool={pool}"]
+    config = ["--config", "configs/voc_classic.yaml"]
+    out = tmp_path / "imported"
+    assert main(["split", *config, "--import-from", str(lists), "--out", str(out), *overrides]) == 0
+    imported = sorted((out / "unlabeled.txt").read_text().split())
+    assert imported == sorted(VOC_TRAIN[2:] + VOC_AUG_ONLY)
+    drawn = tmp_path / "drawn"
+    assert main(["split", *config, "--amount", "2", "--out", str(drawn), *overrides]) == 0
+    labeled = (drawn / "labeled.txt").read_text().split()
+    assert len(labeled) == 2 and set(labeled) <= set(VOC_TRAIN)
+    assert len((drawn / "unlabeled.txt").read_text().split()) == len(VOC_TRAIN + VOC_AUG_ONLY) - 2

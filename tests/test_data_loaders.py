@@ -69,17 +69,28 @@ def test_train_transform_shapes_and_purity() -> None:
     assert np.array_equal(image, before[0]) and np.array_equal(mask, before[1])
 
 
-def test_crop_padding_uses_ignore_for_masks_and_mean_for_images() -> None:
-    cfg = DataConfig(crop_size=20, scale_range=(0.5, 0.5), flip=False)
+@pytest.mark.parametrize("pad_label", [0, 255])
+def test_crop_padding_uses_pad_label_for_masks_and_mean_for_images(pad_label) -> None:
+    """The original's Crop pads labels with 0 (background), not with its ignore label;
+    `data.pad_label: 255` keeps the padding out of the loss instead."""
+    cfg = DataConfig(crop_size=20, scale_range=(0.5, 0.5), flip=False, pad_label=pad_label)
     image = np.full((24, 32, 3), 200, dtype=np.uint8)
     mask = np.ones((24, 32), dtype=np.uint8)
     x, y = train_transform(image, mask, cfg, np.random.default_rng(0))
     # rescaled to 12x16, centre-padded to 20x20: 4 rows above/below, 2 columns left/right
     inside = torch.zeros(20, 20, dtype=torch.bool)
     inside[4:16, 2:18] = True
-    assert (y[~inside] == 255).all() and (y[inside] == 1).all()
+    assert (y[~inside] == pad_label).all() and (y[inside] == 1).all()
     assert (x[:, ~inside] == 0).all()  # 0 after normalisation = the mean colour
     assert (x[:, inside] > 1).all()
+
+
+def test_pad_label_is_checked() -> None:
+    from gtaseg.config import ConfigError
+
+    assert DataConfig().pad_label == 0  # the original's Crop
+    with pytest.raises(ConfigError, match="data.pad_label"):
+        DataConfig(num_classes=3, pad_label=3)
 
 
 def test_flip_mirrors_and_can_be_turned_off() -> None:

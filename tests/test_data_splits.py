@@ -203,3 +203,17 @@ def test_import_rejects_ids_outside_dataset(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="2012_999999"):
         import_split(src, tmp_path / "out", IDS)
     assert not (tmp_path / "out").exists()
+
+
+def test_labeled_pool_draws_labels_from_the_pool_only() -> None:
+    """Classic VOC: labelled ids from the 1,464 fine masks, every other id of the 10,582
+    unlabelled; a ratio counts in the pool (92 = 1,464 / 16)."""
+    ids = [f"id{k:03d}" for k in range(100)]
+    pool = ids[::4]  # 25 ids
+    labeled, unlabeled = make_split(ids, 0.2, 0, labeled_pool=pool)
+    assert len(labeled) == 5 and set(labeled) <= set(pool)
+    assert sorted(labeled + unlabeled) == ids
+    full, rest = make_split(ids, 1.0, 0, labeled_pool=pool + ["not_a_training_id"])
+    assert full == sorted(pool) and len(rest) == 75
+    with pytest.raises(DataError, match="data.labeled_pool"):
+        make_split(ids, 0.2, 0, labeled_pool=["elsewhere"])

@@ -17,7 +17,13 @@ import yaml
 from gtaseg.checkpoint import load_checkpoint
 from gtaseg.config import config_from_dict
 from gtaseg.data.loaders import make_val_data
-from gtaseg.distributed import DistInfo, mean_over_ranks, sync_from_rank0, wrap_ddp
+from gtaseg.distributed import (
+    DistInfo,
+    mean_over_ranks,
+    sync_bn_teacher,
+    sync_from_rank0,
+    wrap_ddp,
+)
 from gtaseg.evaluate import evaluate
 from gtaseg.inference import load_exported
 from gtaseg.model import build_model
@@ -122,3 +128,18 @@ def test_torchrun_two_processes_match_single_process_evaluation(tiny_raw, tmp_pa
             assert result.miou == metrics[key], key
     finally:
         torch.set_num_threads(threads)
+
+
+def test_teacher_gets_sync_bn_on_cuda_under_ddp_only():
+    """The original builds the teacher with SyncBN too. The conversion keeps the Parameter
+    objects (the EMA pairs parameters by position); a single process or a CPU run keeps plain
+    BN. (Converting needs no GPU; running SyncBatchNorm does, so only the conversion is tested.)"""
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    params = list(teacher.parameters())
+    two = DistInfo(rank=0, world_size=2)
+    assert sync_bn_teacher(teacher, DistInfo(), torch.device("cuda")) is teacher
+    assert sync_bn_teacher(teacher, two, CPU) is teacher
+    converted = sync_bn_teacher(teacher, two, torch.device("cuda"))
+    assert isinstance(converted[1], torch.nn.SyncBatchNorm)
+    assert all(a is b for a, b in zip(converted.parameters(), params, strict=True))
+    assert sync_bn_teacher(None, two, torch.device("cuda")) is None

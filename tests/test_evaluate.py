@@ -157,6 +157,15 @@ def test_center_crop_pads_smaller_images_with_zero_and_labels_with_ignore():
     assert torch.equal(x_crop[..., 6:26, 1:31], x)
 
 
+def test_center_crop_pads_labels_with_the_original_background_when_asked():
+    """The original's VOC validation centre-crops with its Crop, which pads labels with 0: the
+    padding then scores as background (`data.pad_label: 0`)."""
+    y = torch.full((1, 20, 30), 2, dtype=torch.long)
+    _, y_crop = center_crop(torch.ones(1, 3, 20, 30), y, 32, pad_label=0)
+    assert int((y_crop == 0).sum()) == 32 * 32 - 20 * 30
+    assert int((y_crop == 2).sum()) == 20 * 30
+
+
 @pytest.mark.parametrize("mode", ["whole", "center_crop", "sliding"])
 def test_a_perfect_predictor_scores_miou_one(mode):
     batches = [(*labelled_image(36, 44, seed), [f"img{seed}"]) for seed in range(3)]

@@ -65,24 +65,44 @@ def test_teacher_gets_no_gradients_and_follows_the_student(tiny_raw):
     assert out.pseudo_BHW.shape == batches[0].y_u.shape
 
 
-def test_alias_epoch_shares_the_classifier_like_the_original(tiny_raw):
-    for mode, shared in (("alias", True), ("once", False)):
-        state, batches = _state(tiny_raw, warmup_copy=mode)
-        _after_warmup(state)
+def _head_params(net):
+    return [p for m in classifier_modules(net, "all_but_classifier") for p in m.parameters()]
+
+
+@pytest.mark.parametrize(
+    "copy_mode, tie, tied",
+    [
+        ("alias", "auto", True),  # the original: tied from the alias epoch to the end
+        ("alias", "off", False),
+        ("once", "auto", False),
+        ("once", "lasting", True),
+    ],
+)
+def test_classifier_tie_lasts_past_the_alias_epoch(tiny_raw, copy_mode, tie, tied):
+    """In the original, the student's and the assistant's classifier are one tensor from the
+    alias epoch on: after N steps past it they are equal, and each step moves them by both the
+    assistant's and the student's update (the rest of the two networks differs)."""
+    state, batches = _state(tiny_raw, warmup_copy=copy_mode, classifier_tie=tie)
+    _after_warmup(state)
+    steps = state.iters_per_epoch + 3  # the alias epoch and three steps past it
+    for k in range(steps):
+        set_lrs(state)
+        get_step("gta")(state, batches[k % len(batches)])
+        state.iteration += 1
+    s_head, a_head = _head_params(state.student), _head_params(state.assistant)
+    same = all(torch.equal(a, b) for a, b in zip(s_head, a_head, strict=True))
+    assert same == tied
+    body = zip(
+        state.student.encoder.parameters(), state.assistant.encoder.parameters(), strict=True
+    )
+    assert not all(torch.equal(a, b) for a, b in body)
+    if tied:  # the next step moves the shared classifier by both updates, not the student's alone
+        before = [p.clone() for p in s_head]
         set_lrs(state)
         get_step("gta")(state, batches[0])
-        s_head = [
-            p
-            for m in classifier_modules(state.student, "all_but_classifier")
-            for p in m.parameters()
-        ]
-        a_head = [
-            p
-            for m in classifier_modules(state.assistant, "all_but_classifier")
-            for p in m.parameters()
-        ]
-        same = all(torch.equal(a, b) for a, b in zip(s_head, a_head, strict=True))
-        assert same == shared, mode
+        moved = [a.detach() - b for a, b in zip(s_head, before, strict=True)]
+        assert any(float(m.abs().max()) > 0 for m in moved)
+        assert all(torch.equal(a, b) for a, b in zip(s_head, a_head, strict=True))
 
 
 def _count_forwards(state):

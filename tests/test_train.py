@@ -86,3 +86,42 @@ def test_resume_refuses_a_different_config(tiny_raw, tmp_path):
         train_mod.train(
             _cfg(tiny_raw, max_iters=6, method="supervised"), tmp_path / "r", progress=False
         )
+
+
+def _history(out):
+    import csv
+
+    with open(out / "history.csv") as fh:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
+
+
+def test_the_student_is_scored_until_the_warmup_ends(tiny_raw, tmp_path):
+    """The original's `validate` scores the student after each warm-up epoch and the teacher
+    afterwards; the selection metric (`val_miou`, best.pt) follows it. The teacher is only a
+    copy of the student from the first semi-supervised step on."""
+    raw = {**tiny_raw, "semi": {**tiny_raw["semi"], "sup_only_epochs": 2}}
+    train_mod.train(_cfg(raw, epochs=3), tmp_path / "r", progress=False)
+    rows = _history(tmp_path / "r")
+    assert [row["epoch"] for row in rows] == [0.0, 1.0, 2.0]
+    for row in rows[:2]:
+        assert row["val_miou"] == row["val_miou_student"]
+    assert rows[2]["val_miou"] == rows[2]["val_miou_teacher"]
+    assert rows[1]["val_miou_teacher"] != rows[1]["val_miou_student"]  # not a copy yet
+
+
+def test_warmup_equals_the_supervised_run_of_the_same_seed(tiny_raw, tmp_path):
+    """With warmup_copy: once, a GTA-Seg run's warm-up trains exactly like `supervised` with the
+    same seed, evaluations between its epochs included (they must not draw from the training's
+    RNG), so a comparison of the two isolates the method."""
+    raw = {**tiny_raw, "semi": {**tiny_raw["semi"], "sup_only_epochs": 2, "warmup_copy": "once"}}
+    iters = 2 * 9  # two warm-up epochs of 9 iterations (18 unlabelled ids, batch 2)
+    for method in ("supervised", "gta"):
+        cfg = _cfg(raw, method=method, epochs=3, max_iters=iters)
+        train_mod.train(cfg, tmp_path / method, progress=False)
+    sup, gta = _history(tmp_path / "supervised"), _history(tmp_path / "gta")
+    assert [r["val_miou_student"] for r in sup] == [r["val_miou_student"] for r in gta]
+    a = load_checkpoint(tmp_path / "supervised" / "checkpoints" / "last.pt")["method"]
+    b = load_checkpoint(tmp_path / "gta" / "checkpoints" / "last.pt")["method"]
+    assert b["iteration"] == a["iteration"] == iters
+    for name, tensor in a["student"].items():
+        assert torch.equal(tensor, b["student"][name]), name

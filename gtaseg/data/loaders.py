@@ -248,6 +248,9 @@ def make_val_data(
         num_workers=cfg.num_workers,
         collate_fn=_first,
         pin_memory=torch.cuda.is_available(),
+        # Every pass draws a base seed from this generator; without one it would come from the
+        # global torch RNG and shift the training's dropout masks after each evaluation.
+        generator=torch.Generator().manual_seed(0),
     )
 
 

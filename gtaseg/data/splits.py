@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gtaseg.data.formats import IMAGE_SUFFIXES, DataError
+from gtaseg.config import DataConfig
+from gtaseg.data.formats import IMAGE_SUFFIXES, DataError, list_samples
 
 LABELED_FILE = "labeled.txt"
 UNLABELED_FILE = "unlabeled.txt"
@@ -82,16 +83,41 @@ def parse_amount(text: str) -> float | int:
         ) from None
 
 
-def make_split(ids: Sequence[str], amount: float | int, seed: int) -> tuple[list[str], list[str]]:
+def make_split(
+    ids: Sequence[str],
+    amount: float | int,
+    seed: int,
+    labeled_pool: Collection[str] | None = None,
+) -> tuple[list[str], list[str]]:
     """(labeled, unlabeled): disjoint, covering `ids`, both sorted; labelled drawn uniformly.
 
-    `amount`: float in (0, 1] = ratio (round(ratio * n), at least 1); int >= 1 = count. The draw
-    depends only on the set of ids and `seed`, not on their order.
+    `amount`: float in (0, 1] = ratio (round(ratio * n), at least 1); int >= 1 = count. With
+    `labeled_pool`, labelled ids are drawn only from the ids in it (n = their number; every other
+    id is unlabelled), as the classic VOC splits draw from the 1,464 finely annotated images and
+    leave the rest of the 10,582 unlabelled. The draw depends only on the set of ids and `seed`,
+    not on their order.
     """
-    pool = sorted(set(ids))
-    n = len(pool)
-    if n != len(ids):
+    if len(set(ids)) != len(ids):
         raise DataError(f"make_split: the {len(ids)} ids contain duplicates; expected unique ids.")
+    everything = sorted(set(ids))
+    if labeled_pool is None:
+        return _draw(everything, amount, seed)
+    allowed = set(labeled_pool)
+    pool = [i for i in everything if i in allowed]
+    if not pool:
+        raise DataError(
+            f"data.labeled_pool: none of its {len(labeled_pool)} ids is a training id of this "
+            f"dataset ({len(everything)} ids): expected a list of training ids to draw labelled "
+            f"images from. Fix data.labeled_pool or set it to null."
+        )
+    labeled, _ = _draw(pool, amount, seed)
+    chosen = set(labeled)
+    return labeled, [i for i in everything if i not in chosen]
+
+
+def _draw(pool: list[str], amount: float | int, seed: int) -> tuple[list[str], list[str]]:
+    """(labelled, the rest) of the sorted unique `pool`."""
+    n = len(pool)
     if isinstance(amount, bool) or not isinstance(amount, (int, float)):
         raise DataError(f"label amount: expected a ratio (float) or count (int), got {amount!r}.")
     if isinstance(amount, float):
@@ -219,3 +245,11 @@ def import_split(
     _check_split(labeled, unlabeled, available, (str(labeled_path), str(unlabeled_path)))
     write_split(Path(out_dir), labeled, unlabeled)
     return labeled, unlabeled
+
+
+def draw_split(cfg: DataConfig, amount: float | int, seed: int) -> tuple[list[str], list[str]]:
+    """A new (labeled, unlabeled) split of the dataset `cfg` describes: labelled ids drawn from
+    `cfg.labeled_pool` when set (see `make_split`), the other training ids unlabelled."""
+    ids = list(list_samples(cfg, "train"))
+    pool = parse_id_list(Path(cfg.labeled_pool)) if cfg.labeled_pool else None
+    return make_split(ids, amount, seed, pool)

@@ -1,9 +1,10 @@
 """Weak training view (as the original U2PL/GTA-Seg code) and the evaluation view.
 
 Train: normalise (0-255 mean/std), random rescale (image bilinear, mask nearest), pad to the crop
-size centred (image 0 = the mean colour after normalisation, mask IGNORE_INDEX), random crop,
-horizontal flip. Every random draw comes from the `numpy.random.Generator` passed in, in a fixed
-order, so a view is a pure function of (image, mask, cfg, generator state).
+size centred (image 0 = the mean colour after normalisation, mask `data.pad_label`: 0 =
+background in the original's Crop, which overrides its ignore label), random crop, horizontal
+flip. Every random draw comes from the `numpy.random.Generator` passed in, in a fixed order, so a
+view is a pure function of (image, mask, cfg, generator state).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gtaseg import IGNORE_INDEX
 from gtaseg.config import DataConfig
 
 
@@ -51,15 +51,17 @@ def _rescale(x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tens
     return x, y
 
 
-def _pad_to(x: torch.Tensor, y: torch.Tensor, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre-pad to at least crop x crop: image with 0 (mean colour), mask with IGNORE_INDEX."""
+def _pad_to(
+    x: torch.Tensor, y: torch.Tensor, crop: int, pad_label: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre-pad to at least crop x crop: image with 0 (mean colour), mask with `pad_label`."""
     h, w = x.shape[-2:]
     pad_h, pad_w = max(crop - h, 0), max(crop - w, 0)
     if pad_h == 0 and pad_w == 0:
         return x, y
     border = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
     x = F.pad(x, border, mode="constant", value=0.0)
-    y = F.pad(y, border, mode="constant", value=IGNORE_INDEX)
+    y = F.pad(y, border, mode="constant", value=pad_label)
     return x, y
 
 
@@ -73,7 +75,7 @@ def train_transform(
     x = normalize(image, cfg)
     y = torch.from_numpy(mask.astype(np.int64))
     x, y = _rescale(x, y, random_scale(rng, cfg.scale_range))
-    x, y = _pad_to(x, y, cfg.crop_size)
+    x, y = _pad_to(x, y, cfg.crop_size, cfg.pad_label)
     h, w = x.shape[-2:]
     top = int(rng.integers(0, h - cfg.crop_size + 1))
     left = int(rng.integers(0, w - cfg.crop_size + 1))

@@ -15,6 +15,7 @@ train-mode pass): about 7 instead of 15 single-batch forward-equivalents per ste
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from gtaseg.data.loaders import Batch
 from gtaseg.ema import copy_params, ema_decay, ema_update
@@ -28,6 +29,7 @@ from gtaseg.methods.common import (
     warmup_step,
 )
 from gtaseg.methods.state import TrainState, student_classifier, unwrap
+from gtaseg.model import classifier_modules
 
 
 def train_step(state: TrainState, batch: Batch) -> StepOutput:
@@ -35,6 +37,7 @@ def train_step(state: TrainState, batch: Batch) -> StepOutput:
     if state.in_warmup:
         return warmup_step(state, batch.x_l, batch.y_l)
     aliasing = semi.warmup_copy == "alias" and state.semi_step < state.iters_per_epoch
+    tied = semi.tie_lasts and not aliasing
     if aliasing or state.semi_step == 0:
         copy_from_student(state, state.teacher, unwrap(state.assistant))
     conf_u, pseudo_u = pseudo_label(state, batch.x_u)
@@ -42,12 +45,16 @@ def train_step(state: TrainState, batch: Batch) -> StepOutput:
     loss_u, kept = assistant_update(state, batch.x_l, x_u, y_u, conf_u_mix)
     if aliasing:
         share_assistant_update(state)
+    elif tied:
+        copy_classifier(state, unwrap(state.assistant), unwrap(state.student))
     student, assistant = unwrap(state.student), unwrap(state.assistant)
     decay = ema_decay(state.semi_step, semi.transfer_decay)
     ema_update(student, assistant, decay, exclude=student_classifier(state))
     loss_sup = student_update(state, batch.x_l, batch.y_l, x_u)
     if aliasing:
-        share_student_classifier(state)
+        copy_classifier(state, student, assistant, state.teacher)
+    elif tied:
+        copy_classifier(state, student, assistant)
     ema_update(state.teacher, student, ema_decay(state.semi_step, semi.ema_decay))
     losses = {"loss_sup": loss_sup, "loss_unsup": loss_u, "kept_frac": kept}
     return StepOutput(losses, pseudo_u)
@@ -103,17 +110,18 @@ def share_assistant_update(state: TrainState) -> None:
 
 
 @torch.no_grad()
-def share_student_classifier(state: TrainState) -> None:
-    """Alias epoch: the transfer re-binds the student's non-classifier tensors, but its classifier
-    stays shared, so the student's step moves the assistant's and teacher's classifier too."""
-    for module in student_classifier(state):
-        for target in (unwrap(state.assistant), state.teacher):
-            copy_params(_same_module(target, unwrap(state.student), module), module)
+def copy_classifier(state: TrainState, source: nn.Module, *targets: nn.Module) -> None:
+    """The classifier (what the transfer excludes) of `source` into each of `targets`.
 
-
-def _same_module(net: torch.nn.Module, ref: torch.nn.Module, module: torch.nn.Module):
-    """The submodule of `net` at the position `module` holds in `ref` (same architecture)."""
-    for (_, mine), (_, theirs) in zip(net.named_modules(), ref.named_modules(), strict=True):
-        if theirs is module:
-            return mine
-    raise AssertionError("module not found in the reference network")
+    The original never re-binds the assistant's classifier tensors after its alias epoch, and its
+    transfer skips the student's: the two stay one tensor, moved by both optimisers in turn
+    (`semi.classifier_tie`). Copying after each optimiser step gives the same values. In the alias
+    epoch the teacher shares that tensor too, until its EMA re-binds it at the step's end.
+    """
+    for src, *dsts in zip(
+        classifier_modules(source, state.cfg.semi),
+        *(classifier_modules(t, state.cfg.semi) for t in targets),
+        strict=True,
+    ):
+        for dst in dsts:
+            copy_params(dst, src)
