@@ -10,19 +10,22 @@ gtaseg.data.formats).
 
 from __future__ import annotations
 
-import colorsys
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from gtaseg import IGNORE_INDEX
-from gtaseg.data.formats import DataError, color_palette
+from gtaseg.data.formats import DataError
+from gtaseg.data.scenes import (
+    background,
+    blend,
+    publish_dataset,
+    random_colour,
+    upscale,
+    write_sample,
+)
 
 VAL_DIGIT_FRACTION = 0.25  # share of each digit class's images reserved for val scenes
 LABEL_LEVEL = 0.5  # upscaled digit intensity above this: the digit's class
@@ -66,49 +69,13 @@ class SceneStyle:
 CLASS_NAMES = SceneStyle().class_names()  # the default style's classes
 
 
-def _upscale(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bilinear resize (half-pixel centres, edge clamped) of an (h, w) or (h, w, c) float array."""
-    h, w = img.shape[:2]
-    ys = np.clip((np.arange(out_h) + 0.5) * h / out_h - 0.5, 0, h - 1)
-    xs = np.clip((np.arange(out_w) + 0.5) * w / out_w - 0.5, 0, w - 1)
-    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
-    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    wy, wx = ys - y0, xs - x0
-    if img.ndim == 3:
-        wy, wx = wy[:, None, None], wx[None, :, None]
-    else:
-        wy, wx = wy[:, None], wx[None, :]
-    top = img[y0][:, x0] * (1 - wx) + img[y0][:, x1] * wx
-    bottom = img[y1][:, x0] * (1 - wx) + img[y1][:, x1] * wx
-    return top * (1 - wy) + bottom * wy
-
-
-def _colour(rng: np.random.Generator, vivid: bool) -> np.ndarray:
-    """A random RGB colour (0-255 floats): vivid = saturated and bright, else muted."""
-    saturation = rng.uniform(0.65, 1.0) if vivid else rng.uniform(0.0, 0.35)
-    value = rng.uniform(0.65, 1.0) if vivid else rng.uniform(0.35, 0.9)
-    return 255.0 * np.array(colorsys.hsv_to_rgb(rng.random(), saturation, value))
-
-
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size, 3) float: smooth gradient between muted corner colours plus colour blotches."""
-    corners = np.stack([_colour(rng, vivid=False) for _ in range(4)]).reshape(2, 2, 3)
-    blotches = _upscale(rng.normal(0, 20, (5, 5, 3)), size, size)
-    return _upscale(corners, size, size) + blotches
-
-
-def _blend(image: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
-    """In place: image = alpha * colour + (1 - alpha) * image; alpha (H, W) in [0, 1]."""
-    image += alpha[..., None] * (colour - image)
-
-
 def _add_distractors(rng: np.random.Generator, image: np.ndarray, style: SceneStyle) -> None:
     """In place: strokes and blobs of class background, some as vivid as digits (`style`)."""
     size = image.shape[0]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     low, high = style.distractors
     for _ in range(int(rng.integers(low, high + 1))):
-        colour = _colour(rng, vivid=rng.random() < style.vivid_distractors)
+        colour = random_colour(rng, vivid=rng.random() < style.vivid_distractors)
         if rng.random() < 0.5:  # a stroke: soft-edged segment, as thick as a digit stroke
             (ya, xa), (yb, xb) = rng.uniform(0, size, (2, 2))
             width = rng.uniform(0.03, 0.08) * size
@@ -121,17 +88,17 @@ def _add_distractors(rng: np.random.Generator, image: np.ndarray, style: SceneSt
             ry, rx = rng.uniform(0.04, 0.15, 2) * size
             r = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
             alpha = np.clip((1.0 - r) * min(ry, rx), 0, 1)
-        _blend(image, alpha, colour)
+        blend(image, alpha, colour)
 
 
 def _digit_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
     """A vivid colour at least 90 (RGB distance) from the mean of `under`, if one is found."""
     mean = under.reshape(-1, 3).mean(axis=0)
-    colour = _colour(rng, vivid=True)
+    colour = random_colour(rng, vivid=True)
     for _ in range(20):
         if np.linalg.norm(colour - mean) >= 90:
             break
-        colour = _colour(rng, vivid=True)
+        colour = random_colour(rng, vivid=True)
     return colour
 
 
@@ -152,7 +119,7 @@ def render_scene(
     `digits` (N, 8, 8) intensities in [0, 1] and `labels` (N,) class indices (1..) are the pool
     to draw `style.per_scene` digits from, each `style.digit_size` of the scene, later on top.
     """
-    image = _background(rng, size)
+    image = background(rng, size)
     _add_distractors(rng, image, style)
     mask = np.zeros((size, size), dtype=np.uint8)
     low, high = _side_range(style, size)
@@ -162,10 +129,10 @@ def render_scene(
         top, left = rng.integers(0, size - side + 1, 2)
         box = np.s_[top : top + side, left : left + side]
         # A zero border so intensity falls to 0 inside the box instead of being cut at its edge.
-        intensity = _upscale(np.pad(digits[pick], 1), side, side)
+        intensity = upscale(np.pad(digits[pick], 1), side, side)
         # Labelled pixels are fully painted; the ignore band is the partly painted edge.
         alpha = np.clip((intensity - IGNORE_LEVEL) / (LABEL_LEVEL - IGNORE_LEVEL), 0, 1)
-        _blend(image[box], alpha, _digit_colour(rng, image[box]))
+        blend(image[box], alpha, _digit_colour(rng, image[box]))
         mask[box][intensity > LABEL_LEVEL] = labels[pick]
         mask[box][(intensity > IGNORE_LEVEL) & (intensity <= LABEL_LEVEL)] = IGNORE_INDEX
     image += rng.normal(0, NOISE_SIGMA, image.shape)
@@ -241,28 +208,17 @@ def _write_dataset(
     train_pool, val_pool = train_pool[drawn[train_pool]], val_pool[drawn[val_pool]]
     (out / "images").mkdir()
     (out / "masks").mkdir()
-    palette = color_palette(256).tobytes()
     for subset, n, pool in (("train", n_train, train_pool), ("val", n_val, val_pool)):
         ids = []
         images, labels = digits.images[pool] / 16.0, class_of_digit[digits.target[pool]]
         scenes = _scenes(subset, n, images, labels, size, seed, style)
         for scene_id, image, mask in scenes:
-            Image.fromarray(image).save(out / "images" / f"{scene_id}.png")
-            mask_png = Image.fromarray(mask)
-            mask_png.putpalette(palette)  # L -> P: viewers show colours, values stay the classes
-            mask_png.save(out / "masks" / f"{scene_id}.png")
+            write_sample(out, scene_id, image, mask)
             ids.append(scene_id)
         (out / f"{subset}.txt").write_text("".join(f"{i}\n" for i in ids))
     (out / "classes.txt").write_text("".join(f"{c}\n" for c in style.class_names()))
     readme = _readme(n_train, n_val, size, seed, style, (len(train_pool), len(val_pool)))
     (out / "README.txt").write_text(readme)
-
-
-def _same_tree(a: Path, b: Path) -> bool:
-    """True when both folders hold the same relative file paths with the same bytes."""
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    return files_a == files_b and all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
 
 
 def make_embedded(
@@ -286,29 +242,6 @@ def make_embedded(
             f"make_embedded: expected n_train >= 1, n_val >= 1 and size >= 16, got "
             f"n_train={n_train}, n_val={n_val}, size={size}."
         )
-    root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise DataError(f"{root} exists and is not a folder: expected a dataset folder path.")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        _write_dataset(tmp, n_train, n_val, size, seed, style)
-        if root.exists() and any(root.iterdir()):
-            if _same_tree(root, tmp):
-                return root
-            if not overwrite:
-                raise DataError(
-                    f"{root} already holds a different dataset: expected an empty or missing "
-                    f"folder. Pass overwrite=True to replace it, or choose another root."
-                )
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, old / root.name)
-            os.replace(tmp, root)
-            shutil.rmtree(old)
-        else:
-            if root.exists():
-                root.rmdir()
-            os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    publish_dataset(Path(root), lambda out: _write_dataset(out, n_train, n_val, size, seed, style),
+                    overwrite)
+    return Path(root)
