@@ -69,6 +69,8 @@ class ModelConfig:
     atrous_rates: tuple[int, int, int] = (12, 24, 36)  # ASPP dilations (paper: 12/24/36)
     aspp_separable: bool = False  # smp default is separable; the paper uses plain convs
     decoder_channels: int = 256  # ASPP / decoder width (paper: 256)
+    head: Literal["smp", "original"] = "smp"  # DeepLabV3Plus decoder and classifier: smp's, or
+    # the original's (2 x 3x3 conv blocks + 1x1 after the concat; what the transfer leaves out)
 
     def __post_init__(self) -> None:
         _check(self.output_stride in (8, 16), "model.output_stride", "8 or 16", self.output_stride)
@@ -76,6 +78,9 @@ class ModelConfig:
         _check(self.encoder_depth > 3 or self.output_stride == 8, "model.output_stride",
                "8 with model.encoder_depth 3 (three stages reach stride 8)", self.output_stride)
         _check(self.decoder_channels > 0, "model.decoder_channels", "> 0", self.decoder_channels)
+        _check(self.head == "smp" or self.arch == "DeepLabV3Plus", "model.head",
+               "smp unless model.arch is DeepLabV3Plus (the original's head is a DeepLabV3+ one)",
+               self.head)
 
 
 @dataclass(frozen=True)

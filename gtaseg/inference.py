@@ -15,6 +15,7 @@ from PIL import Image
 from gtaseg.checkpoint import load_checkpoint
 from gtaseg.config import ConfigError, apply_overrides, config_from_dict
 from gtaseg.data.formats import color_palette, read_image
+from gtaseg.decoder import use_original_head
 from gtaseg.data.loaders import make_predict_images, make_val_data
 from gtaseg.distributed import resolve_device
 from gtaseg.evaluate import evaluate, predict_logits
@@ -91,9 +92,12 @@ def _from_export(model_class: type, model_dir: Path) -> torch.nn.Module:
     unused stages (the export has no tensors for them) and any input size is accepted."""
     from safetensors.torch import load_file
 
-    kwargs = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")} | {"encoder_weights": None}
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")} | {"encoder_weights": None}
     model = model_class(**kwargs)
+    if config.get("_gtaseg_head") == "original":
+        use_original_head(model, kwargs["decoder_channels"], kwargs["decoder_atrous_rates"],
+                          kwargs["classes"])
     finish_model(model, int(kwargs.get("encoder_depth", 5)))
     model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
     return model

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gtaseg.config import ConfigError, ModelConfig, SemiConfig
+from gtaseg.decoder import use_original_head
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -40,6 +41,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
             decoder_channels=cfg.decoder_channels,
         )
     model = getattr(smp, cfg.arch)(**kwargs)
+    if cfg.head == "original":
+        use_original_head(model, cfg.decoder_channels, cfg.atrous_rates, num_classes)
     finish_model(model, cfg.encoder_depth)
     if cfg.encoder_weights:
         load_encoder_weights(model, Path(cfg.encoder_weights))
@@ -187,9 +190,10 @@ def _state_mismatch(expected: dict, got: dict) -> str:
 def classifier_modules(model: nn.Module, scope: SemiConfig | str) -> list[nn.Module]:
     """Modules the assistant -> student transfer excludes.
 
-    all_but_classifier (original code): for DeepLabV3+, `decoder.block2` (the conv block after
-    the concat of low-level and ASPP features) and `segmentation_head` (the final 1x1 conv); for
-    other architectures, `segmentation_head` only. encoder (paper text, "feature extractor"):
+    all_but_classifier (original code): for smp's DeepLabV3+, `decoder.block2` (the conv block
+    after the concat of low-level and ASPP features) and `segmentation_head` (the final 1x1
+    conv); with `model.head: original`, `segmentation_head`, which is the original's whole
+    classifier; for other architectures, `segmentation_head` only. encoder (paper text, "feature extractor"):
     everything that is not the encoder.
     """
     scope = scope.transfer_scope if isinstance(scope, SemiConfig) else scope

@@ -112,12 +112,13 @@ def _compare_steps(state, batches, our_step, steps):
 
 
 @pytest.mark.parametrize(
-    "dropout, mix", [(False, "cutmix"), (True, "cutmix"), (True, "classmix")]
+    "dropout, mix, head",
+    [(False, "cutmix", "smp"), (True, "cutmix", "smp"), (True, "classmix", "original")],
 )
-def test_faithful_steps_equal_the_original_through_the_alias_epoch(tiny_raw, dropout, mix):
+def test_faithful_steps_equal_the_original_through_the_alias_epoch(tiny_raw, dropout, mix, head):
     """Our faithful step and the transcribed original, from the warm-up's end through the alias
     epoch and three steps past it, on the same batches, agree in every loss, parameter, BN
-    buffer and momentum buffer of the three networks.
+    buffer and momentum buffer of the three networks (with smp's head and the original's).
 
     The reference re-binds tensors as the original does (`t.data = s.data` in the alias epoch),
     so the student's and the assistant's classifiers stay one tensor afterwards; ours copies
@@ -128,8 +129,9 @@ def test_faithful_steps_equal_the_original_through_the_alias_epoch(tiny_raw, dro
     in float64 they stay ~1e-12. Dropout draws from the global RNG: equality with dropout on
     needs the networks forwarded in the original's order (assistant, then teacher).
     """
+    raw = {**tiny_raw, "model": {**tiny_raw["model"], "head": head}}
     state, batches = _state_at_warmup_end(
-        tiny_raw, dropout, double=True, mix_prob=1.0, mix=mix, warmup_copy="alias"
+        raw, dropout, double=True, mix_prob=1.0, mix=mix, warmup_copy="alias"
     )
     steps = state.iters_per_epoch + 3
     loss_gap, gaps = _compare_steps(state, batches, gta.train_step, steps)

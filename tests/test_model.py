@@ -81,3 +81,31 @@ def test_an_exported_encoder_is_a_pretrained_start_for_another_task(tmp_path, ca
         assert torch.equal(other.encoder.state_dict()[name], tensor), name
     assert torch.equal(other.segmentation_head[0].weight, head_before)
     assert not torch.equal(other.decoder.block1[0].weight, trained.decoder.block1[0].weight)
+
+
+def test_original_head_has_the_original_classifier_and_round_trips_an_export(tmp_path):
+    """`model.head: original`: the transfer leaves out the original's classifier (two 3x3
+    conv-BN-ReLU-Dropout blocks and a 1x1 conv, 2C -> C -> C -> classes), the ASPP is the
+    original's (5C concatenated, no projection), any size trains, and an export loads back."""
+    from gtaseg.inference import load_exported
+    from gtaseg.model import classifier_modules
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SMALL, output_stride=8, encoder_depth=3, head="original")
+    model = build_model(cfg, 4)
+    (head,) = classifier_modules(model, "all_but_classifier")
+    assert head is model.segmentation_head
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (32, 16, (3, 3)), (16, 16, (3, 3)), (16, 4, (1, 1))
+    ]
+    assert sum(isinstance(m, torch.nn.Dropout2d) for m in head.modules()) == 2
+    assert model.decoder.head[0].in_channels == 5 * 16
+    x = torch.randn(2, 3, 35, 33)
+    assert model.train()(x).shape == (2, 4, 35, 33)
+    model.eval().save_pretrained(str(tmp_path / "export"))
+    loaded = load_exported(tmp_path / "export", torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ConfigError, match="model.head"):
+        ModelConfig(arch="Unet", head="original")
