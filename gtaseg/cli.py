@@ -27,8 +27,8 @@ class CommandError(RuntimeError):
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="params.yaml", help="YAML config; its `run:` section is used "
-                   "when present (default: params.yaml)")
+    p.add_argument("--config", default="params.yaml", help="YAML config; its `run:` section is "
+                   "used when present (default: params.yaml)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config values, e.g. train.method=supervised data.crop_size=64")
 
@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", help="write labeled.txt / unlabeled.txt for a label ratio or count")
     _add_config_args(p)
     p.add_argument("--amount", default="1/16",
-                   help="label ratio (1/16, 0.125) or count (92, 183, ...) or 'full' (default: 1/16)")
+                   help="label ratio (1/16, 0.125) or count (92, 183, ...) or 'full' "
+                   "(default: 1/16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder for the two lists")
     p.add_argument("--import-from", metavar="DIR",
@@ -157,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder for checkpoints, model and metrics")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--mlflow-experiment", help="also log to MLflow (MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--mlflow-experiment",
+                   help="also log to MLflow (MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--mlflow-fallback", metavar="DIR",
                    help="if the MLflow server is unreachable at start, log to JSONL files in DIR "
                    "(replay later with gtaseg.mlflow_tracking.replay_jsonl) instead of failing")
@@ -172,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict masks and colour overlays for a folder of images")
-    p.add_argument("--model", required=True, help="a run's model/ folder (smp save_pretrained)")
+    p.add_argument("--model", required=True, help="a run's model/ folder (smp save_pretrained; "
+                   "images are normalised with the run's data.mean/std from normalization.json)")
     p.add_argument("--images", required=True, help="folder of .png/.jpg images")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: 0.5)")
