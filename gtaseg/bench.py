@@ -44,6 +44,7 @@ from gtaseg.config import Config, EvalConfig, config_from_dict, load_config
 from gtaseg.data.loaders import Batch
 from gtaseg.distributed import resolve_device
 from gtaseg.evaluate import predict_logits, window_starts
+from gtaseg.io import write_atomic
 from gtaseg.methods import gta, supervised
 from gtaseg.methods.reference import reference_step
 from gtaseg.methods.state import TrainState, build_state, compile_networks, set_lrs, unwrap
@@ -139,7 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(format_report(report))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -22,6 +22,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from gtaseg.io import fsync_dir
+
 _CHUNK = 1 << 20
 
 
@@ -53,18 +55,6 @@ def _sha256(file: BinaryIO) -> str:
     while chunk := file.read(_CHUNK):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make renames in `directory` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_durable(path: Path, write: Any) -> None:
@@ -126,7 +116,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             _rotate_to_prev(path)
         os.replace(tmp_sidecar, sidecar)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
         tmp_sidecar.unlink(missing_ok=True)
@@ -140,7 +130,7 @@ def _rotate_to_prev(path: Path) -> None:
         _stage_copy(path, staged)
         os.replace(staged_sidecar, sidecar_path(prev))
         os.replace(staged, prev)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         staged.unlink(missing_ok=True)
         staged_sidecar.unlink(missing_ok=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Literal
 
@@ -49,5 +49,20 @@ def open_atomic(path: Path, mode: Literal["w", "wb"] = "w") -> Iterator[IO]:
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Replace `path` with `data` (text as UTF-8) in one rename; see `open_atomic`."""
-    with open_atomic(path, "wb" if isinstance(data, bytes) else "w") as file:
-        file.write(data)
+    write_atomic_all({path: data})
+
+
+def write_atomic_all(files: Mapping[Path, str | bytes]) -> None:
+    """Write every file to its temporary sibling, then rename them into place in the order given.
+
+    An error while writing any of them leaves every file as it was; only a kill between the
+    renames (microseconds) leaves some old and some new.
+    """
+    with ExitStack() as stack:
+        # ExitStack closes in reverse: enter in reverse so that the renames run in order.
+        opened = {}
+        for path in reversed(list(files)):
+            mode = "wb" if isinstance(files[path], bytes) else "w"
+            opened[path] = stack.enter_context(open_atomic(path, mode))
+        for path, data in files.items():
+            opened[path].write(data)

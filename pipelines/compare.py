@@ -6,6 +6,7 @@ are fractions in [0, 1]; every table and plot here shows them as percentages.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterable, Mapping
 from fractions import Fraction
@@ -17,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from gtaseg.io import write_atomic  # noqa: E402
 
 REQUIRED_KEYS = (
     "method",
@@ -160,8 +163,10 @@ def plot_miou_vs_ratio(df: pd.DataFrame, path: Path, metric: str = SUMMARY_METRI
     ax.legend(title="method")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    write_atomic(path, png.getvalue())
     return path
 
 
@@ -178,7 +183,7 @@ def write_comparison(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
         "plot_data": out_dir / "plots" / "miou_vs_ratio.csv",
     }
     paths["plot_data"].parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(paths["results"], index=False)
+    write_atomic(paths["results"], df.to_csv(index=False))
     sections = [
         f"# Best student mIoU (%, `{SUMMARY_METRIC}`), mean ± std over seeds\n\n"
         + _to_markdown(summary_table(df)),
@@ -189,11 +194,13 @@ def write_comparison(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
         + _to_markdown(df.pivot_table(index="method", columns="ratio", values="wall_time_s",
                                       aggfunc="mean", sort=False).round(1).reset_index()),
     ]
-    paths["summary_md"].write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    write_atomic(paths["summary_md"], "\n\n".join(sections) + "\n")
     stats = summary_stats(df).round(4)
-    stats.to_csv(paths["summary_csv"], index=False)
+    write_atomic(paths["summary_csv"], stats.to_csv(index=False))
     plot_data = stats.rename(columns={"mean_miou_pct": "miou"})
-    plot_data[["labeled_fraction", "method", "miou"]].to_csv(paths["plot_data"], index=False)
+    write_atomic(
+        paths["plot_data"], plot_data[["labeled_fraction", "method", "miou"]].to_csv(index=False)
+    )
     plot_miou_vs_ratio(df, paths["plot"])
     return paths
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gtaseg.data.formats import IMAGE_SUFFIXES, DataError
+from gtaseg.io import write_atomic_all
 
 LABELED_FILE = "labeled.txt"
 UNLABELED_FILE = "unlabeled.txt"
@@ -146,21 +147,6 @@ def _check_split(
                 )
 
 
-def _write_atomic(files: dict[Path, str]) -> None:
-    """Write every file to a temporary sibling first, then move all into place."""
-    tmps = {}
-    try:
-        for path, text in files.items():
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(text, encoding="utf-8")
-            tmps[path] = tmp
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-
-
 def write_split(out_dir: Path, labeled: Sequence[str], unlabeled: Sequence[str]) -> None:
     """Write out_dir/labeled.txt and unlabeled.txt (one id per line), after checking them.
 
@@ -171,7 +157,7 @@ def write_split(out_dir: Path, labeled: Sequence[str], unlabeled: Sequence[str])
         labeled, unlabeled, None, (str(out_dir / LABELED_FILE), str(out_dir / UNLABELED_FILE))
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
+    write_atomic_all(
         {
             out_dir / UNLABELED_FILE: "".join(f"{i}\n" for i in unlabeled),
             out_dir / LABELED_FILE: "".join(f"{i}\n" for i in labeled),
