@@ -40,7 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gtaseg import IGNORE_INDEX
-from gtaseg.config import Config, EvalConfig, config_from_dict, load_config
+from gtaseg.config import Config, ConfigError, EvalConfig, config_from_dict, load_config
 from gtaseg.data.loaders import Batch
 from gtaseg.distributed import resolve_device
 from gtaseg.evaluate import predict_logits, window_starts
@@ -130,7 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         device=args.device,
     )
     if opts.steps < 1 or opts.warmup < 0:
-        raise ValueError(f"expected --steps >= 1, --warmup >= 0; got {opts.steps}, {opts.warmup}.")
+        raise ConfigError(f"expected --steps >= 1, --warmup >= 0; got {opts.steps}, {opts.warmup}.")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
     try:

@@ -22,12 +22,13 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from gtaseg.errors import GtasegError
 from gtaseg.io import fsync_dir
 
 _CHUNK = 1 << 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GtasegError, RuntimeError):
     """A checkpoint is missing, truncated, corrupt or not a plain weights file."""
 
 

@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from gtaseg.checkpoint import CheckpointError
-from gtaseg.config import ConfigError, apply_overrides, load_config
+from gtaseg.config import apply_overrides, load_config
+from gtaseg.errors import GtasegError
 
 EPILOG = """examples:
   gtaseg make-data --root data/embedded
@@ -21,7 +21,7 @@ EPILOG = """examples:
 """
 
 
-class CommandError(RuntimeError):
+class CommandError(GtasegError, RuntimeError):
     """A failure outside the inputs that the user can fix (e.g. a service that is down); the
     message says how. Printed without a traceback, like a bad input."""
 
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, CheckpointError, CommandError) as exc:
+    except GtasegError as exc:  # anything else is a bug: its traceback stays
         print(f"gtaseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # files only, no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from gtaseg.errors import DataError  # noqa: E402
 from gtaseg.io import write_atomic  # noqa: E402
 
 REQUIRED_KEYS = (
@@ -37,7 +38,7 @@ SELECTION_METRIC = "best_val_miou"  # the original's checkpoint choice: teacher 
 
 
 def labeled_fraction(ratio: str) -> float:
-    """ "1/16" -> 0.0625, "0.25" -> 0.25, "full" -> 1.0; ValueError for anything else."""
+    """ "1/16" -> 0.0625, "0.25" -> 0.25, "full" -> 1.0; DataError for anything else."""
     text = str(ratio).strip().lower()
     if text == "full":
         return 1.0
@@ -46,7 +47,7 @@ def labeled_fraction(ratio: str) -> float:
     except (ValueError, ZeroDivisionError):
         value = -1.0
     if not 0.0 < value <= 1.0:
-        raise ValueError(
+        raise DataError(
             f"ratio: expected a labelled fraction in (0, 1] such as '1/16', '0.25' or 'full', "
             f"got {ratio!r}."
         )
@@ -57,14 +58,14 @@ def collect_results(results: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per run (extra keys kept as columns), sorted by method, labelled fraction and
     seed; adds `labeled_fraction`.
 
-    Raises ValueError naming the missing key (and the run) when a result lacks a required key,
-    and when two results share (method, ratio, seed).
+    Raises DataError (a ValueError) naming the missing key (and the run) when a result lacks a
+    required key, and when two results share (method, ratio, seed).
     """
     rows = []
     for index, result in enumerate(results):
         missing = [key for key in REQUIRED_KEYS if key not in result]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"result {index} ({_describe(result)}): missing key {missing[0]!r}; expected "
                 f"keys {', '.join(REQUIRED_KEYS)} (optional: {', '.join(OPTIONAL_KEYS)})."
             )
@@ -72,7 +73,7 @@ def collect_results(results: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         row.update(ratio=str(row["ratio"]), labeled_fraction=labeled_fraction(row["ratio"]))
         rows.append(row)
     if not rows:
-        raise ValueError("collect_results: expected at least one run's metrics, got none.")
+        raise DataError("collect_results: expected at least one run's metrics, got none.")
     df = pd.DataFrame(rows)
     df = df.astype(
         {
@@ -88,7 +89,7 @@ def collect_results(results: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     duplicated = df.duplicated(["method", "ratio", "seed"], keep=False)
     if duplicated.any():
         cells = df.loc[duplicated, ["method", "ratio", "seed"]].drop_duplicates()
-        raise ValueError(
+        raise DataError(
             f"collect_results: expected one run per (method, ratio, seed), got duplicates for "
             f"{cells.to_dict('records')}. Drop the stale runs."
         )
@@ -211,15 +212,15 @@ def load_run_metrics(paths: Iterable[Path]) -> list[dict[str, Any]]:
     for path in map(Path, paths):
         file = path / "metrics.json" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(
+            raise DataError(
                 f"expected a training run's metrics.json at {file}; got no such file. Train that "
                 "run first, or drop it from the list."
             )
         try:
             metrics = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{file}: expected a JSON object, got invalid JSON ({exc}).") from None
+            raise DataError(f"{file}: expected a JSON object, got invalid JSON ({exc}).") from None
         if not isinstance(metrics, dict):
-            raise ValueError(f"{file}: expected a JSON object, got {type(metrics).__name__}.")
+            raise DataError(f"{file}: expected a JSON object, got {type(metrics).__name__}.")
         runs.append(metrics)
     return runs

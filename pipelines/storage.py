@@ -29,6 +29,7 @@ from botocore import exceptions as boto_errors
 from botocore.client import BaseClient
 from botocore.config import Config
 
+from gtaseg.errors import GtasegError
 from gtaseg.io import open_atomic
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ _THROTTLE_CODES = frozenset(
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
-class StorageError(RuntimeError):
+class StorageError(GtasegError, RuntimeError):
     """An S3 transfer failed; the message says what was expected, what happened, what to do."""
 
 
