@@ -45,15 +45,16 @@ from gtaseg.data.loaders import Batch
 from gtaseg.distributed import resolve_device
 from gtaseg.evaluate import predict_logits, window_starts
 from gtaseg.io import write_atomic
-from gtaseg.methods import gta, supervised
+from gtaseg.methods import StepFn, get_step
 from gtaseg.methods.reference import reference_step
 from gtaseg.methods.state import TrainState, build_state, compile_networks, set_lrs, unwrap
 
-StepFn = Callable[[TrainState, Batch], Any]
+# The variants timed: the methods' own steps (gta_efficient runs gta's with semi.efficient on,
+# see make_states) and the original code's iteration.
 STEPS: dict[str, StepFn] = {
-    "supervised": supervised.train_step,
-    "gta": gta.train_step,
-    "gta_efficient": gta.train_step,
+    "supervised": get_step("supervised"),
+    "gta": get_step("gta"),
+    "gta_efficient": get_step("gta"),
     "reference": reference_step,
 }
 # (name, numerator, denominator, target or None); the unit ratio is what the method needs.
