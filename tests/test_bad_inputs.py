@@ -1,5 +1,6 @@
 """Bad inputs through the real command line: each one fails early with exit code 2 and a one-line
-message (no traceback) naming the file or key, and leaves what an earlier run wrote byte-identical.
+message (no traceback) naming the file or key, and leaves what an earlier run wrote as it was
+(every name, byte and timestamp).
 
 Every case runs `gtaseg.cli.main([...])` in-process in its own copy of a small workspace (relative
 paths, so the earlier run's checkpoint was written with exactly the config the case uses, unless
@@ -15,7 +16,6 @@ docs/RELIABILITY.md pastes the messages these cases observe.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -31,6 +31,7 @@ import torch
 import yaml
 from data_fixtures import TINY_RUN
 from PIL import Image
+from snapshots import folder_state
 
 from gtaseg.cli import main
 
@@ -70,15 +71,6 @@ def template(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         torch.set_num_threads(previous)
     assert (work / "run" / "metrics.json").is_file()
     return work
-
-
-def snapshot(*roots: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under `roots` (a new or missing file shows too)."""
-    digests = {}
-    for root in roots:
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return digests
 
 
 def assert_one_line_error(err: str, prefix: str) -> None:
@@ -395,7 +387,7 @@ def test_bad_input_fails_early_names_it_and_touches_nothing(
     shutil.copytree(template, ws, symlinks=True)
     monkeypatch.chdir(ws)
     argv = case.inject(ws)
-    before = snapshot(*(ws / p for p in case.protected))
+    before = folder_state(*(ws / p for p in case.protected))
     capsys.readouterr()
 
     code = main(argv)
@@ -408,7 +400,7 @@ def test_bad_input_fails_early_names_it_and_touches_nothing(
         found = err.find(expected, position)
         assert found >= 0, f"expected {expected!r} in stderr (after position {position}):\n{err}"
         position = found + len(expected)
-    assert snapshot(*(ws / p for p in case.protected)) == before
+    assert folder_state(*(ws / p for p in case.protected)) == before
     assert not (ws / "run" / "checkpoints" / ".last.pt.tmp").exists()
 
 
@@ -465,7 +457,7 @@ def test_bad_pipeline_params_fail_with_one_line(
     write_split(tmp_path / "data/splits/1_4/seed0", ["train_0000"], ["train_0001"])
     text = edit(params)  # edits params in place, or returns the file's whole text
     (tmp_path / "params.yaml").write_text(text or yaml.safe_dump(params, sort_keys=False))
-    before = snapshot(tmp_path / "data")
+    before = folder_state(tmp_path / "data")
     capsys.readouterr()
 
     code = stages.main(argv)
@@ -474,7 +466,7 @@ def test_bad_pipeline_params_fail_with_one_line(
     assert code == 2, err
     assert_one_line_error(err, f"pipelines.stages {argv[0]}: error: ")
     assert all(e in err for e in expect), err
-    assert snapshot(tmp_path / "data") == before
+    assert folder_state(tmp_path / "data") == before
 
 
 # -- what is not bad input: a bug keeps its traceback -------------------------------------------
