@@ -75,9 +75,7 @@ def test_predict_normalises_as_the_model_was_trained(folder, capsys, monkeypatch
     assert (folder / "pred" / "a_mask.png").is_file() and "ImageNet" not in err
 
 
-def test_an_export_without_normalisation_uses_imagenet_with_a_warning(
-    folder, capsys, monkeypatch
-):
+def test_an_export_without_normalisation_uses_imagenet_with_a_warning(folder, capsys, monkeypatch):
     (folder / "model" / NORMALIZATION_FILE).unlink()
 
     with pytest.warns(UserWarning, match=f"has no {NORMALIZATION_FILE}: normalising with ImageNet"):
