@@ -90,8 +90,8 @@ def load_normalization(model_dir: Path) -> tuple[tuple[float, ...], tuple[float,
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"{path}: expected {{\"mean\": [r, g, b], \"std\": [r, g, b]}}, "
                           f"got error {exc!r}. Re-export the model with `gtaseg train`.") from None
-    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) \
-            or min(std) <= 0:
+    finite = all(math.isfinite(v) for v in mean + std)
+    if len(mean) != 3 or len(std) != 3 or not finite or min(std) <= 0:
         raise ConfigError(f"{path}: expected three finite means and three positive stds, got "
                           f"mean={list(mean)} std={list(std)}. Re-export the model with "
                           f"`gtaseg train`.")
