@@ -40,19 +40,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gtaseg import IGNORE_INDEX
-from gtaseg.config import Config, EvalConfig, config_from_dict, load_config
+from gtaseg.config import Config, ConfigError, EvalConfig, config_from_dict, load_config
 from gtaseg.data.loaders import Batch
 from gtaseg.distributed import resolve_device
 from gtaseg.evaluate import predict_logits, window_starts
-from gtaseg.methods import gta, supervised
+from gtaseg.io import write_atomic
+from gtaseg.methods import StepFn, get_step
 from gtaseg.methods.reference import reference_step
 from gtaseg.methods.state import TrainState, build_state, compile_networks, set_lrs, unwrap
 
-StepFn = Callable[[TrainState, Batch], Any]
+# The variants timed: the methods' own steps (gta_efficient runs gta's with semi.efficient on,
+# see make_states) and the original code's iteration.
 STEPS: dict[str, StepFn] = {
-    "supervised": supervised.train_step,
-    "gta": gta.train_step,
-    "gta_efficient": gta.train_step,
+    "supervised": get_step("supervised"),
+    "gta": get_step("gta"),
+    "gta_efficient": get_step("gta"),
     "reference": reference_step,
 }
 # (name, numerator, denominator, target or None); the unit ratio is what the method needs.
@@ -129,7 +131,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         device=args.device,
     )
     if opts.steps < 1 or opts.warmup < 0:
-        raise ValueError(f"expected --steps >= 1, --warmup >= 0; got {opts.steps}, {opts.warmup}.")
+        raise ConfigError(f"expected --steps >= 1, --warmup >= 0; got {opts.steps}, {opts.warmup}.")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
     try:
@@ -139,7 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(format_report(report))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -22,10 +22,13 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from gtaseg.errors import GtasegError
+from gtaseg.io import fsync_dir
+
 _CHUNK = 1 << 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GtasegError, RuntimeError):
     """A checkpoint is missing, truncated, corrupt or not a plain weights file."""
 
 
@@ -53,18 +56,6 @@ def _sha256(file: BinaryIO) -> str:
     while chunk := file.read(_CHUNK):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make renames in `directory` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_durable(path: Path, write: Any) -> None:
@@ -126,7 +117,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             _rotate_to_prev(path)
         os.replace(tmp_sidecar, sidecar)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
         tmp_sidecar.unlink(missing_ok=True)
@@ -140,7 +131,7 @@ def _rotate_to_prev(path: Path) -> None:
         _stage_copy(path, staged)
         os.replace(staged_sidecar, sidecar_path(prev))
         os.replace(staged, prev)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         staged.unlink(missing_ok=True)
         staged_sidecar.unlink(missing_ok=True)

@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from gtaseg.checkpoint import CheckpointError
-from gtaseg.config import ConfigError, apply_overrides, load_config
+from gtaseg.config import apply_overrides, load_config
+from gtaseg.errors import GtasegError
 
 EPILOG = """examples:
   gtaseg make-data --root data/embedded
@@ -21,14 +21,14 @@ EPILOG = """examples:
 """
 
 
-class CommandError(RuntimeError):
+class CommandError(GtasegError, RuntimeError):
     """A failure outside the inputs that the user can fix (e.g. a service that is down); the
     message says how. Printed without a traceback, like a bad input."""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="params.yaml", help="YAML config; its `run:` section is used "
-                   "when present (default: params.yaml)")
+    p.add_argument("--config", default="params.yaml", help="YAML config; its `run:` section is "
+                   "used when present (default: params.yaml)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config values, e.g. train.method=supervised data.crop_size=64")
 
@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder for checkpoints, model and metrics")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--mlflow-experiment", help="also log to MLflow (MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--mlflow-experiment",
+                   help="also log to MLflow (MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--mlflow-fallback", metavar="DIR",
                    help="if the MLflow server is unreachable at start, log to JSONL files in DIR "
                    "(replay later with gtaseg.mlflow_tracking.replay_jsonl) instead of failing")
@@ -185,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict masks and colour overlays for a folder of images")
-    p.add_argument("--model", required=True, help="a run's model/ folder (smp save_pretrained)")
+    p.add_argument("--model", required=True, help="a run's model/ folder (smp save_pretrained; "
+                   "images are normalised with the run's data.mean/std from normalization.json)")
     p.add_argument("--images", required=True, help="folder of .png/.jpg images")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: 0.5)")
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, CheckpointError, CommandError) as exc:
+    except GtasegError as exc:  # anything else is a bug: its traceback stays
         print(f"gtaseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from gtaseg import IGNORE_INDEX
+from gtaseg.errors import GtasegError
 
 Method = Literal["supervised", "mean_teacher", "gta"]
 DataFormat = Literal["embedded", "folder", "voc", "cityscapes"]
@@ -24,7 +25,7 @@ MixMode = Literal["cutmix", "classmix", "cutout", "none"]
 EvalMode = Literal["center_crop", "whole", "sliding"]
 
 
-class ConfigError(ValueError):
+class ConfigError(GtasegError, ValueError):
     """A config value or key is invalid; the message says where, what was expected and the fix."""
 
 
@@ -166,6 +167,7 @@ class TrainConfig:
         _check(self.eval_every >= 1, "train.eval_every", ">= 1", self.eval_every)
         _check(self.checkpoint_every_iters >= 0, "train.checkpoint_every_iters", ">= 0",
                self.checkpoint_every_iters)
+        _check(self.seed >= 0, "train.seed", ">= 0", self.seed)
 
 
 @dataclass(frozen=True)
@@ -280,17 +282,10 @@ def load_config(path: str | Path, section: str | None = "run") -> Config:
     """Read a YAML file; with `section`, read that top-level key (params.yaml keeps `run:`)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found: expected a YAML file such as params.yaml.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError(
-            f"{path} is not valid YAML{line}: {problem}. Fix the syntax (indentation, brackets, "
-            f"a ':' after each key)."
-        ) from None
+            f"config file {path} not found: expected a YAML file such as params.yaml."
+        )
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top, got {type(raw).__name__}.")
     if section is not None and section in raw:
@@ -316,5 +311,32 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             node = node[part]
         if leaf not in node:
             raise ConfigError(f"override {item!r}: unknown key {key!r}; keys here: {sorted(node)}.")
-        node[leaf] = yaml.safe_load(text)
+        node[leaf] = parse_yaml(text, f"override {item!r}")
     return config_from_dict(raw)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load(text)`; a syntax error is a one-line ConfigError naming `source` (a file,
+    an override), the line and column, and what to fix, the same wherever YAML is read."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(
+            f"{source} is not valid YAML{line}: {problem}. Fix the syntax (indentation, brackets, "
+            f"quotes, a ':' after each key)."
+        ) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in the file `path` (see `parse_yaml`); text that is not UTF-8 is a
+    ConfigError too."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): expected a YAML file."
+        ) from None
+    return parse_yaml(text, str(path))

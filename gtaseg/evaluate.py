@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from gtaseg import IGNORE_INDEX
 from gtaseg.config import EvalConfig
+from gtaseg.errors import DataError
 from gtaseg.metrics import ConfusionMatrix
 
 # smp encoders downsample by up to 32 and need inputs divisible by it (16 for some decoders).
@@ -218,7 +219,7 @@ def _result(mat: Tensor, num_classes: int, n_images: int, elapsed: float) -> Eva
     scored = ConfusionMatrix(num_classes)
     scored.mat = mat.detach().to("cpu", torch.int64)
     if int(scored.mat.sum()) == 0:
-        raise ValueError(
+        raise DataError(
             f"evaluate: expected labelled pixels to score, got none from {n_images} image(s). "
             f"Check that the validation set is not empty and its labels are not all "
             f"{IGNORE_INDEX} (ignore) or >= num_classes={num_classes}."

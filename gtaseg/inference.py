@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,13 @@ import torch
 from PIL import Image
 
 from gtaseg.checkpoint import load_checkpoint
-from gtaseg.config import ConfigError, apply_overrides, config_from_dict
+from gtaseg.config import ConfigError, DataConfig, apply_overrides, config_from_dict
 from gtaseg.data.formats import color_palette, read_image
 from gtaseg.decoder import use_original_head
 from gtaseg.data.loaders import make_predict_images, make_val_data
 from gtaseg.distributed import resolve_device
 from gtaseg.evaluate import evaluate, predict_logits
+from gtaseg.io import open_atomic, write_atomic
 from gtaseg.model import build_model, finish_model
 
 NETWORKS = ("student", "assistant", "teacher")
@@ -49,6 +52,52 @@ def evaluate_checkpoint(
 
 
 EXPORT_FILES = ("config.json", "model.safetensors")  # smp save_pretrained: JSON + safetensors
+# Beside them: the input normalisation the model was trained with (smp's config.json holds only
+# the constructor's arguments).
+NORMALIZATION_FILE = "normalization.json"
+IMAGENET_MEAN_STD = (DataConfig.mean, DataConfig.std)  # 0-255 RGB, what smp's encoders expect
+
+
+class NormalizationWarning(UserWarning):
+    """An exported model without its normalisation: predictions use ImageNet's."""
+
+
+def export_model(model: torch.nn.Module, model_dir: Path, data: DataConfig) -> None:
+    """Save `model` in smp's save_pretrained format, with `data.mean` / `data.std` beside it in
+    NORMALIZATION_FILE, so `predict_folder` feeds it images as training did."""
+    model.save_pretrained(str(model_dir))
+    norm = {"mean": list(data.mean), "std": list(data.std), "scale": "0-255 RGB"}
+    write_atomic(Path(model_dir) / NORMALIZATION_FILE, json.dumps(norm, indent=2) + "\n")
+
+
+def load_normalization(model_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel, 0-255 scale, that the exported model was trained with.
+
+    An export without NORMALIZATION_FILE gets ImageNet's, with a NormalizationWarning; a file that
+    does not hold three numbers each (std > 0) is a ConfigError.
+    """
+    path = Path(model_dir) / NORMALIZATION_FILE
+    if not path.is_file():
+        warnings.warn(
+            f"{model_dir} has no {NORMALIZATION_FILE}: normalising with ImageNet's mean/std. "
+            f"If the run set other data.mean/data.std, re-export the model with `gtaseg train`.",
+            NormalizationWarning,
+            stacklevel=2,
+        )
+        return IMAGENET_MEAN_STD
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        mean = tuple(float(v) for v in raw["mean"])
+        std = tuple(float(v) for v in raw["std"])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{path}: expected {{\"mean\": [r, g, b], \"std\": [r, g, b]}}, "
+                          f"got error {exc!r}. Re-export the model with `gtaseg train`.") from None
+    finite = all(math.isfinite(v) for v in mean + std)
+    if len(mean) != 3 or len(std) != 3 or not finite or min(std) <= 0:
+        raise ConfigError(f"{path}: expected three finite means and three positive stds, got "
+                          f"mean={list(mean)} std={list(std)}. Re-export the model with "
+                          f"`gtaseg train`.")
+    return mean, std
 
 
 def load_exported(model_dir: Path, device: torch.device) -> torch.nn.Module:
@@ -115,9 +164,8 @@ def export_encoder(model_dir: Path, out: Path) -> dict[str, Any]:
     kwargs = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     state = {k: v.contiguous() for k, v in model.encoder.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)
+    with open_atomic(out, "wb") as file:
+        torch.save(state, file)
     return {"encoder": kwargs.get("encoder_name"), "encoder_depth": kwargs.get("encoder_depth", 5),
             "tensors": len(state), "path": str(out)}
 
@@ -131,19 +179,15 @@ def overlay(image_HW3: np.ndarray, mask_HW: np.ndarray, alpha: float) -> np.ndar
 
 @torch.no_grad()
 def predict_folder(
-    model_dir: Path,
-    images: Path,
-    out_dir: Path,
-    device: str = "auto",
-    overlay_alpha: float = 0.5,
-    mean: tuple[float, float, float] = (123.675, 116.28, 103.53),
-    std: tuple[float, float, float] = (58.395, 57.12, 57.375),
+    model_dir: Path, images: Path, out_dir: Path, device: str = "auto", overlay_alpha: float = 0.5
 ) -> list[Path]:
-    """Write `<id>_mask.png` (class indices) and `<id>_overlay.png` for every image in `images`."""
+    """Write `<id>_mask.png` (class indices) and `<id>_overlay.png` for every image in `images`,
+    normalised as the model was trained (`load_normalization`)."""
     from gtaseg.config import EvalConfig
 
     dev = resolve_device(device)
     model = load_exported(model_dir, dev)
+    mean, std = load_normalization(model_dir)
     num_classes = model.segmentation_head[0].out_channels
     out_dir.mkdir(parents=True, exist_ok=True)
     m = torch.tensor(mean).view(1, 3, 1, 1)

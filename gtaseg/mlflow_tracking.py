@@ -37,6 +37,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from gtaseg.config import ConfigError
+from gtaseg.errors import GtasegError
 from gtaseg.tracking import flatten_params
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ _SECRET_KEY = re.compile(r"secret|passw(or)?d|token|credential|api[_-]?key|acces
 _FLUENT_LOCK = threading.Lock()
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(GtasegError, RuntimeError):
     """The MLflow tracking server cannot be reached when a run starts."""
 
 
@@ -215,7 +217,7 @@ class MlflowTracker:
             return
         run = self._client.get_run(self.run_id)
         if run.info.experiment_id != experiment_id:
-            raise ValueError(
+            raise ConfigError(
                 f"resume: run {self.run_id} belongs to experiment id {run.info.experiment_id}, "
                 f"expected experiment {experiment!r} (id {experiment_id}). Pass the run id of a "
                 "run in this experiment, or the experiment the run was started in."
@@ -236,7 +238,7 @@ class MlflowTracker:
                     raise
                 found = self._client.get_experiment_by_name(name)
         if found.lifecycle_stage == "deleted":
-            raise ValueError(
+            raise ConfigError(
                 f"MLflow experiment {name!r} is deleted. Restore it (mlflow experiments restore "
                 f"--experiment-id {found.experiment_id}) or choose another experiment name."
             )
@@ -266,15 +268,15 @@ class MlflowTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Flatten nested params to dotted keys, redact secrets, truncate, log in batches of 100.
 
-        Raises ValueError if a key was already logged in this run with another value (MLflow
-        params are immutable). Never raises on transport errors.
+        Raises ConfigError (a ValueError) if a key was already logged in this run with another
+        value (MLflow params are immutable). Never raises on transport errors.
         """
         flat = _sanitise(flatten_params(params), MAX_PARAM_CHARS)
         with self._lock:
             changed = {k: v for k, v in flat.items() if self._logged_params.get(k, v) != v}
             if changed:
                 key = next(iter(changed))
-                raise ValueError(
+                raise ConfigError(
                     f"param {key!r} is already logged in run {self.run_id} as "
                     f"{self._logged_params[key]!r}; got {changed[key]!r} ({len(changed)} changed "
                     "in all). MLflow params are immutable: start a new run, or log it as a tag."

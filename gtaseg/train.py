@@ -5,7 +5,7 @@ it on the same `out_dir` resumes from the last good checkpoint; on CPU the resul
 run that was never interrupted. Files written under `out_dir`:
 
     checkpoints/last.pt, best.pt   complete training state (+ .sha256 sidecars, .prev rotation)
-    model/                         best student, smp `save_pretrained` format
+    model/                         best student, smp `save_pretrained` format + normalization.json
     metrics.json                   final summary (DVC metrics)
     history.csv                    one row per evaluation (DVC plots)
     config.yaml                    the resolved config
@@ -42,6 +42,8 @@ from gtaseg.distributed import (
     wrap_ddp,
 )
 from gtaseg.evaluate import EvalResult, evaluate
+from gtaseg.inference import export_model
+from gtaseg.io import open_atomic, write_atomic
 from gtaseg.methods import get_step
 from gtaseg.methods.state import (
     TrainState,
@@ -123,13 +125,13 @@ def train(
     sync_from_rank0(state.teacher)  # not DDP-wrapped: every rank starts from rank 0's teacher
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if state.iteration == 0:
             tracker.log_params(flatten_params(cfg.to_dict()))
     _run_loop(cfg, state, loop, data, out, tracker, info, device, progress)
     summary = _summary(cfg, state, loop, info)
     if info.is_main:
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
         tracker.log_metrics(
             {k: v for k, v in summary.items() if isinstance(v, float)}, state.iteration
         )
@@ -298,16 +300,17 @@ def _write_history(out: Path, history: list[dict[str, float]]) -> None:
     if not history:
         return
     keys = sorted({k for row in history for k in row if not k.startswith("val_iou_")})
-    with open(out / "history.csv", "w", newline="") as fh:
+    with open_atomic(out / "history.csv") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
 
 
 def _export_student(out: Path, state: TrainState, info: DistInfo) -> None:
-    """The best student so far in smp's save_pretrained format (config.json + weights)."""
+    """The best student so far in smp's save_pretrained format (config.json + weights), with
+    the run's input normalisation."""
     if info.is_main:
-        unwrap(state.student).save_pretrained(str(out / "model"))
+        export_model(unwrap(state.student), out / "model", state.cfg.data)
 
 
 def _resume(ckpt_dir: Path, state: TrainState, loop: LoopState, device: torch.device) -> None:

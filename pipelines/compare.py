@@ -6,6 +6,7 @@ are fractions in [0, 1]; every table and plot here shows them as percentages.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterable, Mapping
 from fractions import Fraction
@@ -17,6 +18,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from gtaseg.errors import DataError  # noqa: E402
+from gtaseg.io import write_atomic  # noqa: E402
 
 REQUIRED_KEYS = (
     "method",
@@ -34,7 +38,7 @@ SELECTION_METRIC = "best_val_miou"  # the original's checkpoint choice: teacher 
 
 
 def labeled_fraction(ratio: str) -> float:
-    """ "1/16" -> 0.0625, "0.25" -> 0.25, "full" -> 1.0; ValueError for anything else."""
+    """ "1/16" -> 0.0625, "0.25" -> 0.25, "full" -> 1.0; DataError for anything else."""
     text = str(ratio).strip().lower()
     if text == "full":
         return 1.0
@@ -43,7 +47,7 @@ def labeled_fraction(ratio: str) -> float:
     except (ValueError, ZeroDivisionError):
         value = -1.0
     if not 0.0 < value <= 1.0:
-        raise ValueError(
+        raise DataError(
             f"ratio: expected a labelled fraction in (0, 1] such as '1/16', '0.25' or 'full', "
             f"got {ratio!r}."
         )
@@ -54,14 +58,14 @@ def collect_results(results: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per run (extra keys kept as columns), sorted by method, labelled fraction and
     seed; adds `labeled_fraction`.
 
-    Raises ValueError naming the missing key (and the run) when a result lacks a required key,
-    and when two results share (method, ratio, seed).
+    Raises DataError (a ValueError) naming the missing key (and the run) when a result lacks a
+    required key, and when two results share (method, ratio, seed).
     """
     rows = []
     for index, result in enumerate(results):
         missing = [key for key in REQUIRED_KEYS if key not in result]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"result {index} ({_describe(result)}): missing key {missing[0]!r}; expected "
                 f"keys {', '.join(REQUIRED_KEYS)} (optional: {', '.join(OPTIONAL_KEYS)})."
             )
@@ -69,7 +73,7 @@ def collect_results(results: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         row.update(ratio=str(row["ratio"]), labeled_fraction=labeled_fraction(row["ratio"]))
         rows.append(row)
     if not rows:
-        raise ValueError("collect_results: expected at least one run's metrics, got none.")
+        raise DataError("collect_results: expected at least one run's metrics, got none.")
     df = pd.DataFrame(rows)
     df = df.astype(
         {
@@ -85,7 +89,7 @@ def collect_results(results: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     duplicated = df.duplicated(["method", "ratio", "seed"], keep=False)
     if duplicated.any():
         cells = df.loc[duplicated, ["method", "ratio", "seed"]].drop_duplicates()
-        raise ValueError(
+        raise DataError(
             f"collect_results: expected one run per (method, ratio, seed), got duplicates for "
             f"{cells.to_dict('records')}. Drop the stale runs."
         )
@@ -160,8 +164,10 @@ def plot_miou_vs_ratio(df: pd.DataFrame, path: Path, metric: str = SUMMARY_METRI
     ax.legend(title="method")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    write_atomic(path, png.getvalue())
     return path
 
 
@@ -178,7 +184,7 @@ def write_comparison(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
         "plot_data": out_dir / "plots" / "miou_vs_ratio.csv",
     }
     paths["plot_data"].parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(paths["results"], index=False)
+    write_atomic(paths["results"], df.to_csv(index=False))
     sections = [
         f"# Best student mIoU (%, `{SUMMARY_METRIC}`), mean ± std over seeds\n\n"
         + _to_markdown(summary_table(df)),
@@ -189,11 +195,13 @@ def write_comparison(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
         + _to_markdown(df.pivot_table(index="method", columns="ratio", values="wall_time_s",
                                       aggfunc="mean", sort=False).round(1).reset_index()),
     ]
-    paths["summary_md"].write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    write_atomic(paths["summary_md"], "\n\n".join(sections) + "\n")
     stats = summary_stats(df).round(4)
-    stats.to_csv(paths["summary_csv"], index=False)
+    write_atomic(paths["summary_csv"], stats.to_csv(index=False))
     plot_data = stats.rename(columns={"mean_miou_pct": "miou"})
-    plot_data[["labeled_fraction", "method", "miou"]].to_csv(paths["plot_data"], index=False)
+    write_atomic(
+        paths["plot_data"], plot_data[["labeled_fraction", "method", "miou"]].to_csv(index=False)
+    )
     plot_miou_vs_ratio(df, paths["plot"])
     return paths
 
@@ -204,15 +212,15 @@ def load_run_metrics(paths: Iterable[Path]) -> list[dict[str, Any]]:
     for path in map(Path, paths):
         file = path / "metrics.json" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(
+            raise DataError(
                 f"expected a training run's metrics.json at {file}; got no such file. Train that "
                 "run first, or drop it from the list."
             )
         try:
             metrics = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{file}: expected a JSON object, got invalid JSON ({exc}).") from None
+            raise DataError(f"{file}: expected a JSON object, got invalid JSON ({exc}).") from None
         if not isinstance(metrics, dict):
-            raise ValueError(f"{file}: expected a JSON object, got {type(metrics).__name__}.")
+            raise DataError(f"{file}: expected a JSON object, got {type(metrics).__name__}.")
         runs.append(metrics)
     return runs

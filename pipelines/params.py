@@ -13,9 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from gtaseg.config import Config, ConfigError, _build, config_from_dict
+from gtaseg.config import Config, ConfigError, _build, config_from_dict, read_yaml
 from gtaseg.data.embedded import SceneStyle
 from gtaseg.data.splits import parse_amount
 
@@ -118,7 +116,9 @@ def load_params(path: str | Path = "params.yaml") -> PipelineParams:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: expected the pipeline's params.yaml.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping at the top, got {type(raw).__name__}.")
     run = config_from_dict(raw.pop("run", {}))
     params = _build(_PipelineRaw, raw, "")
     overlap = sorted(set(params.pretrain.digits) & set(params.data_prep.digits))

@@ -29,6 +29,8 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from gtaseg.errors import GtasegError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -36,6 +38,10 @@ DEFAULT_LOCK_DIR = Path.home() / ".cache" / "gtaseg" / "registry-locks"
 LOCK_TIMEOUT_S = 300.0
 METRIC_NAME_TAG = "gtaseg.metric"  # version tag: the metric name its promotion compared
 _MAX_ROUNDS = 10  # read-compare-set rounds before giving up on a registry that keeps moving
+
+
+class RegistryError(GtasegError, ValueError):
+    """A model cannot be registered or promoted; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -116,11 +122,11 @@ def promote_if_better(
     `model_name` (tagged with `metric_name` = `metric_value` and `tags`), and move `alias` to it
     only if `metric_value` is strictly higher than the current champion's.
 
-    Raises ValueError if the run has no such logged model, the metric is not finite, or the
+    Raises RegistryError if the run has no such logged model, the metric is not finite, or the
     current champion has no `metric_name` to compare against.
     """
     if not math.isfinite(metric_value):
-        raise ValueError(f"{metric_name}: expected a finite number, got {metric_value!r}.")
+        raise RegistryError(f"{metric_name}: expected a finite number, got {metric_value!r}.")
     lock_path = (lock_dir or _default_lock_dir(client.tracking_uri)) / _lock_name(model_name)
     version_tags = {**(tags or {}), metric_name: repr(float(metric_value))}
     version_tags[METRIC_NAME_TAG] = metric_name
@@ -137,7 +143,7 @@ def promote_if_better(
             if current is not None and current["version"] == version:
                 return PromotionResult(version, True, version, metric_value, *previous)
             # Moved by a promoter outside the lock meanwhile: compare again (a better one stays).
-    raise RuntimeError(
+    raise RegistryError(
         f"alias {alias!r} of {model_name!r} kept moving to worse versions during {_MAX_ROUNDS} "
         f"rounds; another promoter is not using the lock {lock_path}. Promote from one place."
     )
@@ -145,7 +151,7 @@ def promote_if_better(
 
 def _beats(metric_value: float, current: Mapping[str, Any], metric_name: str) -> bool:
     if current["metric"] is None:
-        raise ValueError(
+        raise RegistryError(
             f"champion version {current['version']} has no {metric_name!r} (neither a version tag "
             f"nor a run metric), so a candidate cannot be compared with it. Tag that version with "
             f"{metric_name!r}, or remove the alias."
@@ -165,7 +171,7 @@ def _register(
     )
     ready = [m for m in logged if m.status == LoggedModelStatus.READY]
     if not ready:
-        raise ValueError(
+        raise RegistryError(
             f"run {run_id} has no READY logged model named {artifact_path!r} (found "
             f"{len(logged)} in any state). Log it with mlflow.pytorch.log_model(model, "
             f"name={artifact_path!r}) in that run (MlflowTracker.log_model does) before promoting."
@@ -211,7 +217,7 @@ def _exclusive(lock_path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[N
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(
+                    raise RegistryError(
                         f"registry lock {lock_path} still held after {timeout_s:.0f} s; expected "
                         "another promotion to finish. Check for a hung process holding it."
                     ) from None

@@ -24,11 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gtaseg.checkpoint import CheckpointError
 from gtaseg.config import Config, ConfigError, apply_overrides
 from gtaseg.data.embedded import make_embedded
 from gtaseg.data.formats import list_samples
 from gtaseg.data.splits import draw_split, make_split, parse_amount, write_split
+from gtaseg.errors import GtasegError
 from pipelines.params import PipelineParams, load_params
 
 FULL = "full"  # the ratio name of the fully supervised reference run
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run_stage(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:  # ConfigError, DataError too
+    except GtasegError as exc:  # anything else is a bug: its traceback stays
         print(f"pipelines.stages {args.stage}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -29,6 +29,9 @@ from botocore import exceptions as boto_errors
 from botocore.client import BaseClient
 from botocore.config import Config
 
+from gtaseg.errors import GtasegError
+from gtaseg.io import open_atomic
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -41,7 +44,7 @@ _THROTTLE_CODES = frozenset(
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
-class StorageError(RuntimeError):
+class StorageError(GtasegError, RuntimeError):
     """An S3 transfer failed; the message says what was expected, what happened, what to do."""
 
 
@@ -146,7 +149,7 @@ def download_file(
     retries: int = 4,
     backoff_s: float = 0.5,
 ) -> str:
-    """Download `uri` to `local` via a temp file beside it, verify, os.replace; return sha256.
+    """Download `uri` to `local` via a temp file beside it, verify, rename; return sha256.
 
     The sha256 metadata is checked when the object has it. Creates `local`'s parent folder. On
     failure `local` is left untouched. Retries as `upload_file` does.
@@ -253,28 +256,22 @@ def _verify_stored(client: BaseClient, bucket: str, key: str, want: _Digests) ->
 
 
 def _download_once(client: BaseClient, bucket: str, key: str, local: Path) -> str:
-    """One GET into a temp file beside `local`, verified, then renamed over `local`."""
-    tmp = local.with_name(f".{local.name}.partial-{uuid.uuid4().hex}")
-    try:
-        response = client.get_object(Bucket=bucket, Key=key)
-        sha, size = hashlib.sha256(), 0
-        with tmp.open("wb") as out:
-            for chunk in response["Body"].iter_chunks(_CHUNK_BYTES):
-                out.write(chunk)
-                sha.update(chunk)
-                size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+    """One GET into a temp file beside `local`, verified, then renamed over `local` (a failed
+    verification raises inside `open_atomic`, so `local` is left as it was)."""
+    response = client.get_object(Bucket=bucket, Key=key)
+    sha, size = hashlib.sha256(), 0
+    with open_atomic(local, "wb") as out:
+        for chunk in response["Body"].iter_chunks(_CHUNK_BYTES):
+            out.write(chunk)
+            sha.update(chunk)
+            size += len(chunk)
         want = response.get("Metadata", {}).get("sha256")
         if size != response["ContentLength"] or (want and want != sha.hexdigest()):
             raise _VerificationError(
                 f"s3://{bucket}/{key}: expected {response['ContentLength']} bytes with sha256 "
                 f"{want}, got {size} bytes with sha256 {sha.hexdigest()}"
             )
-        os.replace(tmp, local)
-        return sha.hexdigest()
-    finally:
-        tmp.unlink(missing_ok=True)
+    return sha.hexdigest()
 
 
 def _list_keys(client: BaseClient, bucket: str, prefix: str) -> list[str]:

@@ -27,6 +27,7 @@ from gtaseg.data.loaders import make_val_data  # noqa: E402
 from gtaseg.distributed import resolve_device  # noqa: E402
 from gtaseg.evaluate import evaluate  # noqa: E402
 from gtaseg.inference import load_exported, predict_val_overlays  # noqa: E402
+from gtaseg.io import write_atomic  # noqa: E402
 from gtaseg.mlflow_tracking import MlflowTracker, configure_http_client  # noqa: E402
 from gtaseg.train import train  # noqa: E402
 from pipelines.params import PipelineParams  # noqa: E402
@@ -93,7 +94,7 @@ def tracked_training(
         fallback_dir=out / "tracking-fallback",
     )
     if tracker.run_id is not None:  # None when the server was down and we log to fallback files
-        id_file.write_text(tracker.run_id + "\n")
+        write_atomic(id_file, tracker.run_id + "\n")
     status = "FAILED"  # a killed or failed attempt must not read FINISHED; a retry resumes it
     try:
         summary = train(cfg, out, tracker=tracker, resume=True, progress=progress)

@@ -1,5 +1,6 @@
-"""Bad inputs through the real command line: each one fails early with exit code 2 and a message
-naming the file or key, and leaves what an earlier run wrote byte-identical.
+"""Bad inputs through the real command line: each one fails early with exit code 2 and a one-line
+message (no traceback) naming the file or key, and leaves what an earlier run wrote as it was
+(every name, byte and timestamp).
 
 Every case runs `gtaseg.cli.main([...])` in-process in its own copy of a small workspace (relative
 paths, so the earlier run's checkpoint was written with exactly the config the case uses, unless
@@ -15,9 +16,10 @@ docs/RELIABILITY.md pastes the messages these cases observe.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from contextlib import chdir
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ import torch
 import yaml
 from data_fixtures import TINY_RUN
 from PIL import Image
+from snapshots import folder_state
 
 from gtaseg.cli import main
 
@@ -70,13 +73,11 @@ def template(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return work
 
 
-def snapshot(*roots: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under `roots` (a new or missing file shows too)."""
-    digests = {}
-    for root in roots:
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return digests
+def assert_one_line_error(err: str, prefix: str) -> None:
+    """stderr is exactly one line, the error message, with no traceback or warning around it."""
+    assert err.startswith(prefix), err
+    assert err.endswith("\n") and err.count("\n") == 1, f"expected one line, got:\n{err}"
+    assert "Traceback" not in err, err
 
 
 def labelled_id(ws: Path) -> str:
@@ -202,6 +203,15 @@ def wrong_shape(ws: Path) -> list[str]:
 
 def yaml_syntax_error(ws: Path) -> list[str]:
     (ws / "cfg.yaml").write_text("run:\n  train: {epochs: 2\n  data: [\n")
+    return train_argv()
+
+
+def yaml_syntax_error_in_override(ws: Path) -> list[str]:
+    return train_argv("--set", "data.mean=[1, 2")
+
+
+def negative_seed(ws: Path) -> list[str]:
+    edit_config(ws, "train", seed=-1)
     return train_argv()
 
 
@@ -332,6 +342,11 @@ CASES = {
     "YAML syntax error": Case(
         yaml_syntax_error, ("cfg.yaml is not valid YAML", "line 3", "Fix the syntax")
     ),
+    "YAML syntax error in a --set value": Case(
+        yaml_syntax_error_in_override,
+        ("override 'data.mean=[1, 2' is not valid YAML at line 1", "Fix the syntax"),
+    ),
+    "negative seed": Case(negative_seed, ("cfg.yaml: train.seed: expected >= 0, got -1",)),
     "config file does not exist": Case(missing_config_file, ("config file params.yml not found",)),
     "unknown encoder name": Case(
         unknown_encoder,
@@ -372,20 +387,20 @@ def test_bad_input_fails_early_names_it_and_touches_nothing(
     shutil.copytree(template, ws, symlinks=True)
     monkeypatch.chdir(ws)
     argv = case.inject(ws)
-    before = snapshot(*(ws / p for p in case.protected))
+    before = folder_state(*(ws / p for p in case.protected))
     capsys.readouterr()
 
     code = main(argv)
 
     err = capsys.readouterr().err
     assert code == 2, f"exit code {code}; stderr:\n{err}"
-    assert err.startswith(f"gtaseg {argv[0]}: error: "), err
+    assert_one_line_error(err, f"gtaseg {argv[0]}: error: ")
     position = 0
     for expected in (e.replace(LABELLED, labelled_id(ws)) for e in case.expect):
         found = err.find(expected, position)
         assert found >= 0, f"expected {expected!r} in stderr (after position {position}):\n{err}"
         position = found + len(expected)
-    assert snapshot(*(ws / p for p in case.protected)) == before
+    assert folder_state(*(ws / p for p in case.protected)) == before
     assert not (ws / "run" / "checkpoints" / ".last.pt.tmp").exists()
 
 
@@ -414,6 +429,16 @@ PIPELINE_CASES = {
         ("pretrain.digits [4, 5, 6] overlap data_prep.digits [0, 1, 2, 3, 4] in [4]",
          "would leak the labels a 1/16 split hides"),
     ),
+    "YAML syntax error in params.yaml": (
+        lambda params: "sweep:\n  ratios: [1_4\n  seeds: [0]\n",  # the whole file's text
+        ["split", "--ratio", "1_4"],
+        ("params.yaml is not valid YAML at line 3", "Fix the syntax"),
+    ),
+    "params.yaml is not a mapping": (
+        lambda params: "- sweep\n- run\n",
+        ["split", "--ratio", "1_4"],
+        ("params.yaml: expected a YAML mapping at the top, got list",),
+    ),
 }
 
 
@@ -430,15 +455,71 @@ def test_bad_pipeline_params_fail_with_one_line(
     params["run"]["model"]["encoder_weights"] = None
     monkeypatch.chdir(tmp_path)
     write_split(tmp_path / "data/splits/1_4/seed0", ["train_0000"], ["train_0001"])
-    edit(params)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    before = snapshot(tmp_path / "data")
+    text = edit(params)  # edits params in place, or returns the file's whole text
+    (tmp_path / "params.yaml").write_text(text or yaml.safe_dump(params, sort_keys=False))
+    before = folder_state(tmp_path / "data")
     capsys.readouterr()
 
     code = stages.main(argv)
 
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err.startswith(f"pipelines.stages {argv[0]}: error: "), err
+    assert_one_line_error(err, f"pipelines.stages {argv[0]}: error: ")
     assert all(e in err for e in expect), err
-    assert snapshot(tmp_path / "data") == before
+    assert folder_state(tmp_path / "data") == before
+
+
+# -- what is not bad input: a bug keeps its traceback -------------------------------------------
+
+
+def test_an_internal_bug_is_not_reported_as_bad_input(
+    template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ValueError that is not one of the project's errors (a bug) propagates with its traceback
+    instead of becoming a one-line 'error' with exit 2."""
+    import gtaseg.data.splits
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    shutil.copytree(template, tmp_path / "ws", symlinks=True)
+    monkeypatch.chdir(tmp_path / "ws")
+    monkeypatch.setattr(gtaseg.data.splits, "make_split", bug)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(split_argv("--amount", "1/4"))
+
+
+def test_an_internal_bug_in_a_stage_is_not_reported_as_bad_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines import stages
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stages, "split", bug)
+    with pytest.raises(ValueError, match="an internal bug"):
+        stages.main(["split", "--ratio", "1_16"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "prefix"),
+    [
+        (["gtaseg.cli", "train", "--config", "params.yaml", "--out", "run"], "gtaseg train"),
+        (["pipelines.stages", "split", "--ratio", "1_16"], "pipelines.stages split"),
+    ],
+    ids=["gtaseg", "pipelines.stages"],
+)
+def test_a_yaml_syntax_error_is_one_line_and_exit_2_in_a_real_process(
+    argv: list[str], prefix: str, tmp_path: Path
+) -> None:
+    (tmp_path / "params.yaml").write_text("run:\n  train: {epochs: 2\n  data: [\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert_one_line_error(done.stderr, f"{prefix}: error: params.yaml is not valid YAML at line 3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

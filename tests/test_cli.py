@@ -69,6 +69,10 @@ def test_cli_make_data_split_train_evaluate_predict(tmp_path, capsys, tiny_raw):
     )
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["method"] == "mean_teacher" and summary["iterations"] == 3
+    normalization = json.loads((out / "model" / "normalization.json").read_text())
+    data_cfg = config_from_dict(raw).data
+    assert normalization["mean"] == list(data_cfg.mean)
+    assert normalization["std"] == list(data_cfg.std)
 
     weights.unlink()  # the checkpoint holds every weight: evaluating it needs no pretrained file
     capsys.readouterr()

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from gtaseg.errors import DataError
 from pipelines.compare import (
     collect_results,
     labeled_fraction,
@@ -20,7 +21,8 @@ from pipelines.compare import (
     write_comparison,
 )
 
-# best_val_miou_student per (method, ratio) for seeds 0 and 1; ratios listed coarse-first on purpose.
+# best_val_miou_student per (method, ratio) for seeds 0 and 1; ratios listed coarse-first on
+# purpose.
 BEST = {
     ("supervised", "1/8"): (0.40, 0.44),
     ("supervised", "1/16"): (0.30, 0.36),
@@ -165,7 +167,7 @@ def test_load_run_metrics_reads_files_and_folders(tmp_path: Path) -> None:
         (tmp_path / name / "metrics.json").write_text(json.dumps({"best_val_miou": best}))
     runs = load_run_metrics([tmp_path / "a", tmp_path / "b" / "metrics.json"])
     assert [r["best_val_miou"] for r in runs] == [0.5, 0.6]
-    with pytest.raises(FileNotFoundError, match="metrics.json"):
+    with pytest.raises(DataError, match="metrics.json"):
         load_run_metrics([tmp_path / "missing"])
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):

@@ -162,15 +162,16 @@ def test_write_split_checks_before_writing(tmp_path: Path) -> None:
 
 
 def test_write_split_failure_leaves_old_split(tmp_path: Path, monkeypatch) -> None:
+    import gtaseg.io
+
     write_split(tmp_path, ["a"], ["b"])
-    real_write = Path.write_text
 
-    def failing_write(self: Path, text: str, **kw) -> int:
-        if self.name.startswith(".labeled.txt"):  # the second temporary file
+    def failing_open(path, *args, **kw):
+        if Path(path).name.startswith(".labeled.txt"):  # the second temporary file
             raise OSError("disk full")
-        return real_write(self, text, **kw)
+        return open(path, *args, **kw)
 
-    monkeypatch.setattr(Path, "write_text", failing_write)
+    monkeypatch.setattr(gtaseg.io, "open", failing_open, raising=False)
     with pytest.raises(OSError, match="disk full"):
         write_split(tmp_path, ["c"], ["a", "b"])
     monkeypatch.undo()

@@ -133,15 +133,19 @@ def test_malicious_encoder_weights_are_refused(tiny_raw, tmp_path, monkeypatch, 
 
 @pytest.fixture
 def exported(tmp_path: Path) -> Path:
-    """A genuine export (smp save_pretrained: config.json + model.safetensors) and one image."""
+    """A genuine export (smp save_pretrained: config.json + model.safetensors, and the run's
+    normalization.json) and one image."""
     import segmentation_models_pytorch as smp
     from PIL import Image
+
+    from gtaseg.config import DataConfig
+    from gtaseg.inference import export_model
 
     model = smp.DeepLabV3Plus(
         encoder_name=ENCODER, encoder_weights=None, classes=3, encoder_output_stride=16,
         decoder_atrous_rates=(1, 2, 3), decoder_channels=16,
     )  # fmt: skip
-    model.save_pretrained(str(tmp_path / "model"))
+    export_model(model, tmp_path / "model", DataConfig())
     (tmp_path / "images").mkdir()
     Image.new("RGB", (32, 32), (90, 120, 30)).save(tmp_path / "images" / "a.png")
     return tmp_path / "model"

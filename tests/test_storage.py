@@ -93,7 +93,7 @@ def test_round_trip_of_files_keeps_checksums(client, bucket: str, tmp_path: Path
         assert back.read_bytes() == data
     # Only the final keys remain: every temporary `.partial-` key was removed.
     assert sorted(_keys(client, bucket)) == sorted(f"runs/r1/{n}" for n in payloads)
-    assert not list((tmp_path / "back").glob(".*partial*"))
+    assert not list((tmp_path / "back").glob(".*"))  # nor any local temporary file
 
 
 def test_make_client_reads_endpoint_from_environment(

@@ -25,9 +25,10 @@ from PIL import Image
 
 from gtaseg import IGNORE_INDEX
 from gtaseg.config import DataConfig
+from gtaseg.data.id_lists import IMAGE_SUFFIXES, parse_id_list
+from gtaseg.errors import DataError
 
 Subset = Literal["train", "val"]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -44,10 +45,6 @@ CITYSCAPES_TRAIN_IDS = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }  # fmt: skip
-
-
-class DataError(ValueError):
-    """Bad or missing data; the message names the file or id, expected vs found, and the fix."""
 
 
 @dataclass(frozen=True)
@@ -81,17 +78,10 @@ def list_samples(cfg: DataConfig, subset: Subset) -> dict[str, Sample]:
     return _folder_samples(root, cfg, subset)
 
 
-def _read_ids(path: Path) -> list[str]:
-    # Imported here because splits imports DataError from this module.
-    from gtaseg.data.splits import parse_id_list
-
-    return parse_id_list(path)
-
-
 def _subset_ids(cfg: DataConfig, subset: Subset, default: Path) -> tuple[list[str], Path]:
     """The ids listed for `subset` and the file they came from (cfg.val_list wins for val)."""
     path = Path(cfg.val_list) if subset == "val" and cfg.val_list else default
-    return _read_ids(path), path
+    return parse_id_list(path), path
 
 
 def _files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
@@ -156,7 +146,7 @@ def _cityscapes_samples(root: Path, cfg: DataConfig, subset: Subset) -> dict[str
     image_dir, mask_dir = root / "leftImg8bit" / subset, root / "gtFine" / subset
     if subset == "val" and cfg.val_list:
         listed_in = Path(cfg.val_list)
-        ids = _read_ids(listed_in)
+        ids = parse_id_list(listed_in)
     else:
         found = sorted(image_dir.glob("*/*_leftImg8bit.png"))
         ids = [f"{p.parent.name}/{p.name.removesuffix('_leftImg8bit.png')}" for p in found]

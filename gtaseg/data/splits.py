@@ -1,16 +1,12 @@
 """Labelled / unlabelled split files: plain text, one image id per line, as in the literature.
 
 A split folder holds `labeled.txt` (required, non-empty) and `unlabeled.txt` (optional; empty or
-absent means fully supervised). `parse_id_list` reads the id lists other codebases ship: bare ids
-(`2007_000733`), Cityscapes paths (`leftImg8bit/train/hamburg/hamburg_000000_080169_leftImg8bit.png`
--> `hamburg/hamburg_000000_080169`) and VOC pairs (`JPEGImages/x.jpg SegmentationClassAug/x.png`
--> `x`), with or without a trailing newline.
+absent means fully supervised). Imported lists may be in any format `id_lists.parse_id_list`
+reads (bare ids, Cityscapes paths, VOC pairs).
 """
 
 from __future__ import annotations
 
-import os
-from collections import Counter
 from collections.abc import Collection, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -18,51 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from gtaseg.config import DataConfig
-from gtaseg.data.formats import IMAGE_SUFFIXES, DataError, list_samples
+from gtaseg.data.formats import list_samples
+from gtaseg.data.id_lists import parse_id_list, parse_lines
+from gtaseg.errors import DataError
+from gtaseg.io import write_atomic_all
 
 LABELED_FILE = "labeled.txt"
 UNLABELED_FILE = "unlabeled.txt"
-_CITYSCAPES_SUFFIXES = ("_leftImg8bit.png", "_gtFine_labelIds.png")
-
-
-def entry_to_id(entry: str) -> str:
-    """The image id an id-list entry names (first whitespace-separated field of a line)."""
-    first = entry.split()[0].replace("\\", "/")
-    for suffix in _CITYSCAPES_SUFFIXES:
-        if first.endswith(suffix):
-            city, name = first.split("/")[-2:] if "/" in first else ("", first)
-            stem = name.removesuffix(suffix)
-            return f"{city}/{stem}" if city else stem
-    name = first.rsplit("/", 1)[-1]
-    stem, suffix = os.path.splitext(name)
-    return stem if suffix.lower() in IMAGE_SUFFIXES else first
-
-
-def _parse_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DataError(
-            f"id list {path} does not exist: expected a text file with one id per line."
-        )
-    text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: tolerate a byte-order mark
-    ids = [entry_to_id(line) for line in text.splitlines() if line.strip()]
-    repeated = [i for i, count in Counter(ids).items() if count > 1]
-    if repeated:
-        raise DataError(
-            f"id list {path} lists {len(repeated)} id(s) more than once, e.g. {repeated[:5]}: "
-            f"expected each id once. Remove the duplicates."
-        )
-    return ids
-
-
-def parse_id_list(path: Path) -> list[str]:
-    """Ids in file order from an id list in any accepted format; blank lines are skipped.
-
-    Raises DataError when the file is missing, empty or repeats an id.
-    """
-    ids = _parse_lines(Path(path))
-    if not ids:
-        raise DataError(f"id list {path} is empty: expected at least one id per line.")
-    return ids
 
 
 def parse_amount(text: str) -> float | int:
@@ -172,21 +130,6 @@ def _check_split(
                 )
 
 
-def _write_atomic(files: dict[Path, str]) -> None:
-    """Write every file to a temporary sibling first, then move all into place."""
-    tmps = {}
-    try:
-        for path, text in files.items():
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(text, encoding="utf-8")
-            tmps[path] = tmp
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-
-
 def write_split(out_dir: Path, labeled: Sequence[str], unlabeled: Sequence[str]) -> None:
     """Write out_dir/labeled.txt and unlabeled.txt (one id per line), after checking them.
 
@@ -197,7 +140,7 @@ def write_split(out_dir: Path, labeled: Sequence[str], unlabeled: Sequence[str])
         labeled, unlabeled, None, (str(out_dir / LABELED_FILE), str(out_dir / UNLABELED_FILE))
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
+    write_atomic_all(
         {
             out_dir / UNLABELED_FILE: "".join(f"{i}\n" for i in unlabeled),
             out_dir / LABELED_FILE: "".join(f"{i}\n" for i in labeled),
@@ -215,9 +158,9 @@ def load_split(split_dir: Path, available: Collection[str]) -> tuple[list[str], 
             f"{UNLABELED_FILE}) in data.split_dir. Create it with gtaseg.data.splits.write_split "
             f"or import_split, or fix data.split_dir."
         )
-    labeled = _parse_lines(labeled_path)
+    labeled = parse_lines(labeled_path)
     unlabeled_path = split_dir / UNLABELED_FILE
-    unlabeled = _parse_lines(unlabeled_path) if unlabeled_path.is_file() else []
+    unlabeled = parse_lines(unlabeled_path) if unlabeled_path.is_file() else []
     _check_split(labeled, unlabeled, available, (str(labeled_path), str(unlabeled_path)))
     return labeled, unlabeled
 
@@ -239,7 +182,7 @@ def import_split(
         labeled_path, unlabeled_path = src / LABELED_FILE, src / UNLABELED_FILE
     labeled = parse_id_list(Path(labeled_path))
     if unlabeled_path is not None and Path(unlabeled_path).is_file():
-        unlabeled = _parse_lines(Path(unlabeled_path))
+        unlabeled = parse_lines(Path(unlabeled_path))
     else:
         unlabeled = sorted(set(available) - set(labeled))
     _check_split(labeled, unlabeled, available, (str(labeled_path), str(unlabeled_path)))

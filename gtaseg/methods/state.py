@@ -81,20 +81,35 @@ class TrainState:
         scaler.update()
 
 
-def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(
+    cfg: Config, model: nn.Module, *, fast: bool | None = None
+) -> torch.optim.Optimizer:
     """Two groups: encoder at lr, decoder/heads at lr * head_lr_multiplier. SGD with momentum as
-    the paper (`optim.optimizer: sgd`), or AdamW for short from-scratch runs (the CPU demo)."""
+    the paper (`optim.optimizer: sgd`), or AdamW for short from-scratch runs (the CPU demo).
+
+    `fast` (default: the model is on CUDA) picks the fused kernels, one kernel for every
+    parameter, where they are safe. CPU keeps the default implementation, so CPU results stay as
+    they are.
+    """
     backbone, head = head_parameter_groups(model)
     o = cfg.optim
     groups = [
         {"params": backbone, "lr": o.lr, "lr_mult": 1.0},
         {"params": head, "lr": o.lr * o.head_lr_multiplier, "lr_mult": o.head_lr_multiplier},
     ]
-    # On CUDA one fused kernel updates every parameter (GradScaler supports it); CPU keeps the
-    # default implementation, so CPU results stay as they are.
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    fast = next(model.parameters()).is_cuda if fast is None else fast
+    # Not fused=False: that would also turn off torch's default foreach implementation.
+    fused = {"fused": True} if fast else {}
     if o.optimizer == "adamw":
+        # Fused AdamW honours a step the fp16 GradScaler skips: its moments start at zero and
+        # the step count is rolled back.
         return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, **fused)
+    if cfg.train.amp == "fp16":
+        # Never fused SGD under the GradScaler: fused SGD makes its momentum buffers with
+        # torch.empty_like at its first step, and when the scaler found an overflow there
+        # (routine at the initial scale of 2**16) the kernel returns without filling them. The
+        # next step reads uninitialised memory and the weights turn non-finite.
+        fused = {}
     return torch.optim.SGD(
         groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fused
     )
