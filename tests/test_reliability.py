@@ -465,8 +465,9 @@ def test_prefect_retry_resumes_from_the_checkpoint(tiny_dataset, tmp_path, monke
         "[gtaseg] resumed from runs/1_4/supervised/seed0/checkpoints/last.pt at iteration "
         "4/18" in out
     )
-    run_ids = Path("runs/1_4/supervised/seed0/mlflow_run_id.txt").read_text().split()
-    assert run_ids == [summary["run_id"]]  # one MLflow run, continued by the retry
+    record = json.loads(Path("runs/1_4/supervised/seed0/run.json").read_text())
+    assert record["run_id"] == summary["run_id"]  # one MLflow run, continued by the retry
+    assert record["status"] == "FINISHED"
 
 
 @pytest.mark.slow
