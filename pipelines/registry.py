@@ -219,7 +219,7 @@ def point_aliases(
 
 
 def _best(candidates: Sequence[Candidate]) -> Candidate:
-    return max(reversed(candidates), key=lambda c: c.metric)  # reversed: ties go to the first
+    return max(candidates, key=lambda c: c.metric)  # max keeps the first of equals
 
 
 def _version_of_run(client: MlflowClient, model_name: str, run_id: str) -> str | None:
