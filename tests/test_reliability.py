@@ -471,6 +471,44 @@ def test_prefect_retry_resumes_from_the_checkpoint(tiny_dataset, tmp_path, monke
 
 
 @pytest.mark.slow
+def test_a_killed_train_stage_resumes_its_checkpoint_and_its_mlflow_run(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """What `dvc repro` does after a kill -9 mid-stage: the same stage again. It resumes the
+    checkpoint and continues the same MLflow run (RUNNING when killed), which ends FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.params import load_params
+    from pipelines.stages import split
+
+    work = pipeline_workspace(tmp_path, tiny_dataset, method="supervised")
+    monkeypatch.chdir(work)
+    split(load_params("params.yaml"), "1_4", 0)
+    stage = [sys.executable, "-m", "pipelines.stages", "train", "--ratio", "1_4", "--method",
+             "supervised"]  # fmt: skip
+    env = {**cli_env(), "PYTHONPATH": str(ROOT), "GTASEG_PROGRESS": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run = work / "runs/1_4/supervised/seed0"
+    victim = subprocess.Popen(stage, cwd=work, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    kill_after_checkpoints(victim, run / "checkpoints" / "last.pt", 2, 0.0)
+    killed = json.loads((run / "run.json").read_text())
+    assert killed["status"] == "RUNNING"
+
+    rerun = subprocess.run(stage, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "[gtaseg] resumed from runs/1_4/supervised/seed0/checkpoints/last.pt" in rerun.stdout
+    record = json.loads((run / "run.json").read_text())
+    assert record["run_id"] == killed["run_id"] and record["status"] == "FINISHED"
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("gtaseg-demo").experiment_id],
+                              "tags.`gtaseg.ratio` = '1_4'")  # fmt: skip
+    assert [r.info.run_id for r in runs] == [killed["run_id"]]
+    assert runs[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
 def test_pipeline_train_with_mlflow_down_at_start_uses_the_fallback(
     tiny_dataset, tmp_path, monkeypatch
 ):
