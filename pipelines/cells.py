@@ -64,7 +64,13 @@ def file_digest(*paths: Path) -> str:
 
 
 def split_digest(split: Path) -> str:
-    return file_digest(split / "labeled.txt", split / "unlabeled.txt")
+    files = (split / "labeled.txt", split / "unlabeled.txt")
+    if not all(f.is_file() for f in files):
+        raise FileNotFoundError(
+            f"split {split}: expected labeled.txt and unlabeled.txt there (the split stage's "
+            f"output). Run `dvc repro`, or python -m pipelines.stages split --ratio R --seed S."
+        )
+    return file_digest(*files)
 
 
 def git_commit() -> str:

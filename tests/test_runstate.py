@@ -153,3 +153,22 @@ def test_a_bare_off_as_dvc_writes_it_reads_as_off(tmp_path):
     (tmp_path / "params.yaml").write_text(text)
     assert load_config(tmp_path / "params.yaml").train.amp == "off"
     assert load_params(tmp_path / "params.yaml").run.train.amp == "off"
+
+
+def test_compare_without_finished_runs_says_what_to_do(tmp_path, monkeypatch, capsys):
+    from pipelines import stages
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = demo_params(tmp_path)
+    assert stages.main(["compare", "--params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "split data/splits/1_16/seed0: expected labeled.txt and unlabeled.txt" in err
+    for ratio in ("1_16", "1_4", "full"):
+        write_split(split_dir(ratio, 0), ["a"], ["b"])
+    assert stages.main(["compare", "--params", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pipelines.stages compare: error: no sweep cell has a finished MLflow "
+                          "run for its current inputs in experiment 'gtaseg-demo'"), err
+    assert "Train them (dvc repro)" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "results").exists()
