@@ -118,3 +118,23 @@ def test_the_paper_profiles_resolve_into_split_train_compare_register(tmp_path, 
     assert set(stages) == expected
     header = (ROOT / f"configs/{profile}.yaml").read_text().splitlines()[:8]
     assert any(f"cp configs/{profile}.yaml params.yaml && dvc repro" in line for line in header)
+
+
+def test_the_readme_names_the_commands_these_tests_run():
+    """The README's reruns and own-data sections give the commands the end-to-end tests prove
+    (tests/test_pipeline.py, this module)."""
+    readme = (ROOT / "README.md").read_text()
+    for command in (
+        "dvc repro",
+        "dvc exp run -n longer --set-param",
+        "dvc exp show",
+        "dvc metrics diff",
+        "dvc plots diff",
+        "python -m pipelines.stages register",
+        "cp configs/voc_classic.yaml params.yaml",
+        "`data_prep: {}`",
+        "`pretrain: {}`",
+        "`run.data.format: folder`",
+        "`best-<ratio>`",
+    ):
+        assert command in readme, command
