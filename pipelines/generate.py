@@ -105,6 +105,22 @@ def pretrain_config(params: PipelineParams, name: str) -> Config:
     )
 
 
+def _pretrain_scenes(params: PipelineParams, name: str) -> Config:
+    """Write the pretraining scenes and their all-labelled split; their run config."""
+    from gtaseg.data.embedded import make_embedded
+    from gtaseg.data.formats import list_samples
+    from gtaseg.data.splits import make_split, parse_amount, write_split
+
+    p, style_of = params.pretrain[name], params.data_prep[_style_entry(params, name)]
+    style = dataclasses.replace(style_of.style(), digits=tuple(p.digits))
+    make_embedded(PRETRAIN_DATA / name / "embedded", n_train=p.n_train, n_val=p.n_val,
+                  size=style_of.size, seed=p.seed, overwrite=True, style=style)
+    cfg = pretrain_config(params, name)
+    ids = list(list_samples(cfg.data, "train"))
+    write_split(Path(cfg.data.split_dir), *make_split(ids, parse_amount(FULL), p.seed))
+    return cfg
+
+
 def pretrain(
     params: PipelineParams, name: str, reuse: bool = False, progress: bool = True
 ) -> Path | None:
@@ -133,19 +149,10 @@ def pretrain(
         if json.loads(record.read_text()).get("spec") == spec:
             print(f"pretrained encoder {out} is up to date")
             return out
-    from gtaseg.data.embedded import make_embedded
-    from gtaseg.data.formats import list_samples
-    from gtaseg.data.splits import make_split, parse_amount, write_split
     from gtaseg.inference import export_encoder
     from pipelines.tracking_run import tracked_training
 
-    style_of = params.data_prep[_style_entry(params, name)]
-    style = dataclasses.replace(style_of.style(), digits=tuple(p.digits))
-    make_embedded(scenes / "embedded", n_train=p.n_train, n_val=p.n_val, size=style_of.size,
-                  seed=p.seed, overwrite=True, style=style)
-    cfg = pretrain_config(params, name)
-    ids = list(list_samples(cfg.data, "train"))
-    write_split(Path(cfg.data.split_dir), *make_split(ids, parse_amount(FULL), p.seed))
+    cfg = _pretrain_scenes(params, name)
     run_folder = folder / "run"
     if run_folder.exists():
         shutil.rmtree(run_folder)  # never resume a pretraining made with other inputs

@@ -27,7 +27,7 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,18 +192,10 @@ def point_aliases(
     for ratio in dict.fromkeys(c.ratio for c in candidates):
         chosen[ratio_alias(ratio)] = _best([c for c in candidates if c.ratio == ratio])
     lock_path = (lock_dir or _default_lock_dir(client.tracking_uri)) / _lock_name(model_name)
-    registered: list[str] = []
     with _exclusive(lock_path):
-        versions: dict[str, str] = {}
-        for cand in dict.fromkeys(chosen.values()):
-            version = _version_of_run(client, model_name, cand.run_id)
-            if version is None:
-                tags = {"ratio": cand.ratio, "method": cand.method, "seed": str(cand.seed),
-                        metric_name: repr(float(cand.metric)), METRIC_NAME_TAG: metric_name}
-                version = _register(client, model_name, cand.run_id, artifact_path, tags)
-                registered.append(version)
-            versions[cand.run_id] = version
-        aliases = client.get_registered_model(model_name).aliases
+        versions, registered = _versions_of(client, model_name, chosen.values(), metric_name,
+                                            artifact_path)  # fmt: skip
+        aliases = {a: str(v) for a, v in client.get_registered_model(model_name).aliases.items()}
         for alias, cand in chosen.items():
             if aliases.get(alias) != versions[cand.run_id]:
                 client.set_registered_model_alias(model_name, alias, versions[cand.run_id])
@@ -216,6 +208,30 @@ def point_aliases(
         for alias, c in chosen.items()
     }
     return {"aliases": described, "registered": registered, "removed": removed}
+
+
+def _versions_of(
+    client: MlflowClient,
+    model_name: str,
+    candidates: Iterable[Candidate],
+    metric_name: str,
+    artifact_path: str,
+) -> tuple[dict[str, str], list[str]]:
+    """run id -> model version for each candidate, registering a version only for a run that
+    has none; and the versions registered now."""
+    versions: dict[str, str] = {}
+    registered: list[str] = []
+    for cand in candidates:
+        if cand.run_id in versions:
+            continue
+        version = _version_of_run(client, model_name, cand.run_id)
+        if version is None:
+            tags = {"ratio": cand.ratio, "method": cand.method, "seed": str(cand.seed),
+                    metric_name: repr(float(cand.metric)), METRIC_NAME_TAG: metric_name}
+            version = _register(client, model_name, cand.run_id, artifact_path, tags)
+            registered.append(version)
+        versions[cand.run_id] = version
+    return versions, registered
 
 
 def _best(candidates: Sequence[Candidate]) -> Candidate:

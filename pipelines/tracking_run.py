@@ -8,6 +8,7 @@ or starts fresh (cleared outputs, a new MLflow run). A finished run is never reo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from functools import partial
@@ -132,6 +133,29 @@ def tracked_training(
     wait for it in the process group's start, then train."""
     if int(os.environ.get("RANK", "0")) != 0:
         return train(cfg, out, tracker=None, resume=True, progress=False)
+    tracker, record, resume = _start_attempt(params, cfg, out, ratio, tags, parent_run_id)
+    status = "FAILED"  # a killed or failed attempt must not read FINISHED; a rerun resumes it
+    try:
+        summary = train(cfg, out, tracker=tracker, resume=resume, progress=progress)
+        summary["run_id"] = tracker.run_id
+        _log_outputs(tracker, cfg, out, params.tracking.log_checkpoints)
+        status = runstate.FINISHED
+    finally:
+        tracker.close(status)
+    runstate.write_record(out, dataclasses.replace(record, status=runstate.FINISHED))
+    return summary
+
+
+def _start_attempt(
+    params: PipelineParams,
+    cfg: Config,
+    out: Path,
+    ratio: str,
+    tags: dict[str, str],
+    parent_run_id: str | None,
+) -> tuple[MlflowTracker, runstate.RunRecord, bool]:
+    """Decide resume or fresh (clearing the folder), open or reopen the MLflow run, record it:
+    (tracker, the run folder's record, resume?)."""
     configure_http_client()  # before the first request: mlflow's own retries stall for minutes
     uri = tracking_uri(params)
     key, code = runstate.cell_key(params, cfg), runstate.code_fingerprint()
@@ -141,31 +165,21 @@ def tracked_training(
         if attempt.abandoned:
             _mark_abandoned(uri, attempt.abandoned)
     out.mkdir(parents=True, exist_ok=True)
-    if parent_run_id is None:
-        parent_run_id = sweep_parent_or_none(params)
     tracker = MlflowTracker(
         experiment=params.tracking.experiment,
         run_name=f"{ratio}-{cfg.train.method}-seed{cfg.train.seed}",
         tracking_uri=uri,
-        parent_run_id=parent_run_id,
+        parent_run_id=parent_run_id or sweep_parent_or_none(params),
         tags={**tags, "gtaseg.cell_key": key, "gtaseg.code": code},
         run_id=attempt.run_id,
         fallback_dir=out / "tracking-fallback",
     )
-    runstate.write_record(out, runstate.RunRecord(tracker.run_id, key, code, "RUNNING"))
+    record = runstate.RunRecord(tracker.run_id, key, code, "RUNNING")
+    runstate.write_record(out, record)
     labeled, fraction = labeled_counts(Path(cfg.data.split_dir))
     # Every attempt logs them (a resumed run already has them: MLflow sees the same values).
     tracker.log_params({"labeled_count": labeled, "labeled_fraction": fraction, **cfg.to_dict()})
-    status = "FAILED"  # a killed or failed attempt must not read FINISHED; a rerun resumes it
-    try:
-        summary = train(cfg, out, tracker=tracker, resume=attempt.resume, progress=progress)
-        summary["run_id"] = tracker.run_id
-        _log_outputs(tracker, cfg, out, params.tracking.log_checkpoints)
-        status = runstate.FINISHED
-    finally:
-        tracker.close(status)
-    runstate.write_record(out, runstate.RunRecord(tracker.run_id, key, code, status))
-    return summary
+    return tracker, record, attempt.resume
 
 
 def sweep_parent_or_none(params: PipelineParams) -> str | None:
