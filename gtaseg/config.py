@@ -219,6 +219,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return _build(hint, value, key)
     if origin is Literal:
         allowed = typing.get_args(hint)
+        if value is False and "off" in allowed:
+            # YAML 1.1 (PyYAML) reads a bare `off` as false; YAML 1.2 writers such as
+            # `dvc exp run --set-param` write the string "off" bare.
+            return "off"
         if value not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}.")
         return value

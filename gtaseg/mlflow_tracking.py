@@ -31,10 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import requests
+import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
 from torch import nn
 
 from gtaseg.config import ConfigError
@@ -103,6 +107,26 @@ def _pip_requirements() -> list[str]:
     return [
         f"{pkg}=={version(pkg).split('+')[0]}" for pkg in ("torch", "segmentation-models-pytorch")
     ]
+
+
+def _model_format(model: nn.Module, input_example: np.ndarray | None) -> dict[str, Any]:
+    """mlflow.pytorch save/log arguments: a pickle-free `pt2` program with a signature when an
+    example input is given, else a pickle. Requirements are given, never inferred."""
+    if input_example is None:
+        return {"pip_requirements": _pip_requirements(), "serialization_format": "pickle"}
+    with torch.no_grad():
+        output = model(torch.from_numpy(input_example)).numpy()
+    free = (-1, input_example.shape[1], -1, -1)  # batch and image size are free, channels fixed
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(input_example.dtype, free)]),
+        outputs=Schema([TensorSpec(output.dtype, (-1, output.shape[1], -1, -1))]),
+    )
+    return {
+        "pip_requirements": _pip_requirements(),
+        "serialization_format": "pt2",
+        "signature": signature,
+        "input_example": input_example,
+    }
 
 
 def _unreachable_reason(uri: str) -> str | None:
@@ -316,18 +340,23 @@ class MlflowTracker:
             elif not self._attempt(lambda: self._send(record), record):
                 self._pending.append(record)
 
-    def log_model(self, model: nn.Module, name: str) -> None:
-        """Log an eval-mode CPU copy of `model` as an MLflow pytorch model `name` (pickle format).
+    def log_model(
+        self, model: nn.Module, name: str, input_example: np.ndarray | None = None
+    ) -> None:
+        """Log an eval-mode CPU copy of `model` as an MLflow pytorch model `name`.
 
+        With `input_example` (an (N, C, H, W) float array), the copy is traced with torch.export
+        and saved as a `pt2` program, which loads without unpickling anything, with a signature
+        that leaves N, H and W free and the example beside it. Without one, it is pickled.
         `model` itself is not changed. `mlflow.pytorch.load_model(f"models:/{model_id}")` (or a
         registered version) loads the copy on any machine. On a transport failure the copy is
-        saved locally now and uploaded at close. Other errors (e.g. unpicklable model) raise.
+        saved locally now and uploaded at close. Other errors (e.g. an untraceable model) raise.
         """
         snapshot = copy.deepcopy(model).cpu().eval()
         with self._lock:
             if self._local is None:
                 try:
-                    self._log_model_now(snapshot, name)
+                    self._log_model_now(snapshot, name, input_example)
                     return
                 except Exception as exc:
                     if not _is_transient(exc):
@@ -336,10 +365,7 @@ class MlflowTracker:
             owner = self.run_id or self._header["run_name"]
             folder = self._spill_dir / "models" / f"{owner}-{name}-{uuid.uuid4().hex[:8]}"
             mlflow.pytorch.save_model(
-                snapshot,
-                str(folder),
-                pip_requirements=_pip_requirements(),
-                serialization_format="pickle",
+                snapshot, str(folder), **_model_format(snapshot, input_example)
             )
             record = {"type": "model", "path": str(folder), "name": name}
             if self._local is not None:
@@ -439,13 +465,17 @@ class MlflowTracker:
         elif kind == "artifact":
             self._client.log_artifact(self.run_id, record["path"], record["artifact_path"])
         elif kind == "model":
-            self._log_model_now(mlflow.pytorch.load_model(record["path"]), record["name"])
+            example = Model.load(record["path"]).load_input_example(record["path"])
+            model = mlflow.pytorch.load_model(record["path"])
+            self._log_model_now(model, record["name"], example)
         else:
             raise ValueError(
                 f"unknown record type {kind!r}; expected metrics, params, tags, artifact or model"
             )
 
-    def _log_model_now(self, model: nn.Module, name: str) -> None:
+    def _log_model_now(
+        self, model: nn.Module, name: str, input_example: np.ndarray | None
+    ) -> None:
         # Created here so the LoggedModel lands in this run's experiment: mlflow would otherwise
         # use the process-wide active experiment.
         logged = self._client.create_logged_model(
@@ -457,8 +487,7 @@ class MlflowTracker:
                 name=name,
                 model_id=logged.model_id,
                 run_id=self.run_id,
-                pip_requirements=_pip_requirements(),
-                serialization_format="pickle",
+                **_model_format(model, input_example),
             )
 
     def _note_failure(self, exc: Exception) -> None:

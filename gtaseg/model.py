@@ -61,7 +61,7 @@ def _accept_any_size(model: nn.Module) -> None:
     = the normalised mean) up to the next multiple and crop the logits back, so every input size
     works and the state dict is unchanged. Sizes that are already multiples pass untouched.
     Copies of the model (teacher, assistant) share the hooks; their forwards never interleave."""
-    multiple = int(getattr(model.encoder, "output_stride", 32))
+    multiple = _size_multiple(model)
     original: list[tuple[int, int] | None] = [None]
 
     def pad(module: nn.Module, args: tuple) -> tuple | None:
@@ -77,6 +77,31 @@ def _accept_any_size(model: nn.Module) -> None:
 
     model.register_forward_pre_hook(pad)
     model.register_forward_hook(crop)
+
+
+def _size_multiple(model: nn.Module) -> int:
+    return int(getattr(model.encoder, "output_stride", 32))
+
+
+class _AnySizeGraph(nn.Module):
+    """The same function as a finished model, with its pad-and-crop written without branches on
+    the input size: torch.export then traces one graph that takes every size (the hooks' "already
+    a multiple?" test would pin the traced graph to sizes like the example's)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.multiple = model, _size_multiple(model)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        pad_h, pad_w = -x_BCHW.shape[-2] % self.multiple, -x_BCHW.shape[-1] % self.multiple
+        logits = self.model.forward(F.pad(x_BCHW, (0, pad_w, 0, pad_h)))  # .forward: no hooks
+        return F.pad(logits, (0, -pad_w, 0, -pad_h))  # negative padding crops
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """A wrapper of a built (or exported and reloaded) model for torch.export: same outputs for
+    every input size, eval mode. `model` is shared, not copied."""
+    return _AnySizeGraph(model).eval()
 
 
 def _stages_beyond(depth: int) -> list[str]:

@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from gtaseg.checkpoint import load_latest_good, rng_state, save_checkpoint, set_rng_state
 from gtaseg.config import Config
-from gtaseg.data.formats import check_samples, list_samples
+from gtaseg.data.formats import check_samples, class_names, list_samples
 from gtaseg.data.loaders import TrainData, make_train_data, make_val_data
 from gtaseg.distributed import (
     DistInfo,
@@ -54,6 +53,7 @@ from gtaseg.methods.state import (
     unwrap,
 )
 from gtaseg.metrics import ConfusionMatrix
+from gtaseg.progress import progress_bar
 from gtaseg.tracking import NullTracker, Tracker, flatten_params
 
 LOG_EVERY = 10  # iterations between loss/LR logs (a host sync point, so not every step)
@@ -154,14 +154,7 @@ def _run_loop(
     step_fn = get_step(cfg.train.method)
     pseudo_cm = ConfusionMatrix(cfg.data.num_classes, device)
     pseudo_cm.mat += loop.pseudo_cm.to(device)
-    bar = tqdm(
-        total=state.total_iters,
-        initial=state.iteration,
-        disable=not (progress and info.is_main),
-        desc=f"{cfg.train.method}",
-        unit="it",
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(state.total_iters, state.iteration, str(out), progress and info.is_main)
     images_per_step = (
         cfg.train.batch_size_labeled + cfg.train.batch_size_unlabeled
     ) * info.world_size
@@ -248,16 +241,16 @@ def _evaluate_both(cfg, state, loop, pseudo_cm, info, device, epoch, images_per_
     """
     sync_from_rank0(unwrap(state.student), unwrap(state.assistant), state.teacher)
     val = make_val_data(cfg.data, cfg.eval.max_images, rank=info.rank, world_size=info.world_size)
-    classes = cfg.data.num_classes
+    classes, names = cfg.data.num_classes, class_names(cfg.data)
     scored = {"reduce": all_reduce_sum, "pad_label": cfg.data.pad_label}
     res_s = evaluate(unwrap(state.student), val, cfg.eval, classes, device, **scored)
     row = {"epoch": float(epoch), "val_miou_student": res_s.miou}
-    row.update(_per_class("val_iou_student", res_s))
+    row.update(_per_class("val_iou_student", res_s, names))
     selected = res_s.miou
     if state.teacher is not None:
         res_t = evaluate(state.teacher, val, cfg.eval, classes, device, **scored)
         row["val_miou_teacher"] = res_t.miou
-        row.update(_per_class("val_iou_teacher", res_t))
+        row.update(_per_class("val_iou_teacher", res_t, names))
         # The teacher is a copy of the student only from the first semi-supervised step on.
         selected = res_s.miou if epoch < cfg.semi.sup_only_epochs else res_t.miou
     row["val_miou"] = selected
@@ -272,8 +265,15 @@ def _evaluate_both(cfg, state, loop, pseudo_cm, info, device, epoch, images_per_
     return row
 
 
-def _per_class(prefix: str, result: EvalResult) -> dict[str, float]:
-    return {f"{prefix}_{i}": float(v) for i, v in enumerate(result.iou_per_class)}
+def _per_class(prefix: str, result: EvalResult, names: list[str]) -> dict[str, float]:
+    """IoU per class, named by class (`val_iou_student/digit_3`) so a tracker's charts read."""
+    ious = zip(names, result.iou_per_class, strict=True)
+    return {f"{prefix}/{_metric_safe(name)}": float(iou) for name, iou in ious}
+
+
+def _metric_safe(name: str) -> str:
+    # MLflow metric names take letters, digits, _ - . / and spaces; class names may hold more.
+    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in name)
 
 
 def _format_row(row: dict[str, float]) -> str:

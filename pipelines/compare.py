@@ -32,7 +32,8 @@ REQUIRED_KEYS = (
     "best_val_miou",
     "wall_time_s",
 )
-OPTIONAL_KEYS = ("val_miou_teacher", "run_id")  # the supervised baseline has no teacher
+# the supervised baseline has no teacher; labeled_fraction defaults to the ratio's value
+OPTIONAL_KEYS = ("val_miou_teacher", "run_id", "labeled_fraction")
 SUMMARY_METRIC = "best_val_miou_student"  # the network the product ships
 SELECTION_METRIC = "best_val_miou"  # the original's checkpoint choice: teacher after warm-up
 
@@ -56,7 +57,8 @@ def labeled_fraction(ratio: str) -> float:
 
 def collect_results(results: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per run (extra keys kept as columns), sorted by method, labelled fraction and
-    seed; adds `labeled_fraction`.
+    seed. `labeled_fraction` is the result's, else the ratio's ("1/16" -> 0.0625); a ratio given
+    as a count ("183") needs the result's.
 
     Raises DataError (a ValueError) naming the missing key (and the run) when a result lacks a
     required key, and when two results share (method, ratio, seed).
@@ -70,7 +72,9 @@ def collect_results(results: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
                 f"keys {', '.join(REQUIRED_KEYS)} (optional: {', '.join(OPTIONAL_KEYS)})."
             )
         row = {key: result.get(key) for key in (*REQUIRED_KEYS, *OPTIONAL_KEYS)} | dict(result)
-        row.update(ratio=str(row["ratio"]), labeled_fraction=labeled_fraction(row["ratio"]))
+        fraction = result.get("labeled_fraction")
+        fraction = labeled_fraction(row["ratio"]) if fraction is None else float(fraction)
+        row.update(ratio=str(row["ratio"]), labeled_fraction=fraction)
         rows.append(row)
     if not rows:
         raise DataError("collect_results: expected at least one run's metrics, got none.")

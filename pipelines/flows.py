@@ -2,7 +2,8 @@
 
 Thin wrappers over `pipelines.stages`, the same entry points the DVC stages call. Retries only on
 I/O (registry, storage); a training task is not retried blindly, but a re-run resumes from its
-checkpoint (and its MLflow run), so a pre-empted job loses at most one checkpoint interval.
+checkpoint (and its MLflow run), so a pre-empted job loses at most one checkpoint interval. A cell
+whose finished run still has the current inputs and code is not trained again.
 
     python -m pipelines.flows train --ratio 1_16 --method gta --seed 0
     python -m pipelines.flows sweep
@@ -16,6 +17,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -26,15 +28,15 @@ from pipelines.params import load_params
 
 
 @task(name="prepare-data")
-def prepare_task(params_path: str) -> str:
-    return str(stages.prepare(load_params(params_path)))
+def prepare_task(params_path: str, name: str) -> str:
+    return str(stages.prepare(load_params(params_path), name))
 
 
 @task(name="pretrain-encoder")
-def pretrain_task(params_path: str) -> str:
+def pretrain_task(params_path: str, name: str) -> str:
     """The demo's pretrained encoder; an up-to-date one is reused (DVC decides that itself)."""
     progress = os.environ.get("GTASEG_PROGRESS") == "1"
-    return str(stages.pretrain(load_params(params_path), reuse=True, progress=progress))
+    return str(stages.pretrain(load_params(params_path), name, reuse=True, progress=progress))
 
 
 @task(name="make-split")
@@ -51,9 +53,16 @@ def train_task(
     overrides: list[str] | None = None,
     parent_run_id: str | None = None,
 ) -> dict:
-    """One training run. With GTASEG_TRAIN_LAUNCHER set (the Kubernetes GPU job sets it to
+    """One training run, unless the cell's finished run is still current (its metrics are
+    returned). With GTASEG_TRAIN_LAUNCHER set (the Kubernetes GPU job sets it to
     `torchrun --standalone --nproc_per_node <gpus>`), the run is launched across the node's GPUs
     as a subprocess; otherwise it runs in this process."""
+    if not overrides:
+        done = stages.finished_summary(load_params(params_path), ratio, method, seed)
+        if done is not None:
+            get_run_logger().info("%s/%s/seed%d: finished and current, not retrained",
+                                  ratio, method, seed)
+            return done
     launcher = os.environ.get("GTASEG_TRAIN_LAUNCHER", "").strip()
     if launcher:
         return launch_distributed(
@@ -100,6 +109,7 @@ def launch_distributed(
 
 @task(name="sweep-parent-run", retries=3, retry_delay_seconds=5)
 def parent_run_task(params_path: str) -> str:
+    """The parent run of this sweep invocation; the register task ends it."""
     from pipelines.tracking_run import sweep_parent_run
 
     return sweep_parent_run(load_params(params_path))
@@ -123,9 +133,12 @@ def train_flow(
     seed: int = 0,
     overrides: list[str] | None = None,
 ) -> dict:
-    """Train one (ratio, method, seed) cell; the split must exist (stage `split`)."""
-    if stages.uses_pretrain(load_params(config_path)):
-        pretrain_task(config_path)
+    """Train one (ratio, method, seed) cell (its split is made when missing)."""
+    params = load_params(config_path)
+    if params.dataset_entry() is not None and not Path(params.run.data.root).is_dir():
+        prepare_task(config_path, params.dataset_entry())
+    if params.pretrain_entry() is not None:
+        pretrain_task(config_path, params.pretrain_entry())
     if not stages.split_dir(ratio, seed).is_dir() and ratio != stages.FULL:
         split_task(config_path, ratio, seed)
     return train_task(config_path, ratio, method, seed, overrides)
@@ -138,18 +151,19 @@ def sweep_flow(
     methods: list[str] | None = None,
     seeds: list[int] | None = None,
 ) -> dict:
-    """Prepare data, pretrain the demo's encoder (when run.model.encoder_weights names the
-    `pretrain` stage's file), make splits, train every cell (concurrency `sweep.max_parallel`),
-    compare the label ratios and register the champion student. Cells already trained
-    resume/finish at once."""
+    """Generate the data_prep and pretrain entries, make splits, train every cell (concurrency
+    `sweep.max_parallel`; a finished cell with current inputs is skipped, an unfinished one
+    resumes), compare the label ratios, point the registry's aliases and end the sweep's parent
+    run."""
     logger = get_run_logger()
     params = load_params(config_path)
     ratios = ratios or list(params.sweep.ratios)
     methods = methods or list(params.sweep.methods)
     seeds = seeds or list(params.sweep.seeds)
-    prepare_task(config_path)
-    if stages.uses_pretrain(params):
-        pretrain_task(config_path)
+    for name in params.data_prep:
+        prepare_task(config_path, name)
+    for name in params.pretrain:
+        pretrain_task(config_path, name)
     for ratio in ratios:
         for seed in seeds:
             split_task(config_path, ratio, seed)

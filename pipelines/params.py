@@ -1,15 +1,21 @@
 """The pipeline's own settings (params.yaml minus `run:`), typed and validated like the run config.
 
 params.yaml layout:
-    data_prep:  the embedded demo dataset (stage `prepare`)
-    pretrain:   the demo's pretrained encoder, trained on other digit classes (stage `pretrain`)
+    data_prep:  embedded datasets the pipeline generates, by name (stage `prepare@<name>` writes
+                data/<name>); {} when run.data reads a dataset from disk
+    pretrain:   encoders the pipeline pretrains, by name (stage `pretrain@<name>` writes
+                models/<name>/encoder.pth); {} when the runs start from your own weights or none
     sweep:      label ratios x methods x seeds (stages `split`, `train`, `compare`)
-    tracking:   MLflow experiment, registered model name, champion rule
+    tracking:   MLflow experiment, registered model name, champion metric
     run:        one training run's config (gtaseg.config.Config), shared by every sweep cell
+
+DVC has no conditionals: `data_prep` and `pretrain` are mappings so that dvc.yaml can make one
+stage per entry (`foreach`), and none for an empty mapping.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,10 +51,10 @@ class DataPrep:
 @dataclass(frozen=True)
 class Pretrain:
     """The embedded demo's stand-in for ImageNet weights: the `run:` architecture trained with all
-    labels on scenes of digit classes the demo never sees (data_prep's style otherwise), and its
-    encoder saved where `run.model.encoder_weights` can point."""
+    labels on scenes of digit classes the demo never sees (drawn in the style of the run's
+    `data_prep` entry otherwise), and its encoder saved where `run.model.encoder_weights` points."""
 
-    digits: tuple[int, ...] = (5, 6, 7, 8, 9)  # must not overlap data_prep.digits
+    digits: tuple[int, ...] = (5, 6, 7, 8, 9)  # must not overlap any data_prep entry's digits
     n_train: int = 1024  # pretraining scenes (all labelled)
     n_val: int = 128  # scenes to report the pretraining mIoU on
     seed: int = 1  # scene and training seed
@@ -96,19 +102,44 @@ class Tracking:
     experiment: str = "gtaseg-demo"  # MLflow experiment
     tracking_uri: str = "sqlite:///mlflow.db"  # used when MLFLOW_TRACKING_URI is not set
     model_name: str = "gtaseg-student"  # registered model
-    champion_metric: str = "best_val_miou_student"  # compared to move the `champion` alias
-    champion_scope: str = "overall"  # overall | per_ratio (alias champion-<ratio> per ratio)
-    sweep_name: str = "demo-sweep"  # parent run that nests every training run
+    champion_metric: str = "best_val_miou_student"  # picks `champion` and each `best-<ratio>`
+    sweep_name: str = "demo-sweep"  # name of the parent run of each sweep invocation
     log_checkpoints: bool = True  # upload last/best checkpoints as artifacts
+
+
+MODELS_DIR = Path("models")  # encoder weights the runs start from; the train stages depend on it
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # an entry name is a folder name and a DVC stage suffix
+
+
+def embedded_dir(name: str) -> Path:
+    """Where the `prepare@<name>` stage writes the embedded dataset `data_prep.<name>`."""
+    return Path("data") / name
+
+
+def encoder_file(name: str) -> Path:
+    """The encoder the `pretrain@<name>` stage writes (point run.model.encoder_weights here)."""
+    return MODELS_DIR / name / "encoder.pth"
 
 
 @dataclass(frozen=True)
 class PipelineParams:
-    data_prep: DataPrep = field(default_factory=DataPrep)
-    pretrain: Pretrain = field(default_factory=Pretrain)
+    data_prep: dict[str, DataPrep] = field(default_factory=dict)
+    pretrain: dict[str, Pretrain] = field(default_factory=dict)
     sweep: Sweep = field(default_factory=Sweep)
     tracking: Tracking = field(default_factory=Tracking)
     run: Config = field(default_factory=Config)
+
+    def dataset_entry(self) -> str | None:
+        """The `data_prep` entry that run.data reads (None: a dataset on disk)."""
+        data = self.run.data
+        used = [n for n in self.data_prep if Path(data.root) == embedded_dir(n)]
+        return used[0] if used and data.format == "embedded" else None
+
+    def pretrain_entry(self) -> str | None:
+        """The `pretrain` entry whose encoder run.model.encoder_weights names (None: other)."""
+        weights = self.run.model.encoder_weights
+        used = [n for n in self.pretrain if weights and Path(weights) == encoder_file(n)]
+        return used[0] if used else None
 
 
 def load_params(path: str | Path = "params.yaml") -> PipelineParams:
@@ -121,21 +152,51 @@ def load_params(path: str | Path = "params.yaml") -> PipelineParams:
         raise ConfigError(f"{path}: expected a YAML mapping at the top, got {type(raw).__name__}.")
     run = config_from_dict(raw.pop("run", {}))
     params = _build(_PipelineRaw, raw, "")
-    overlap = sorted(set(params.pretrain.digits) & set(params.data_prep.digits))
-    if overlap:
+    params = PipelineParams(params.data_prep, params.pretrain, params.sweep, params.tracking, run)
+    _check_names(params)
+    _check_overlap(params)
+    _check_weights_folder(params.run.model.encoder_weights)
+    return params
+
+
+def _check_names(params: PipelineParams) -> None:
+    for section in ("data_prep", "pretrain"):
+        bad = [n for n in getattr(params, section) if not _NAME.match(n)]
+        if bad:
+            raise ConfigError(
+                f"{section}: entry name {bad[0]!r} is not a plain folder name; expected letters, "
+                f"digits, '_' or '-' (it names the output folder and the DVC stage)."
+            )
+
+
+def _check_overlap(params: PipelineParams) -> None:
+    for p_name, pre in params.pretrain.items():
+        for d_name, prep in params.data_prep.items():
+            overlap = sorted(set(pre.digits) & set(prep.digits))
+            if overlap:
+                raise ConfigError(
+                    f"pretrain.{p_name}.digits {list(pre.digits)} overlap data_prep.{d_name}."
+                    f"digits {list(prep.digits)} in {overlap}: pretraining with all labels on "
+                    f"the demo's own classes would leak the labels a 1/16 split hides. Expected "
+                    f"disjoint classes, e.g. pretrain digits [5, 6, 7, 8, 9] with data_prep "
+                    f"digits [0, 1, 2, 3, 4]."
+                )
+
+
+def _check_weights_folder(weights: str | None) -> None:
+    """The train stages depend on models/ as a whole (DVC cannot depend on a path that may be
+    null), so weights elsewhere would not retrain the runs when they change."""
+    if weights is not None and Path(weights).parts[:1] != (MODELS_DIR.name,):
         raise ConfigError(
-            f"pretrain.digits {list(params.pretrain.digits)} overlap data_prep.digits "
-            f"{list(params.data_prep.digits)} in {overlap}: pretraining with all labels on the "
-            f"demo's own classes would leak the labels a 1/16 split hides. Expected disjoint "
-            f"classes, e.g. pretrain.digits: [5, 6, 7, 8, 9] with data_prep.digits: "
-            f"[0, 1, 2, 3, 4]."
+            f"run.model.encoder_weights: expected a file under {MODELS_DIR}/ (the train stages "
+            f"depend on that folder, so DVC retrains when the weights change), got {weights!r}. "
+            f"Move the file into {MODELS_DIR}/ and point the key at it, or set null."
         )
-    return PipelineParams(params.data_prep, params.pretrain, params.sweep, params.tracking, run)
 
 
 @dataclass(frozen=True)
 class _PipelineRaw:
-    data_prep: DataPrep = field(default_factory=DataPrep)
-    pretrain: Pretrain = field(default_factory=Pretrain)
+    data_prep: dict[str, DataPrep] = field(default_factory=dict)
+    pretrain: dict[str, Pretrain] = field(default_factory=dict)
     sweep: Sweep = field(default_factory=Sweep)
     tracking: Tracking = field(default_factory=Tracking)

@@ -1,7 +1,16 @@
-"""Champion promotion in the MLflow registry: register a run's model, move the alias if better.
+"""The MLflow model registry: which student to ship, as aliases of one registered model.
 
-Guarantee: concurrent `promote_if_better` calls for one model name end with the alias on the best
-of all candidates (strictly higher metric wins; ties keep the earlier champion). MLflow has no
+`point_aliases` (what the pipeline's register stage calls) recomputes the aliases from the
+sweep's current results: `champion` on the best student over all label ratios, `best-<ratio>` on
+the best student trained with that ratio's labels (what a user with that label budget ships). A
+version is registered only for a run that has none yet, so a second call with the same results
+changes nothing; and the champion moves down when the current results are worse.
+
+`promote_if_better` is the incremental alternative for promotions from several processes:
+register a run's model and move an alias only if it is better.
+
+Guarantee of `promote_if_better`: concurrent calls for one model name end with the alias on the
+best of all candidates (strictly higher metric wins; ties keep the earlier champion). MLflow has no
 compare-and-set for aliases, so each read-compare-set runs under an exclusive `fcntl.flock` on
 `<lock_dir>/<model>.lock`, and the alias is read back after setting it: moved by someone else to
 a better version -> leave it; to a worse one -> compare and set again.
@@ -18,7 +27,7 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +46,8 @@ if TYPE_CHECKING:
 DEFAULT_LOCK_DIR = Path.home() / ".cache" / "gtaseg" / "registry-locks"
 LOCK_TIMEOUT_S = 300.0
 METRIC_NAME_TAG = "gtaseg.metric"  # version tag: the metric name its promotion compared
+CHAMPION = "champion"  # the best student over all label ratios
+RATIO_ALIAS_PREFIX = "best-"  # best-<ratio>: the best student of one label ratio
 _MAX_ROUNDS = 10  # read-compare-set rounds before giving up on a registry that keeps moving
 
 
@@ -147,6 +158,96 @@ def promote_if_better(
         f"alias {alias!r} of {model_name!r} kept moving to worse versions during {_MAX_ROUNDS} "
         f"rounds; another promoter is not using the lock {lock_path}. Promote from one place."
     )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A finished run whose logged model (`artifact_path`) may be registered."""
+
+    run_id: str
+    ratio: str
+    method: str
+    seed: int
+    metric: float
+
+
+def ratio_alias(ratio: str) -> str:
+    return f"{RATIO_ALIAS_PREFIX}{ratio}"
+
+
+def point_aliases(
+    client: MlflowClient,
+    model_name: str,
+    candidates: Sequence[Candidate],
+    metric_name: str,
+    artifact_path: str = "student",
+    lock_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Point `champion` at the best of `candidates` and `best-<ratio>` at the best of each ratio
+    (ties: the earlier candidate); register a version only for a run that has none; drop the
+    `best-<ratio>` aliases of ratios no candidate has. Returns {"aliases": {alias: {version,
+    run_id, ratio, method, seed, metric}}, "registered": [new versions], "removed": [aliases]}.
+    """
+    if not candidates:
+        raise ValueError("point_aliases: expected at least one candidate run, got none.")
+    for cand in candidates:
+        if not math.isfinite(cand.metric):
+            raise ValueError(f"{metric_name} of run {cand.run_id}: expected a finite number, "
+                             f"got {cand.metric!r}.")
+    chosen = {CHAMPION: _best(candidates)}
+    for ratio in dict.fromkeys(c.ratio for c in candidates):
+        chosen[ratio_alias(ratio)] = _best([c for c in candidates if c.ratio == ratio])
+    lock_path = (lock_dir or _default_lock_dir(client.tracking_uri)) / _lock_name(model_name)
+    with _exclusive(lock_path):
+        versions, registered = _versions_of(client, model_name, chosen.values(), metric_name,
+                                            artifact_path)  # fmt: skip
+        aliases = {a: str(v) for a, v in client.get_registered_model(model_name).aliases.items()}
+        for alias, cand in chosen.items():
+            if aliases.get(alias) != versions[cand.run_id]:
+                client.set_registered_model_alias(model_name, alias, versions[cand.run_id])
+        removed = [a for a in aliases if a.startswith(RATIO_ALIAS_PREFIX) and a not in chosen]
+        for alias in removed:
+            client.delete_registered_model_alias(model_name, alias)
+    described = {
+        alias: {"version": versions[c.run_id], "run_id": c.run_id, "ratio": c.ratio,
+                "method": c.method, "seed": c.seed, "metric": c.metric}
+        for alias, c in chosen.items()
+    }
+    return {"aliases": described, "registered": registered, "removed": removed}
+
+
+def _versions_of(
+    client: MlflowClient,
+    model_name: str,
+    candidates: Iterable[Candidate],
+    metric_name: str,
+    artifact_path: str,
+) -> tuple[dict[str, str], list[str]]:
+    """run id -> model version for each candidate, registering a version only for a run that
+    has none; and the versions registered now."""
+    versions: dict[str, str] = {}
+    registered: list[str] = []
+    for cand in candidates:
+        if cand.run_id in versions:
+            continue
+        version = _version_of_run(client, model_name, cand.run_id)
+        if version is None:
+            tags = {"ratio": cand.ratio, "method": cand.method, "seed": str(cand.seed),
+                    metric_name: repr(float(cand.metric)), METRIC_NAME_TAG: metric_name}
+            version = _register(client, model_name, cand.run_id, artifact_path, tags)
+            registered.append(version)
+        versions[cand.run_id] = version
+    return versions, registered
+
+
+def _best(candidates: Sequence[Candidate]) -> Candidate:
+    return max(candidates, key=lambda c: c.metric)  # max keeps the first of equals
+
+
+def _version_of_run(client: MlflowClient, model_name: str, run_id: str) -> str | None:
+    """The newest version of `model_name` registered from `run_id`, if any."""
+    found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    return str(max(int(v.version) for v in found)) if found else None
 
 
 def _beats(metric_value: float, current: Mapping[str, Any], metric_name: str) -> bool:

@@ -1,14 +1,17 @@
-"""One tracked training run and the sweep's registration: MLflow around `gtaseg.train.train`.
+"""One tracked training run, and the sweep's parent run: MLflow around `gtaseg.train.train`.
 
-A training run is one MLflow run nested under the sweep's parent run. Its id is kept in the run
-folder, so a retried or re-run job (pre-emption, Prefect retry, `dvc repro` after a kill) resumes
-both the checkpoint and the same MLflow run.
+A training run is one MLflow run nested under the running parent run of its sweep invocation.
+Before a run is opened, `pipelines.runstate` decides from the run folder's record whether the
+attempt resumes (an unfinished run of the same inputs and code: its checkpoint and its MLflow run)
+or starts fresh (cleared outputs, a new MLflow run). A finished run is never reopened.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
+import requests  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -27,12 +30,14 @@ from gtaseg.data.loaders import make_val_data  # noqa: E402
 from gtaseg.distributed import resolve_device  # noqa: E402
 from gtaseg.evaluate import evaluate  # noqa: E402
 from gtaseg.inference import load_exported, predict_val_overlays  # noqa: E402
-from gtaseg.io import write_atomic  # noqa: E402
 from gtaseg.mlflow_tracking import MlflowTracker, configure_http_client  # noqa: E402
+from gtaseg.model import exportable  # noqa: E402
 from gtaseg.train import train  # noqa: E402
+from pipelines import runstate  # noqa: E402
+from pipelines.cells import labeled_counts  # noqa: E402
 from pipelines.params import PipelineParams  # noqa: E402
 
-RUN_ID_FILE = "mlflow_run_id.txt"
+SWEEP_TAG = "gtaseg.sweep"  # on parent runs: tracking.sweep_name
 log = logging.getLogger(__name__)
 
 
@@ -50,18 +55,67 @@ def tracking_uri(params: PipelineParams) -> str:
     return uri
 
 
-def sweep_parent_run(params: PipelineParams) -> str:
-    """Find or create the sweep's parent run (tag gtaseg.sweep = tracking.sweep_name)."""
-    uri = tracking_uri(params)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(params.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(params.tracking.experiment)
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as exc:  # created by a concurrent stage in between
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def sweep_parent_run(params: PipelineParams, create: bool = True) -> str | None:
+    """The running parent run of this sweep invocation (tag gtaseg.sweep = tracking.sweep_name);
+    with `create`, a new one when none is running (the previous invocation ended its own)."""
+    client = MlflowClient(tracking_uri(params))
+    exp_id = _experiment_id(client, params.tracking.experiment)
     name = params.tracking.sweep_name
-    found = client.search_runs([exp_id], f"tags.`gtaseg.sweep` = '{name}'", max_results=1)
+    found = client.search_runs(
+        [exp_id],
+        f"tags.`{SWEEP_TAG}` = '{name}' and attributes.status = 'RUNNING'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if found:
         return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=name, tags={"gtaseg.sweep": name})
-    return run.info.run_id
+    if not create:
+        return None
+    return client.create_run(exp_id, run_name=name, tags={SWEEP_TAG: name}).info.run_id
+
+
+def end_sweep(params: PipelineParams, files: list[Path], tags: dict[str, str]) -> str:
+    """Attach the comparison (`files`) and `tags` to the sweep's parent run and end it FINISHED:
+    the next invocation opens a new one. Returns the parent's run id."""
+    client = MlflowClient(tracking_uri(params))
+    run_id = sweep_parent_run(params)
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def run_status(uri: str, run_id: str) -> str | None:
+    """An MLflow run's status; runstate.MISSING for a deleted one; None when MLflow cannot say."""
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException as exc:
+        return runstate.MISSING if exc.error_code == "RESOURCE_DOES_NOT_EXIST" else None
+    except (requests.RequestException, OSError):
+        return None
+    return runstate.MISSING if run.info.lifecycle_stage == "deleted" else run.info.status
+
+
+def _mark_abandoned(uri: str, run_id: str) -> None:
+    """An attempt killed mid-run (status RUNNING) whose inputs changed will never resume."""
+    try:
+        MlflowClient(uri).set_terminated(run_id, "KILLED")
+    except (MlflowException, requests.RequestException, OSError) as exc:
+        log.warning("could not mark the abandoned MLflow run %s KILLED: %s", run_id, exc)
 
 
 def tracked_training(
@@ -74,36 +128,58 @@ def tracked_training(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train `cfg` into `out` with an MLflow run; log checkpoints, model, plots; return metrics.
-    Under torchrun only rank 0 opens the MLflow run; the other ranks just train."""
+    Resumes an unfinished attempt of the same inputs and code, else starts fresh (see module
+    docstring). Under torchrun only rank 0 decides and opens the MLflow run; the other ranks
+    wait for it in the process group's start, then train."""
     if int(os.environ.get("RANK", "0")) != 0:
         return train(cfg, out, tracker=None, resume=True, progress=False)
-    out.mkdir(parents=True, exist_ok=True)
-    id_file = out / RUN_ID_FILE
-    previous = id_file.read_text().strip() if id_file.is_file() else None
-    resume = previous is not None and (out / "checkpoints").is_dir()
+    tracker, record, resume = _start_attempt(params, cfg, out, ratio, tags, parent_run_id)
+    status = "FAILED"  # a killed or failed attempt must not read FINISHED; a rerun resumes it
+    try:
+        summary = train(cfg, out, tracker=tracker, resume=resume, progress=progress)
+        summary["run_id"] = tracker.run_id
+        _log_outputs(tracker, cfg, out, params.tracking.log_checkpoints)
+        status = runstate.FINISHED
+    finally:
+        tracker.close(status)
+    runstate.write_record(out, dataclasses.replace(record, status=runstate.FINISHED))
+    return summary
+
+
+def _start_attempt(
+    params: PipelineParams,
+    cfg: Config,
+    out: Path,
+    ratio: str,
+    tags: dict[str, str],
+    parent_run_id: str | None,
+) -> tuple[MlflowTracker, runstate.RunRecord, bool]:
+    """Decide resume or fresh (clearing the folder), open or reopen the MLflow run, record it:
+    (tracker, the run folder's record, resume?)."""
     configure_http_client()  # before the first request: mlflow's own retries stall for minutes
-    if parent_run_id is None:
-        parent_run_id = sweep_parent_or_none(params)
+    uri = tracking_uri(params)
+    key, code = runstate.cell_key(params, cfg), runstate.code_fingerprint()
+    attempt = runstate.plan_attempt(out, key, code, partial(run_status, uri))
+    if not attempt.resume:
+        runstate.clear_outputs(out)
+        if attempt.abandoned:
+            _mark_abandoned(uri, attempt.abandoned)
+    out.mkdir(parents=True, exist_ok=True)
     tracker = MlflowTracker(
         experiment=params.tracking.experiment,
         run_name=f"{ratio}-{cfg.train.method}-seed{cfg.train.seed}",
-        tracking_uri=tracking_uri(params),
-        parent_run_id=parent_run_id,
-        tags=tags,
-        run_id=previous if resume else None,
+        tracking_uri=uri,
+        parent_run_id=parent_run_id or sweep_parent_or_none(params),
+        tags={**tags, "gtaseg.cell_key": key, "gtaseg.code": code},
+        run_id=attempt.run_id,
         fallback_dir=out / "tracking-fallback",
     )
-    if tracker.run_id is not None:  # None when the server was down and we log to fallback files
-        write_atomic(id_file, tracker.run_id + "\n")
-    status = "FAILED"  # a killed or failed attempt must not read FINISHED; a retry resumes it
-    try:
-        summary = train(cfg, out, tracker=tracker, resume=True, progress=progress)
-        summary["run_id"] = tracker.run_id
-        _log_outputs(tracker, cfg, out, params.tracking.log_checkpoints)
-        status = "FINISHED"
-    finally:
-        tracker.close(status)
-    return summary
+    record = runstate.RunRecord(tracker.run_id, key, code, "RUNNING")
+    runstate.write_record(out, record)
+    labeled, fraction = labeled_counts(Path(cfg.data.split_dir))
+    # Every attempt logs them (a resumed run already has them: MLflow sees the same values).
+    tracker.log_params({"labeled_count": labeled, "labeled_fraction": fraction, **cfg.to_dict()})
+    return tracker, record, attempt.resume
 
 
 def sweep_parent_or_none(params: PipelineParams) -> str | None:
@@ -129,7 +205,7 @@ def _log_outputs(tracker: MlflowTracker, cfg: Config, out: Path, checkpoints: bo
                 tracker.log_artifact(out / "checkpoints" / name, "checkpoints")
     device = resolve_device(cfg.train.device)
     student = load_exported(out / "model", device)
-    tracker.log_model(student, "student")
+    tracker.log_model(exportable(student), "student", input_example=input_example(student))
     tracker.log_artifact(out / "model", "student_smp")
     result = evaluate(
         student,
@@ -167,43 +243,9 @@ def confusion_plot(confusion: np.ndarray, names: list[str], path: Path) -> Path:
     return path
 
 
-def register_sweep(params: PipelineParams, cells: list[tuple[str, str, Path]]) -> dict[str, Any]:
-    """Offer each finished run's student, given as (ratio, method, run folder), to the registry;
-    `champion` moves only to a better one. The full-label reference is an upper bound, not a
-    semi-supervised student, so it is never offered."""
-    import json
-
-    from pipelines.registry import champion, promote_if_better
-
-    client = MlflowClient(tracking_uri(params))
-    mlflow.set_tracking_uri(tracking_uri(params))
-    t = params.tracking
-    offered = []
-    for ratio, method, out in cells:
-        metrics_file, id_file = out / "metrics.json", out / RUN_ID_FILE
-        if ratio == "full" or not (metrics_file.is_file() and id_file.is_file()):
-            continue
-        metrics = json.loads(metrics_file.read_text())
-        alias = "champion" if t.champion_scope == "overall" else f"champion-{ratio}"
-        res = promote_if_better(
-            client,
-            t.model_name,
-            id_file.read_text().strip(),
-            "student",
-            float(metrics[t.champion_metric]),
-            metric_name=t.champion_metric,
-            alias=alias,
-            tags={"ratio": ratio, "method": method},
-        )
-        offered.append(
-            {
-                "run_dir": str(out),
-                "metric": metrics[t.champion_metric],
-                "promoted": bool(res.promoted),
-            }
-        )
-    return {
-        "model_name": t.model_name,
-        "offered": offered,
-        "champion": champion(client, t.model_name),
-    }
+def input_example(model: Any) -> np.ndarray:
+    """Two normalised RGB images, non-square, of a size the network takes without padding:
+    what the registered model shows as its example (its signature leaves N, H, W free)."""
+    side = int(getattr(model.encoder, "output_stride", 32))
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((2, 3, 2 * side, 3 * side)).astype(np.float32)

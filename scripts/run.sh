@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # gtaseg's one entry point: sets up the pinned environment on first use, then runs a task.
-#   bash scripts/run.sh demo    the whole pipeline on the embedded dataset (dvc repro, with one
-#                               local Prefect server for all its flow runs)
+#   bash scripts/run.sh demo    the whole pipeline on the dataset params.yaml names (dvc repro;
+#                               extra arguments go to dvc repro)
 #   bash scripts/run.sh test    the test suite (what CI runs)
 #   bash scripts/run.sh env     only set up the environment
 #   bash scripts/run.sh -- CMD  run CMD inside the environment (e.g. -- gtaseg --help)
@@ -40,7 +40,7 @@ done < "$here/.env.defaults"
 task="${1:-help}"; shift || true
 case "$task" in
   env) echo "[gtaseg] environment ready: $venv" ;;
-  demo) exec python -m pipelines.local_server dvc repro "$@" ;;
+  demo) exec dvc repro "$@" ;;
   test) exec python -m pytest -q "$@" ;;
   --) exec "$@" ;;
   *) sed -n '2,7p' "$0"; exit 2 ;;

@@ -424,9 +424,10 @@ PIPELINE_CASES = {
         ("label ratio 1.5: expected a ratio in (0, 1]",),
     ),
     "pretraining classes overlap the demo's": (
-        lambda params: params["pretrain"].update(digits=[4, 5, 6]),
+        lambda params: params["pretrain"]["pretrained"].update(digits=[4, 5, 6]),
         ["pretrain"],
-        ("pretrain.digits [4, 5, 6] overlap data_prep.digits [0, 1, 2, 3, 4] in [4]",
+        ("pretrain.pretrained.digits [4, 5, 6] overlap data_prep.embedded.digits "
+         "[0, 1, 2, 3, 4] in [4]",
          "would leak the labels a 1/16 split hides"),
     ),
     "YAML syntax error in params.yaml": (

@@ -28,8 +28,8 @@ def prefect_harness():
 @pytest.fixture
 def scratch(tmp_path, monkeypatch) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data_prep"].update(n_train=16, n_val=4, size=32)
-    params["pretrain"].update(n_train=8, n_val=2, epochs=1)
+    params["data_prep"]["embedded"].update(n_train=16, n_val=4, size=32)
+    params["pretrain"]["pretrained"].update(n_train=8, n_val=2, epochs=1)
     params["sweep"].update(
         ratios=["1_4"],
         methods=["supervised", "gta"],
@@ -49,6 +49,8 @@ def scratch(tmp_path, monkeypatch) -> Path:
 
 
 def test_sweep_flow_trains_compares_and_registers(prefect_harness, scratch):
+    from mlflow.tracking import MlflowClient
+
     from pipelines.flows import run_sweep
 
     result = run_sweep("params.yaml")
@@ -57,18 +59,25 @@ def test_sweep_flow_trains_compares_and_registers(prefect_harness, scratch):
         assert (scratch / f"runs/1_4/{method}/seed0/metrics.json").is_file()
     assert Path(result["tables"]["summary_md"]).is_file()
     champion = json.loads((scratch / "results/champion.json").read_text())
-    assert champion["champion"]["version"] in {"1", "2"}
+    assert champion["aliases"]["champion"] == champion["aliases"]["best-1_4"]
+    assert champion["registered"] == [champion["aliases"]["champion"]["version"]]
     encoder = scratch / "models/pretrained/encoder.pth"
     record = json.loads((scratch / "models/pretrained/pretrain.json").read_text())
     assert record["spec"]["pretrain"]["digits"] == [5, 6, 7, 8, 9]
     made = encoder.stat().st_mtime_ns
-    # a second sweep finds every run finished: each resumes at its last iteration and re-registers
+    # a second sweep finds every cell finished with current inputs: nothing trains or registers
     again = run_sweep("params.yaml")
     assert encoder.stat().st_mtime_ns == made  # the pretrained encoder is reused, not retrained
-    assert again["runs"] == 2
+    assert again["runs"] == 2 and again["champion"]["registered"] == []
     for method in ("supervised", "gta"):
         metrics = json.loads((scratch / f"runs/1_4/{method}/seed0/metrics.json").read_text())
         assert metrics["iterations"] == 6  # 12 unlabelled / batch 2 = 6 iterations, not retrained
+    client = MlflowClient(f"sqlite:///{scratch / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("gtaseg-demo").experiment_id])
+    parents = [r for r in runs if "gtaseg.sweep" in r.data.tags]
+    cells = [r for r in runs if r.data.tags.get("gtaseg.ratio") == "1_4"]
+    assert len(cells) == 2 and {r.info.status for r in cells} == {"FINISHED"}
+    assert len(parents) == 2 and {r.info.status for r in parents} == {"FINISHED"}  # one each
 
 
 def test_train_task_under_a_launcher(prefect_harness, scratch, monkeypatch):
@@ -78,9 +87,10 @@ def test_train_task_under_a_launcher(prefect_harness, scratch, monkeypatch):
     from pipelines.flows import train_flow
     from pipelines.params import load_params
 
-    stages.prepare(load_params("params.yaml"))
+    stages.prepare(load_params("params.yaml"), "embedded")
     monkeypatch.setenv("GTASEG_TRAIN_LAUNCHER", sys.executable)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     result = train_flow("params.yaml", "1_4", "supervised", 0)
     assert result["method"] == "supervised" and result["iterations"] == 6
-    assert (scratch / "runs/1_4/supervised/seed0/mlflow_run_id.txt").is_file()
+    record = json.loads((scratch / "runs/1_4/supervised/seed0/run.json").read_text())
+    assert record["status"] == "FINISHED"

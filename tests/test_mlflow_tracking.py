@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import requests
 import torch
@@ -105,6 +106,48 @@ def test_logs_everything_and_reads_back(local_store: str, tmp_path: Path) -> Non
     x = torch.randn(1, 3, 4, 4)
     assert torch.equal(loaded(x), model(x))
     assert not loaded.training and model.training  # an eval copy; the caller's model untouched
+
+
+@pytest.mark.slow  # torch.export of a small DeepLabV3+: ~10 s on a busy CI core
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_model_with_an_example_is_a_pickle_free_program_with_a_signature(
+    local_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline's registered model: any image size, loadable with pickle forbidden."""
+    from mlflow.models import Model
+
+    from gtaseg.config import ModelConfig
+    from gtaseg.model import build_model, exportable
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(encoder="resnet18", encoder_depth=3, atrous_rates=(1, 2, 3),
+                      decoder_channels=8)  # fmt: skip
+    net = build_model(cfg, num_classes=4).eval()
+    example = np.random.default_rng(0).standard_normal((2, 3, 16, 24)).astype(np.float32)
+    tracker = MlflowTracker("exp", "pt2", tracking_uri=local_store)
+    tracker.log_model(exportable(net), "student", input_example=example)
+    tracker.close()
+
+    client = MlflowClient(local_store)
+    experiment_id = client.get_run(tracker.run_id).info.experiment_id
+    (logged,) = client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{tracker.run_id}'"
+    )
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    mlflow.set_tracking_uri(local_store)
+    loaded = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    with torch.no_grad():
+        for shape in [(1, 3, 32, 32), (3, 3, 37, 53)]:  # sizes the network pads internally too
+            x = torch.randn(*shape)
+            assert torch.allclose(loaded(x), net(x), atol=1e-5), shape
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{logged.model_id}"))
+    info = Model.load(local)
+    assert info.signature.inputs.inputs[0].shape == (-1, 3, -1, -1)
+    assert info.signature.outputs.inputs[0].shape == (-1, 4, -1, -1)
+    np.testing.assert_array_equal(info.load_input_example(local), example)
+    assert (local / "data" / "model.pt2").is_file() and not list(local.rglob("*.pth"))
+    requirements = (local / "requirements.txt").read_text()
+    assert "torch==" in requirements and "segmentation-models-pytorch==" in requirements
 
 
 def test_many_params_are_all_logged_and_params_are_immutable(local_store: str) -> None:
@@ -267,7 +310,8 @@ def test_outage_mid_run_buffers_then_delivers_everything_in_order(
     assert time.monotonic() - start < 2.0
     torch.manual_seed(1)
     model = torch.nn.Conv2d(3, 2, kernel_size=1)
-    tracker.log_model(model, "student")  # kept locally, uploaded at close
+    example = np.ones((2, 3, 4, 4), dtype=np.float32)
+    tracker.log_model(model, "student", input_example=example)  # kept locally, sent at close
 
     server.start()
     for step in range(15, 20):
@@ -287,8 +331,11 @@ def test_outage_mid_run_buffers_then_delivers_everything_in_order(
         [run.info.experiment_id], filter_string=f"source_run_id = '{tracker.run_id}'"
     )
     mlflow.set_tracking_uri(server.uri)
-    x = torch.randn(1, 3, 4, 4)
-    assert torch.equal(mlflow.pytorch.load_model(f"models:/{logged.model_id}")(x), model(x))
+    x = torch.randn(1, 3, 5, 6)  # the pt2 program takes other sizes than the example's
+    with torch.no_grad():
+        assert torch.allclose(
+            mlflow.pytorch.load_model(f"models:/{logged.model_id}")(x), model(x), atol=1e-6
+        )
 
 
 @pytest.mark.slow

@@ -1,40 +1,39 @@
-"""The pipeline for real on a tiny profile: `dvc repro` end to end (real DVC stages, real Prefect
-flow runs with a temporary local API server, a real MLflow sqlite store and registry), the no-op
-second repro, per-ratio reruns, the champion model loaded and predicting, and a DVC S3 remote
-round trip against a real S3-compatible server (moto) on loopback."""
+"""The pipeline for real on a tiny demo profile: `dvc repro` end to end (real DVC stages, a real
+MLflow sqlite store and registry), the no-op second repro, a changed key that retrains only its
+cells into new runs, DVC experiments listed and diffed, the champion loaded without pickle, and a
+DVC S3 remote round trip against a real S3-compatible server (moto) on loopback.
+
+The tests share one workspace and run in file order (each builds on the previous one's state)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from dvc_workspace import (
+    ROOT,
+    make_workspace,
+    mlflow_runs,
+    read_params,
+    run,
+    stages_run,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
-COPY = [
-    "dvc.yaml",
-    "params.yaml",
-    "pyproject.toml",
-    ".dvcignore",
-    ".env.defaults",
-    "gtaseg",
-    "pipelines",
-]
+EXPERIMENT = "gtaseg-demo"
 
 
 def tiny_params(params: dict) -> dict:
     """Shrink the demo to seconds: 24 scenes of 32 px, two ratios, GTA-Seg only, 1-2 epochs, and
     a one-epoch pretraining on 8 scenes."""
-    params["data_prep"].update(n_train=24, n_val=6, size=32)
-    params["pretrain"].update(n_train=8, n_val=2, epochs=1)
+    params["data_prep"]["embedded"].update(n_train=24, n_val=6, size=32)
+    params["pretrain"]["pretrained"].update(n_train=8, n_val=2, epochs=1)
     params["sweep"].update(
         ratios=["1_4", "1_2"], methods=["gta"], full_seeds=[], epochs={"1_4": 2, "1_2": 1}
     )
@@ -47,56 +46,38 @@ def tiny_params(params: dict) -> dict:
     return params
 
 
-def _env(workdir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env["PYTHONPATH"] = str(workdir)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        cmd, cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A fresh git + DVC project with the repo's pipeline and the tiny params, reproduced once."""
-    work = tmp_path_factory.mktemp("pipeline")
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, work / name)
-    shutil.copytree(ROOT / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    params = tiny_params(yaml.safe_load((work / "params.yaml").read_text()))
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], work)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], work)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], work)
-    run([sys.executable, "-m", "pipelines.local_server", "dvc", "repro"], work, timeout=1500)
+    params = tiny_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    work = make_workspace(tmp_path_factory.mktemp("pipeline"), params)
+    repro = run(["dvc", "repro"], work, timeout=1500)
+    (work / "repro.log").write_text(repro.stdout + repro.stderr)
     return work
 
 
+def cell_runs(work: Path, ratio: str) -> list:
+    return [r for r in mlflow_runs(work, EXPERIMENT) if r.data.tags.get("gtaseg.ratio") == ratio]
+
+
 def test_repro_produces_every_output(workspace):
-    for ratio in ("1_4", "1_2"):
-        metrics = json.loads((workspace / f"runs/{ratio}/gta/seed0/metrics.json").read_text())
+    log = (workspace / "repro.log").read_text()
+    for cell in ("1_4", "1_2"):
+        metrics = json.loads((workspace / f"runs/{cell}/gta/seed0/metrics.json").read_text())
         assert metrics["method"] == "gta" and 0 <= metrics["best_val_miou_student"] <= 1
+        # a progress line per stage names the cell and how far it is (stderr is no terminal)
+        assert f"[runs/{cell}/gta/seed0] " in log and " it (100%)" in log
     summary = (workspace / "results/summary.md").read_text()
     assert "gta" in summary and "1/4" in summary and "1/2" in summary
     assert (workspace / "results/miou_vs_ratio.png").stat().st_size > 1000
     champion = json.loads((workspace / "results/champion.json").read_text())
-    assert champion["champion"] is not None
-    assert len(champion["offered"]) == 2
+    assert set(champion["aliases"]) == {"champion", "best-1_4", "best-1_2"}
+    best = max(champion["aliases"][a]["metric"] for a in ("best-1_4", "best-1_2"))
+    assert champion["aliases"]["champion"]["metric"] == best
     # every run started from the `pretrain` stage's encoder, trained on the other digit classes
     record = json.loads((workspace / "models/pretrained/pretrain.json").read_text())
     assert record["encoder"]["tensors"] > 0 and 0 <= record["best_val_miou"] <= 1
-    classes = (workspace / "data/pretrain/embedded/classes.txt").read_text().split()
+    classes = (workspace / "data/pretrain/pretrained/embedded/classes.txt").read_text().split()
     assert classes[1:] == [f"digit_{d}" for d in (5, 6, 7, 8, 9)], classes
     config = yaml.safe_load((workspace / "runs/1_4/gta/seed0/config.yaml").read_text())
     assert config["model"]["encoder_weights"] == "models/pretrained/encoder.pth"
@@ -106,17 +87,22 @@ def test_mlflow_runs_nested_with_params_metrics_artifacts(workspace):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("gtaseg-demo")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("gtaseg.sweep") == "demo-sweep"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
-    assert len(parents) == 1 and len(children) == 3
+    runs = mlflow_runs(workspace, EXPERIMENT)
+    (parent,) = [r for r in runs if r.data.tags.get("gtaseg.sweep") == "demo-sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED"  # the register stage ended this invocation's parent
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "summary.md", "results.csv", "miou_vs_ratio.png", "champion.json"}  # fmt: skip
     assert sorted(r.data.tags["gtaseg.ratio"] for r in children) == ["1_2", "1_4", "pretrain"]
+    assert {r.info.status for r in children} == {"FINISHED"}
     # 1_4 trains 2 epochs (warm-up + one semi-supervised epoch); 1_2 only its warm-up epoch
     child = next(r for r in children if r.data.tags["gtaseg.ratio"] == "1_4")
     assert child.data.params["train.method"] == "gta"
+    assert float(child.data.params["labeled_fraction"]) == 0.25  # numeric: the UI charts it
+    assert int(child.data.params["labeled_count"]) == 6
     assert len(child.data.tags["gtaseg.split_sha256"]) == 16
     assert child.data.tags["gtaseg.split_dvc_md5"]  # the split's hash as DVC recorded it
+    assert len(child.data.tags["gtaseg.cell_key"]) == 16
     for key in (
         "loss_sup",
         "loss_unsup",
@@ -125,7 +111,8 @@ def test_mlflow_runs_nested_with_params_metrics_artifacts(workspace):
         "val_miou_teacher",
         "pseudo_miou",
         "pseudo_kept_frac",
-        "val_iou_student_0",
+        "val_iou_student/background",
+        "val_iou_teacher/digit_4",
         "train_images_per_s",
     ):
         assert key in child.data.metrics, key
@@ -133,29 +120,83 @@ def test_mlflow_runs_nested_with_params_metrics_artifacts(workspace):
     assert {"config.yaml", "metrics.json", "checkpoints", "plots", "overlays"} <= artifacts
 
 
-def test_champion_loads_and_predicts(workspace):
+def test_champion_loads_without_pickle_and_predicts(workspace, monkeypatch, tmp_path):
     import mlflow
     import torch
+    from mlflow.models import Model
 
+    from gtaseg.cli import main
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
-    model = mlflow.pytorch.load_model("models:/gtaseg-student@champion")
-    with torch.no_grad():
-        logits = model.eval()(torch.randn(1, 3, 32, 32))
-    n_classes = len(yaml.safe_load((workspace / "params.yaml").read_text())["data_prep"]["digits"])
-    assert logits.shape == (1, n_classes + 1, 32, 32)  # background + the demo's digits
+    n_classes = len(read_params(workspace / "params.yaml")["data_prep"]["embedded"]["digits"]) + 1
+    for alias in ("champion", "best-1_4", "best-1_2"):
+        model = mlflow.pytorch.load_model(f"models:/gtaseg-student@{alias}")
+        with torch.no_grad():
+            logits = model(torch.randn(3, 3, 37, 45))  # any batch and size
+        assert logits.shape == (3, n_classes, 37, 45)  # background + the demo's digits
+    local = mlflow.artifacts.download_artifacts("models:/gtaseg-student@champion")
+    assert Model.load(local).signature.inputs.inputs[0].shape == (-1, 3, -1, -1)
+    # the safetensors export of a run folder still predicts
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("val_0000.png", "val_0001.png"):
+        shutil.copy(workspace / "data/embedded/images" / name, images / name)
+    model_dir, out = workspace / "runs/1_4/gta/seed0/model", tmp_path / "pred"
+    argv = ["predict", "--model", str(model_dir), "--images", str(images), "--out", str(out)]
+    assert main(argv) == 0
+    assert len(list(out.rglob("*.png"))) >= 2
 
 
-def test_second_repro_is_a_noop_and_one_ratio_reruns_alone(workspace):
-    status = run(["dvc", "status", "--json"], workspace)
-    assert json.loads(status.stdout) == {}
-    again = run(["dvc", "repro"], workspace)
-    assert "Running stage" not in again.stdout
-    params = yaml.safe_load((workspace / "params.yaml").read_text())
+def test_second_repro_is_a_noop_and_a_changed_key_retrains_only_its_cells(workspace):
+    assert json.loads(run(["dvc", "status", "--json"], workspace).stdout) == {}
+    assert not stages_run(run(["dvc", "repro"], workspace))
+    before = {ratio: cell_runs(workspace, ratio) for ratio in ("1_4", "1_2")}
+    old_champion = json.loads((workspace / "results/champion.json").read_text())
+    params = read_params(workspace / "params.yaml")
     params["sweep"]["epochs"]["1_2"] = 2
-    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = set(json.loads(run(["dvc", "status", "--json"], workspace).stdout))
-    assert "train@1_2-gta-0" in changed
-    assert not any(s.startswith(("train@1_4", "split", "pretrain")) for s in changed)
+    write_params(workspace, params)
+
+    ran = stages_run(run(["dvc", "repro"], workspace))
+
+    assert ran == {"train@1_2-gta-0", "compare", "register"}
+    assert len(cell_runs(workspace, "1_4")) == 1  # untouched
+    old, new = before["1_2"][0], cell_runs(workspace, "1_2")[-1]
+    assert new.info.run_id != old.info.run_id and new.data.params["train.epochs"] == "2"
+    assert {r.info.status for r in cell_runs(workspace, "1_2")} == {"FINISHED"}  # old kept
+    assert cell_runs(workspace, "1_4")[0].info.status == "FINISHED"
+    metrics = json.loads((workspace / "runs/1_2/gta/seed0/metrics.json").read_text())
+    assert metrics["iterations"] == 12  # trained afresh: 2 epochs of 6, not resumed at 6
+    champion = json.loads((workspace / "results/champion.json").read_text())
+    assert champion["aliases"]["best-1_2"]["run_id"] == new.info.run_id
+    assert champion["aliases"]["best-1_4"] == old_champion["aliases"]["best-1_4"]
+    expected = max((champion["aliases"][a] for a in ("best-1_4", "best-1_2")),
+                   key=lambda v: v["metric"])  # fmt: skip
+    assert champion["aliases"]["champion"]["run_id"] == expected["run_id"]
+    parents = [r for r in mlflow_runs(workspace, EXPERIMENT) if "gtaseg.sweep" in r.data.tags]
+    assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}
+    assert new.data.tags["mlflow.parentRunId"] == parents[-1].info.run_id
+    # registering again with the same current runs changes nothing
+    again = json.loads(run([sys.executable, "-m", "pipelines.stages", "register"],
+                           workspace).stdout)  # fmt: skip
+    assert again["registered"] == [] and again["aliases"] == champion["aliases"]
+
+
+def test_dvc_experiments_are_listed_and_diffed(workspace):
+    for name, epochs in (("short", 1), ("long", 2)):
+        exp = run(["dvc", "exp", "run", "-n", name, "--set-param", f"sweep.epochs.1_2={epochs}"],
+                  workspace)  # fmt: skip
+        assert stages_run(exp) == {"train@1_2-gta-0", "compare", "register"}
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], workspace).stdout)
+    names = {e.get("name") for rev in shown for e in rev.get("experiments") or []}
+    assert {"short", "long"} <= names, shown
+    diff = json.loads(run(["dvc", "metrics", "diff", "short", "long", "--json"], workspace).stdout)
+    assert diff["runs/1_2/gta/seed0/metrics.json"]["iterations"] == {"old": 6, "new": 12,
+                                                                     "diff": 6}  # fmt: skip
+    plots = json.loads(run(["dvc", "plots", "diff", "short", "long", "--json"], workspace).stdout)
+    for plot in ("runs/1_2/gta/seed0/history.csv", "results/plots/miou_vs_ratio.csv"):
+        (entry,) = plots["data"][plot]
+        assert entry["revisions"] == ["short", "long"], plot
 
 
 def test_dvc_remote_push_pull_round_trip_on_s3(workspace, monkeypatch):

@@ -25,16 +25,17 @@ def write_params(tmp_path: Path, **model: object) -> Path:
 
 def test_the_demo_pretrains_the_run_network_on_other_classes_with_all_labels(tmp_path):
     params = load_params(write_params(tmp_path))
-    assert stages.uses_pretrain(params)
-    cfg = stages.pretrain_config(params)
-    assert set(params.pretrain.digits).isdisjoint(params.data_prep.digits)
-    assert cfg.data.num_classes == len(params.pretrain.digits) + 1
+    assert params.pretrain_entry() == "pretrained" and params.dataset_entry() == "embedded"
+    cfg = stages.pretrain_config(params, "pretrained")
+    pretrain = params.pretrain["pretrained"]
+    assert set(pretrain.digits).isdisjoint(params.data_prep["embedded"].digits)
+    assert cfg.data.num_classes == len(pretrain.digits) + 1
     assert cfg.train.method == "supervised" and cfg.model.encoder_weights is None
-    assert cfg.train.epochs == params.pretrain.epochs
+    assert cfg.train.epochs == pretrain.epochs
     assert cfg.model.encoder == params.run.model.encoder  # the encoder the demo runs will load
     assert cfg.model.encoder_depth == params.run.model.encoder_depth
     # pretrain.json stores the spec; a flow compares it after a JSON round trip
-    spec = stages.pretrain_spec(params)
+    spec = stages.pretrain_spec(params, "pretrained")
     assert json.loads(json.dumps(spec)) == spec
 
 
@@ -44,9 +45,9 @@ def test_runs_with_other_weights_skip_pretraining(tmp_path, monkeypatch, capsys)
 
     assert stages.main(["pretrain", "--params", str(path)]) == 0
 
-    assert not stages.uses_pretrain(load_params(path))
+    assert load_params(path).pretrain_entry() is None
     record = json.loads((tmp_path / "models/pretrained/pretrain.json").read_text())
     assert "nothing to pretrain" in record["skipped"]
     assert not (tmp_path / "models/pretrained/encoder.pth").exists()
-    assert list((tmp_path / "data/pretrain").iterdir()) == []  # no scenes were generated
+    assert list((tmp_path / "data/pretrain/pretrained").iterdir()) == []  # no scenes generated
     assert "nothing to pretrain" in capsys.readouterr().out

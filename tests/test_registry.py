@@ -15,7 +15,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.registry import champion, load_champion, promote_if_better
+from pipelines.registry import Candidate, champion, load_champion, point_aliases, promote_if_better
 
 MODEL = "student"  # the artifact name each run logs its model under
 
@@ -154,3 +154,50 @@ def test_concurrent_promotions_end_on_the_best(store: Store, tmp_path: Path) -> 
     assert final["version"] == results[0.90][0]
     assert final["run_id"] == store.runs["b"]
     assert results[0.90][1]  # the best one was promoted when its turn came
+
+
+def test_point_aliases_names_the_best_overall_and_per_ratio_and_is_idempotent(
+    store: Store, tmp_path: Path
+) -> None:
+    name, metric = "seg-aliases", "best_val_miou_student"
+    a = Candidate(store.runs["a"], "1_4", "gta", 0, 0.60)
+    b = Candidate(store.runs["b"], "1_2", "supervised", 0, 0.50)
+    first = point_aliases(store.client, name, [a, b], metric, MODEL, lock_dir=tmp_path)
+    aliases = {alias: v["run_id"] for alias, v in first["aliases"].items()}
+    assert aliases == {"champion": a.run_id, "best-1_4": a.run_id, "best-1_2": b.run_id}
+    assert len(first["registered"]) == 2  # one version per run, shared by its aliases
+    assert champion(store.client, name) == {
+        "version": first["aliases"]["champion"]["version"],
+        "run_id": a.run_id,
+        "metric_name": metric,
+        "metric": 0.60,
+    }
+    assert champion(store.client, name, alias="best-1_2")["run_id"] == b.run_id
+
+    again = point_aliases(store.client, name, [a, b], metric, MODEL, lock_dir=tmp_path)
+    assert again["registered"] == [] and again["removed"] == []
+    assert again["aliases"] == first["aliases"]
+    assert len(store.client.search_model_versions(f"name = '{name}'")) == 2
+
+
+def test_point_aliases_moves_the_champion_down_when_the_better_run_is_gone(
+    store: Store, tmp_path: Path
+) -> None:
+    import torch
+
+    name, metric = "seg-down", "best_val_miou_student"
+    a = Candidate(store.runs["a"], "1_4", "gta", 0, 0.60)
+    b = Candidate(store.runs["b"], "1_2", "gta", 0, 0.50)
+    point_aliases(store.client, name, [a, b], metric, MODEL, lock_dir=tmp_path)
+    # the sweep drops ratio 1_4 (or its run was retrained worse): only b is a current result
+    result = point_aliases(store.client, name, [b], metric, MODEL, lock_dir=tmp_path)
+    assert result["registered"] == [] and result["removed"] == ["best-1_4"]
+    assert champion(store.client, name)["run_id"] == b.run_id
+    assert champion(store.client, name)["metric"] == 0.50
+    assert set(store.client.get_registered_model(name).aliases) == {"champion", "best-1_2"}
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(load_champion(name)(x), store.models["b"](x))
+    # ties go to the earlier candidate, so repeated calls cannot flip between equals
+    tie = Candidate(store.runs["a"], "1_2", "gta", 1, 0.50)
+    tied = point_aliases(store.client, name, [b, tie], metric, MODEL, lock_dir=tmp_path)
+    assert tied["aliases"]["champion"]["run_id"] == b.run_id

@@ -439,7 +439,7 @@ def test_prefect_retry_resumes_from_the_checkpoint(tiny_dataset, tmp_path, monke
     steps_per_attempt: list[int] = []
     first_attempt_run_ids: list[str] = []
     real_get_step = train_mod.get_step
-    id_file = Path("runs/1_4/supervised/seed0/mlflow_run_id.txt")
+    record_file = Path("runs/1_4/supervised/seed0/run.json")
 
     def get_step_dying_once(method):
         step = real_get_step(method)
@@ -447,7 +447,7 @@ def test_prefect_retry_resumes_from_the_checkpoint(tiny_dataset, tmp_path, monke
 
         def wrapped(state, batch):
             if len(steps_per_attempt) == 1 and state.iteration == 5:  # last checkpoint: it 4
-                first_attempt_run_ids.append(id_file.read_text().strip())  # before the retry
+                first_attempt_run_ids.append(json.loads(record_file.read_text())["run_id"])
                 raise Interrupt
             steps_per_attempt[-1] += 1
             return step(state, batch)
@@ -479,6 +479,46 @@ def test_prefect_retry_resumes_from_the_checkpoint(tiny_dataset, tmp_path, monke
     runs = client.search_runs([experiment.experiment_id])
     runs = [r for r in runs if r.info.run_name == "1_4-supervised-seed0"]  # not the sweep's
     assert [(r.info.run_id, r.info.status) for r in runs] == [(summary["run_id"], "FINISHED")]
+    record = json.loads(record_file.read_text())
+    assert record["run_id"] == summary["run_id"] and record["status"] == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_killed_train_stage_resumes_its_checkpoint_and_its_mlflow_run(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """What `dvc repro` does after a kill -9 mid-stage: the same stage again. It resumes the
+    checkpoint and continues the same MLflow run (RUNNING when killed), which ends FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.params import load_params
+    from pipelines.stages import split
+
+    work = pipeline_workspace(tmp_path, tiny_dataset, method="supervised")
+    monkeypatch.chdir(work)
+    split(load_params("params.yaml"), "1_4", 0)
+    stage = [sys.executable, "-m", "pipelines.stages", "train", "--ratio", "1_4", "--method",
+             "supervised"]  # fmt: skip
+    env = {**cli_env(), "PYTHONPATH": str(ROOT), "GTASEG_PROGRESS": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run = work / "runs/1_4/supervised/seed0"
+    victim = subprocess.Popen(stage, cwd=work, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    kill_after_checkpoints(victim, run / "checkpoints" / "last.pt", 2, 0.0)
+    killed = json.loads((run / "run.json").read_text())
+    assert killed["status"] == "RUNNING"
+
+    rerun = subprocess.run(stage, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "[gtaseg] resumed from runs/1_4/supervised/seed0/checkpoints/last.pt" in rerun.stdout
+    record = json.loads((run / "run.json").read_text())
+    assert record["run_id"] == killed["run_id"] and record["status"] == "FINISHED"
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("gtaseg-demo").experiment_id],
+                              "tags.`gtaseg.ratio` = '1_4'")  # fmt: skip
+    assert [r.info.run_id for r in runs] == [killed["run_id"]]
+    assert runs[0].info.status == "FINISHED"
 
 
 @pytest.mark.slow

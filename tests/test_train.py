@@ -42,7 +42,9 @@ def test_tiny_run_writes_outputs_and_logs(tiny_raw, tmp_path):
         assert 0.0 <= summary[key] <= 1.0, key
     records = read_jsonl(tmp_path / "log.jsonl")
     metric_keys = {k for r in records if r["event"] == "metrics" for k in r["metrics"]}
-    assert {"loss_sup", "loss_unsup", "lr", "val_miou_teacher", "val_iou_student_0"} <= metric_keys
+    expected = {"loss_sup", "loss_unsup", "lr", "val_miou_teacher", "val_iou_student/background"}
+    assert expected <= metric_keys
+    assert "val_iou_teacher/digit_3" in metric_keys  # per-class IoU named by class
     state = load_checkpoint(out / "checkpoints" / "last.pt")["method"]
     assert {"student", "assistant", "teacher", "opt_student", "opt_assistant"} <= set(state)
 
