@@ -64,7 +64,7 @@ def prepare(out: Path, params_path: Path, quick: bool) -> dict[str, dict]:
     from pipelines.params import load_params
 
     params = load_params(params_path)
-    p = params.data_prep
+    p = params.data_prep[params.dataset_entry()]
     n_train, n_val = (48, 8) if quick else (p.n_train, p.n_val)
     digits = make_embedded(out / "data" / "digits", n_train=n_train, n_val=n_val, size=p.size,
                            seed=p.seed, overwrite=True, style=p.style())
@@ -84,20 +84,21 @@ def pretrain(out: Path, params, quick: bool) -> Path:
     from gtaseg.data.splits import make_split, write_split
     from gtaseg.inference import export_encoder
     from gtaseg.train import train
-    from pipelines.stages import pretrain_config
+    from pipelines.generate import pretrain_config
 
     encoder = out / "pretrained" / "encoder.pth"
     if encoder.is_file():
         return encoder
-    p = params.pretrain
-    style = replace(params.data_prep.style(), digits=tuple(p.digits))
+    name = params.pretrain_entry()
+    p, prep = params.pretrain[name], params.data_prep[params.dataset_entry()]
+    style = replace(prep.style(), digits=tuple(p.digits))
     data = out / "pretrained" / "data"
     n_train, n_val, epochs = (16, 4, 1) if quick else (p.n_train, p.n_val, p.epochs)
-    make_embedded(data, n_train=n_train, n_val=n_val, size=params.data_prep.size, seed=p.seed,
+    make_embedded(data, n_train=n_train, n_val=n_val, size=prep.size, seed=p.seed,
                   overwrite=True, style=style)
     ids = (data / "train.txt").read_text().split()
     write_split(out / "pretrained" / "split", *make_split(ids, 1.0, p.seed))
-    cfg = pretrain_config(params)
+    cfg = pretrain_config(params, name)
     cfg = replace(cfg, data=replace(cfg.data, root=str(data),
                                     split_dir=str(out / "pretrained" / "split")),
                   train=replace(cfg.train, epochs=epochs))
