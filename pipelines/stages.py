@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from gtaseg.errors import GtasegError
+from gtaseg.io import write_atomic
+from pipelines import generate
 from pipelines.cells import (
     FULL,
     base_tags,
@@ -33,13 +36,57 @@ from pipelines.cells import (
     split_dir,
     sweep_cells,
 )
-from pipelines.generate import prepare, pretrain, pretrain_config, pretrain_spec
-from pipelines.params import PipelineParams, load_params
+from pipelines.generate import prepare, pretrain_config, pretrain_spec
+from pipelines.params import MODELS_DIR, PipelineParams, encoder_file, load_params
 
 __all__ = ["FULL", "prepare", "pretrain", "pretrain_config", "pretrain_spec", "run_config",
            "run_dir", "split", "split_dir", "sweep_cells", "train", "compare", "register"]
 RESULTS_DIR = Path("results")
 COMPARISON_FILES = ("summary.md", "results.csv", "miou_vs_ratio.png")  # kept by the parent run
+
+
+def pretrain(
+    params: PipelineParams, name: str, reuse: bool = False, progress: bool = True
+) -> Path | None:
+    """Train the demo's pretrained encoder `pretrain.<name>`: the paper starts from ImageNet
+    weights, which cannot be downloaded here, so the demo pretrains on scenes of digit classes it
+    never trains or evaluates on (`digits`), with all their labels, and keeps the encoder.
+
+    `reuse`: keep an existing encoder whose pretrain.json records the same inputs (the flows; DVC
+    decides that itself). Any other start trains from scratch into a cleared run folder. When
+    `run.model.encoder_weights` names another file (or none), nothing is trained: pretrain.json
+    says so and None is returned.
+    """
+    p, out = generate.entry(params, "pretrain", name), encoder_file(name)
+    folder, scenes = MODELS_DIR / name, generate.PRETRAIN_DATA / name
+    record = folder / "pretrain.json"
+    if params.pretrain_entry() != name:
+        folder.mkdir(parents=True, exist_ok=True)
+        scenes.mkdir(parents=True, exist_ok=True)
+        reason = (f"run.model.encoder_weights is {params.run.model.encoder_weights}, not {out}: "
+                  f"nothing to pretrain")
+        write_atomic(record, json.dumps({"skipped": reason}, indent=2) + "\n")
+        print(reason)
+        return None
+    spec = generate.pretrain_spec(params, name)
+    if reuse and out.is_file() and record.is_file():
+        if json.loads(record.read_text()).get("spec") == spec:
+            print(f"pretrained encoder {out} is up to date")
+            return out
+    from gtaseg.inference import export_encoder
+    from pipelines.tracking_run import tracked_training
+
+    cfg = generate.pretrain_scenes(params, name)
+    run_folder = folder / "run"
+    if run_folder.exists():
+        shutil.rmtree(run_folder)  # never resume a pretraining made with other inputs
+    tags = base_tags("pretrain", "supervised", p.seed, f"embedded:{cfg.data.root}")
+    summary = tracked_training(params, cfg, run_folder, "pretrain", tags, None, progress)
+    info = export_encoder(run_folder / "model", out)
+    write_atomic(record, json.dumps({"spec": spec, "encoder": info,
+                                     "best_val_miou": summary["best_val_miou_student"],
+                                     "wall_time_s": summary["wall_time_s"]}, indent=2) + "\n")
+    return out
 
 
 def split(params: PipelineParams, ratio: str, seed: int) -> Path:
