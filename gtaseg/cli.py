@@ -4,12 +4,21 @@ export an encoder, bench."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
-from gtaseg.checkpoint import CheckpointError
 from gtaseg.config import ConfigError, apply_overrides, load_config
+
+# Subcommands whose parser lives in a module that imports torch and smp (seconds): registered in
+# full only when invoked; otherwise a one-line entry keeps them in `gtaseg --help`.
+LAZY_PARSERS = {
+    "bench": ("gtaseg.bench", "add_bench_parser", "time supervised, GTA-Seg (faithful, "
+              "efficient) and the original's step"),
+    "bench-loop": ("gtaseg.bench_loop", "add_bench_loop_parser", "time the whole training "
+                   "loop (data included) of supervised and GTA-Seg, beside the step bench"),
+}
 
 EPILOG = """examples:
   gtaseg make-data --root data/embedded
@@ -111,7 +120,8 @@ def cmd_export_encoder(args: argparse.Namespace) -> None:
           f"--set model.encoder_weights={info['path']}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `gtaseg` parser; `command` (the subcommand about to run) loads its lazy parser."""
     parser = argparse.ArgumentParser(
         prog="gtaseg",
         description="GTA-Seg semi-supervised semantic segmentation (Gentle Teaching Assistant).",
@@ -185,17 +195,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .pth file (plain tensors)")
     p.set_defaults(func=cmd_export_encoder)
 
-    from gtaseg.bench import add_bench_parser
-
-    add_bench_parser(sub)
+    for name, (module, adder, summary) in LAZY_PARSERS.items():
+        if command == name:
+            getattr(importlib.import_module(module), adder)(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors printed without a traceback. A CheckpointError can only come from a loaded
+    gtaseg.checkpoint, so light commands need not import it (and torch) to catch one."""
+    checkpoint = sys.modules.get("gtaseg.checkpoint")
+    extra = (checkpoint.CheckpointError,) if checkpoint is not None else ()
+    return (ConfigError, ValueError, FileNotFoundError, CommandError, *extra)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, CheckpointError, CommandError) as exc:
+    except _user_errors() as exc:
         print(f"gtaseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
