@@ -139,17 +139,19 @@ def _setting(value: str) -> int | str:
 
 
 def prepare_dataset(work: Path, size: int, n_train: int, num_classes: int) -> tuple[Path, Path]:
-    """The embedded scenes (digits 0 .. num_classes - 2) and a 1/16 split, written once per
-    (size, n_train, classes) under `work` and reused."""
-    if not 2 <= num_classes <= 11:
-        raise ValueError(
-            f"bench-loop draws digit scenes: expected 2-11 classes, got {num_classes}."
-        )
+    """The embedded scenes and a 1/16 split, written once per (size, n_train, classes) under
+    `work` and reused. Scenes draw digits 0 .. min(num_classes - 2, 9); a config with more
+    classes (VOC's 21) gets unused class names, so its network and loss keep their size."""
+    if num_classes < 2:
+        raise ValueError(f"bench-loop: expected data.num_classes >= 2, got {num_classes}.")
     name = f"embedded-{size}px-{n_train}-{num_classes}c"
     root, split = work / "data" / name, work / "data" / f"{name}-split"
     if not (root / "train.txt").is_file():
-        style = SceneStyle(digits=tuple(range(num_classes - 1)))
+        style = SceneStyle(digits=tuple(range(min(num_classes - 1, 10))))
         make_embedded(root, n_train=n_train, n_val=16, size=size, seed=0, style=style)
+        unused = [f"unused_{k}" for k in range(len(style.digits) + 1, num_classes)]
+        with open(root / "classes.txt", "a", encoding="utf-8") as fh:
+            fh.writelines(f"{label}\n" for label in unused)
     if not (split / "labeled.txt").is_file():
         ids = sorted((root / "train.txt").read_text().split())
         write_split(split, *make_split(ids, LABEL_RATIO, 0))
