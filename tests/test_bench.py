@@ -335,3 +335,20 @@ def test_bench_loop_times_real_training_loops_beside_the_step(tiny_raw, tmp_path
         "ratio gta_over_supervised"]  # fmt: skip
     printed = capsys.readouterr().out
     assert "efficient_over_supervised" in printed and "loop / step" in printed
+
+
+def test_bench_loop_dataset_fits_a_config_with_more_classes_than_digits(tmp_path):
+    """VOC's 21 classes on 10 digit classes: the dataset lists 21 names, so the config loads."""
+    from dataclasses import replace
+
+    from gtaseg.bench_loop import prepare_dataset
+    from gtaseg.config import DataConfig
+    from gtaseg.data.formats import list_samples
+
+    root, split = prepare_dataset(tmp_path, 32, 20, 21)
+    names = (root / "classes.txt").read_text().split()
+    assert len(names) == 21 and names[10] == "digit_9" and names[11] == "unused_11"
+    cfg = replace(DataConfig(), format="folder", root=str(root), num_classes=21)
+    assert len(list_samples(cfg, "train")) == 20
+    assert len((split / "labeled.txt").read_text().split()) == 1  # 1/16 of 20, at least one
+    assert prepare_dataset(tmp_path, 32, 20, 21) == (root, split)  # written once, then reused
