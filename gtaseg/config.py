@@ -44,7 +44,11 @@ class DataConfig:
     flip: bool = True  # random horizontal flip
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # ImageNet mean, 0-255 scale
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)  # ImageNet std, 0-255 scale
-    num_workers: int = 0  # DataLoader workers (0 = load in the training process)
+    num_workers: int | Literal["auto"] = "auto"  # DataLoader worker processes; 0 = load in the
+    # training process; auto: 0 on a CPU (the step's threads use every core), on CUDA one per
+    # core of this process's share of the machine less one, at most 8
+    cache_mb: int | Literal["auto"] = "auto"  # decoded training images kept in memory (MiB per
+    # process; 0 = off); auto: an eighth of the machine's memory shared by the node's processes
     pad_label: int = 0  # label of the padding added by crops (training, center-crop validation)
     # 0 = background, the original code's Crop; 255 = ignore, padding then never counts
 
@@ -54,7 +58,9 @@ class DataConfig:
         _check(self.crop_size >= 8, "data.crop_size", ">= 8", self.crop_size)
         lo, hi = self.scale_range
         _check(0 < lo <= hi, "data.scale_range", "0 < low <= high", self.scale_range)
-        _check(self.num_workers >= 0, "data.num_workers", ">= 0", self.num_workers)
+        for key in ("num_workers", "cache_mb"):
+            value = getattr(self, key)
+            _check(value == "auto" or value >= 0, f"data.{key}", ">= 0 or auto", value)
         _check(0 <= self.pad_label < self.num_classes or self.pad_label == IGNORE_INDEX,
                "data.pad_label", f"a class in [0, {self.num_classes - 1}] or {IGNORE_INDEX} "
                f"(ignore)", self.pad_label)
@@ -175,12 +181,14 @@ class EvalConfig:
     mode: EvalMode = "whole"  # center_crop (VOC 513), whole image, or sliding (Cityscapes)
     crop_size: int = 513  # center crop side, or sliding window side
     stride_ratio: float = 2 / 3  # sliding window stride as a fraction of crop_size
-    batch_size: int = 1  # validation images per batch (whole/center_crop); windows are batched
+    batch_size: int = 1  # validation images per forward when consecutive images (after the
+    # center crop) have one size, else one at a time; sliding: windows of those images together
     max_images: int | None = None  # evaluate only the first N val images (quick checks)
 
     def __post_init__(self) -> None:
         _check(self.crop_size >= 8, "eval.crop_size", ">= 8", self.crop_size)
         _check(0 < self.stride_ratio <= 1, "eval.stride_ratio", "in (0, 1]", self.stride_ratio)
+        _check(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _hint_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against the type `hint`; convert lists to tuples and ints to floats."""
     origin = typing.get_origin(hint)
@@ -236,7 +250,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {args}.")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        expected = " or ".join(_hint_name(a) for a in args if a is not type(None))
+        raise ConfigError(
+            f"{key}: expected {expected}, got {value!r}. Fix the value in params.yaml."
+        )
     if origin is tuple and typing.get_args(hint)[-1] is Ellipsis:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}.")

@@ -2,6 +2,11 @@
 
 Three protocols (`EvalConfig.mode`): `whole` image, `center_crop` (VOC, 513) and `sliding`
 windows (Cityscapes: crop 769, stride 2/3 of the crop, all windows of an image batched).
+Consecutive images of one size (after the center crop) go through the network together, up to
+`eval.batch_size`; a size change starts a new batch. In eval mode a network treats every image on
+its own: batched logits differ from one-at-a-time logits only by float rounding (about 1e-7, the
+kernels sum in another order), which can change a prediction only at an exact tie between two
+classes; the confusion matrices were equal in every check (tests/test_evaluate.py).
 """
 
 from __future__ import annotations
@@ -168,6 +173,44 @@ def _limited(batches: Iterable, max_images: int | None) -> Iterator[tuple[Tensor
         yield x, y
 
 
+def same_size_batches(
+    pairs: Iterable[tuple[Tensor, Tensor]], batch_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Consecutive (x (B,C,H,W), y (B,H,W)) pairs of one H x W concatenated up to `batch_size`
+    images, in order; a pair that alone holds batch_size images or more passes as it is."""
+    pending: list[tuple[Tensor, Tensor]] = []
+    count = 0
+    for x, y in pairs:
+        if pending and (
+            x.shape[-2:] != pending[0][0].shape[-2:] or count + x.shape[0] > batch_size
+        ):
+            yield _concat(pending)
+            pending, count = [], 0
+        pending.append((x, y))
+        count += x.shape[0]
+    if pending:
+        yield _concat(pending)
+
+
+def _on_device(
+    pairs: Iterable[tuple[Tensor, Tensor]],
+    cfg: EvalConfig,
+    device: torch.device | str,
+    pad_label: int,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Pairs moved to `device` (non-blocking: pinned batches copy while the last one runs),
+    center-cropped when cfg.mode is center_crop."""
+    for x, y in pairs:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield center_crop(x, y, cfg.crop_size, pad_label) if cfg.mode == "center_crop" else (x, y)
+
+
+def _concat(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    if len(pairs) == 1:
+        return pairs[0]
+    return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -181,7 +224,8 @@ def evaluate(
     window_batch: int = 8,
     pad_label: int = IGNORE_INDEX,
 ) -> EvalResult:
-    """Evaluate `model` on batches (x (B,3,H,W) float, y (B,H,W) int64, ids) by cfg's protocol.
+    """Evaluate `model` on batches (x (B,3,H,W) float, y (B,H,W) int64, ids) by cfg's protocol;
+    consecutive images of one size are forwarded together, up to cfg.batch_size.
 
     The model runs in eval mode and gets its previous train/eval mode back afterwards.
     `reduce`, if given, receives a copy of the int64 confusion matrix and returns the matrix to
@@ -199,11 +243,8 @@ def evaluate(
     n_images = 0
     start = time.perf_counter()
     try:
-        for x, y in _limited(val_batches, cfg.max_images):
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            if cfg.mode == "center_crop":
-                x, y = center_crop(x, y, cfg.crop_size, pad_label)
+        pairs = _on_device(_limited(val_batches, cfg.max_images), cfg, device, pad_label)
+        for x, y in same_size_batches(pairs, cfg.batch_size):
             logits = predict_logits(model, x, cfg, num_classes, window_batch=window_batch)
             confusion.update(logits.argmax(1), y)
             n_images += x.shape[0]

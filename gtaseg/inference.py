@@ -43,7 +43,7 @@ def evaluate_checkpoint(
     # The checkpoint holds every weight: the run's pretrained file need not exist here.
     model = build_model(replace(cfg.model, encoder_weights=None), cfg.data.num_classes).to(dev)
     model.load_state_dict(weights)
-    val = make_val_data(cfg.data, cfg.eval.max_images)
+    val = make_val_data(cfg.data, cfg.eval.max_images, device=dev)
     result = evaluate(model, val, cfg.eval, cfg.data.num_classes, dev, progress=True,
                       pad_label=cfg.data.pad_label)
     out = asdict(result)

@@ -109,6 +109,7 @@ def train(
         need_unlabeled=cfg.train.method != "supervised",
         rank=info.rank,
         world_size=info.world_size,
+        device=device,
     )
     # The val files are first read at the end of an epoch: check them before anything is written.
     check_samples(list(list_samples(cfg.data, "val").values())[: cfg.eval.max_images], cfg.data)
@@ -178,8 +179,8 @@ def _run_loop(
             every = cfg.train.checkpoint_every_iters
             if every and state.iteration % every == 0 and state.iteration < state.total_iters:
                 loop.train_seconds += time.perf_counter() - tic
-                tic = time.perf_counter()
                 _save(out, state, loop, pseudo_cm, info, "last.pt")
+                tic = time.perf_counter()  # training time leaves out checkpoints, as evaluations
             if state.iteration >= state.total_iters:
                 break
         loop.train_seconds += time.perf_counter() - tic
@@ -240,7 +241,9 @@ def _evaluate_both(cfg, state, loop, pseudo_cm, info, device, epoch, images_per_
     networks rank 0 saves and exports.
     """
     sync_from_rank0(unwrap(state.student), unwrap(state.assistant), state.teacher)
-    val = make_val_data(cfg.data, cfg.eval.max_images, rank=info.rank, world_size=info.world_size)
+    val = make_val_data(
+        cfg.data, cfg.eval.max_images, rank=info.rank, world_size=info.world_size, device=device
+    )
     classes, names = cfg.data.num_classes, class_names(cfg.data)
     scored = {"reduce": all_reduce_sum, "pad_label": cfg.data.pad_label}
     res_s = evaluate(unwrap(state.student), val, cfg.eval, classes, device, **scored)

@@ -299,3 +299,53 @@ def test_gpu_step_makes_no_host_syncs(tiny_raw):
     state, batch = _gpu_state(tiny_raw)
     _run(state, gta.train_step, batch)
     assert count_host_syncs(lambda: _run(state, gta.train_step, batch)) == []
+
+
+def test_bench_loop_times_real_training_loops_beside_the_step(tiny_raw, tmp_path, capsys):
+    import csv
+
+    cfg_path = tmp_path / "bench.yaml"
+    cfg_path.write_text(yaml.safe_dump({"run": tiny_raw}))
+    out = tmp_path / "loop.json"
+    argv = ["bench-loop", "--config", str(cfg_path), "--size", "32", "--batch", "2", "--iters",
+            "2", "--rounds", "2", "--n-train", "40", "--device", "cpu", "--threads", "1",
+            "--step-steps", "1", "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    threads = torch.get_num_threads()
+    assert main(argv) == 0
+    assert torch.get_num_threads() == threads
+    report = json.loads(out.read_text())
+    assert set(report["variants"]) == {"supervised", "gta", "gta_efficient"}
+    for row in report["variants"].values():
+        assert row["iterations"] == [2, 2]  # real runs of --iters iterations, --rounds times
+        assert row["loop_s"] > 0 and row["call_s"] > row["loop_s"] and row["data_ms_per_iter"] > 0
+    sup, eff = report["variants"]["supervised"], report["variants"]["gta_efficient"]
+    per_round = sorted(a / b for a, b in zip(eff["loop_s_all"], sup["loop_s_all"], strict=True))
+    assert report["loop_ratios"]["efficient_over_supervised"] == pytest.approx(
+        sum(per_round) / 2)  # the median of two rounds  # fmt: skip
+    assert set(report["step_ratios"]) == {"efficient_over_supervised", "gta_over_supervised"}
+    assert all(v > 0 for v in report["step_ratios"].values())
+    assert (tmp_path / "work" / "data" / "embedded-32px-40-11c" / "train.txt").is_file()
+    assert not any((tmp_path / "work" / "runs").iterdir())  # run folders are removed
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [r["variant"] for r in rows] == [
+        "supervised", "gta", "gta_efficient", "ratio efficient_over_supervised",
+        "ratio gta_over_supervised"]  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "efficient_over_supervised" in printed and "loop / step" in printed
+
+
+def test_bench_loop_dataset_fits_a_config_with_more_classes_than_digits(tmp_path):
+    """VOC's 21 classes on 10 digit classes: the dataset lists 21 names, so the config loads."""
+    from dataclasses import replace
+
+    from gtaseg.bench_loop import prepare_dataset
+    from gtaseg.config import DataConfig
+    from gtaseg.data.formats import list_samples
+
+    root, split = prepare_dataset(tmp_path, 32, 20, 21)
+    names = (root / "classes.txt").read_text().split()
+    assert len(names) == 21 and names[10] == "digit_9" and names[11] == "unused_11"
+    cfg = replace(DataConfig(), format="folder", root=str(root), num_classes=21)
+    assert len(list_samples(cfg, "train")) == 20
+    assert len((split / "labeled.txt").read_text().split()) == 1  # 1/16 of 20, at least one
+    assert prepare_dataset(tmp_path, 32, 20, 21) == (root, split)  # written once, then reused

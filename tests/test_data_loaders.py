@@ -23,13 +23,14 @@ MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> DataConfig:
-    """Folder dataset of 14 train images (24x32); split: 2 labelled, 9 unlabelled."""
+    """Folder dataset of 14 train images (24x32); split: 2 labelled, 9 unlabelled. No decoded
+    cache, so the `loaded` fixture sees every read an epoch makes."""
     root = make_folder_dataset(tmp_path / "ds", n_train=14, n_val=3)
     ids = [f"img_{k:03d}" for k in range(14)]
     write_split(tmp_path / "split", ids[:2], ids[2:11])
     return DataConfig(
         format="folder", root=str(root), num_classes=3, split_dir=str(tmp_path / "split"),
-        crop_size=16,
+        crop_size=16, cache_mb=0,
     )  # fmt: skip
 
 
@@ -221,3 +222,128 @@ def test_predict_images(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty holds no"):
         make_predict_images(tmp_path / "empty")
+
+
+# ---- feeding the step: decoded cache, workers, pinned memory ----------------------------------
+
+LABELLED = {"img_000", "img_001"}
+
+
+def _old_int64_transform(image, mask, cfg, rng):
+    """train_transform as it was before the uint8 mask path (int64 labels resampled as float,
+    out-of-place normalisation): the reference the faster path must equal bit for bit."""
+    import torch.nn.functional as F
+
+    from gtaseg.data.transforms import random_scale
+
+    mean = torch.tensor(cfg.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.std).view(3, 1, 1)
+    x = (torch.from_numpy(image.copy()).permute(2, 0, 1).float() - mean) / std
+    y = torch.from_numpy(mask.astype(np.int64))
+    scale = random_scale(rng, cfg.scale_range)
+    size = (max(1, int(x.shape[1] * scale)), max(1, int(x.shape[2] * scale)))
+    x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    y = F.interpolate(y[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    c = cfg.crop_size
+    pad_h, pad_w = max(c - size[0], 0), max(c - size[1], 0)
+    border = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+    x, y = F.pad(x, border, value=0.0), F.pad(y, border, value=cfg.pad_label)
+    top = int(rng.integers(0, x.shape[1] - c + 1))
+    left = int(rng.integers(0, x.shape[2] - c + 1))
+    x, y = x[:, top : top + c, left : left + c], y[top : top + c, left : left + c]
+    if cfg.flip and rng.random() < 0.5:
+        x, y = x.flip(-1), y.flip(-1)
+    return x.contiguous(), y.contiguous()
+
+
+@pytest.mark.parametrize("pad_label", [0, 255])
+def test_train_transform_equals_the_int64_pipeline(pad_label) -> None:
+    cfg = DataConfig(crop_size=24, scale_range=(0.5, 2.0), pad_label=pad_label)
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    mask = rng.integers(0, 3, (20, 30), dtype=np.uint8)
+    mask[0] = 255
+    for seed in range(12):
+        x, y = train_transform(image, mask, cfg, np.random.default_rng(seed))
+        x_ref, y_ref = _old_int64_transform(image, mask, cfg, np.random.default_rng(seed))
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref) and y.dtype == torch.int64
+        assert y.is_contiguous()
+
+
+def test_cached_batches_equal_uncached_with_and_without_workers(cfg, loaded) -> None:
+    plain = list(make_train_data(cfg, 2, 2, seed=3).epoch(1))
+    cached_cfg = dataclasses.replace(cfg, cache_mb=64)
+    cached = make_train_data(cached_cfg, 2, 2, seed=3)
+    assert len(cached._loader.dataset.cache) == 11  # every labelled and unlabelled image
+    loaded.clear()
+    assert_same_batches(plain, list(cached.epoch(1)))
+    assert loaded == []  # an epoch decodes nothing: it reads the cache
+    workers = make_train_data(dataclasses.replace(cached_cfg, num_workers=2), 2, 2, seed=3)
+    assert_same_batches(plain, list(workers.epoch(1)))
+
+
+def test_cache_is_bounded_and_takes_the_labelled_images_first(cfg, loaded) -> None:
+    full = make_train_data(cfg, 2, 3, seed=0)
+    # 24x32 images: 3 * 768 bytes + 768 mask bytes = 3 KiB a pair; 3.5 KiB more holds 3 pairs.
+    cache, rest = loaders.fill_cache(full.labeled + full.unlabeled, cfg, 3 * 3072 + 3000)
+    assert len(cache) == 3 and cache.nbytes == 3 * 3072 and len(rest) == 11 - 3
+    assert all(cache.get(s) is not None for s in full.labeled)
+    data = loaders.TrainData(cfg, full.labeled, full.unlabeled, (2, 3), 0, cache=cache)
+    loaded.clear()
+    list(data.epoch(0))
+    assert not LABELLED & set(loaded)  # labelled images come from the cache ...
+    assert len(loaded) == 9 - 1  # ... and so does the first unlabelled one
+
+
+def test_a_supervised_run_reads_only_the_labelled_images(cfg, loaded) -> None:
+    data = make_train_data(dataclasses.replace(cfg, cache_mb=64), 2, 3, seed=0,
+                           need_unlabeled=False)  # fmt: skip
+    list(data.epoch(0))
+    assert set(loaded) == LABELLED  # filling the cache; the epoch itself reads the cache
+    uncached = make_train_data(cfg, 2, 3, seed=0, need_unlabeled=False)
+    loaded.clear()
+    list(uncached.epoch(0))
+    assert set(loaded) == LABELLED and len(loaded) == 3 * 2
+
+
+def test_a_corrupt_image_fails_before_training_with_or_without_cache(cfg) -> None:
+    (Path(cfg.root) / "images" / "img_005.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    for cache_mb in (0, 64):
+        with pytest.raises(DataError, match="cannot read image .*img_005.png"):
+            make_train_data(dataclasses.replace(cfg, cache_mb=cache_mb), 2, 2, seed=0)
+
+
+def test_num_workers_auto_by_device(monkeypatch) -> None:
+    import gtaseg.data.feed as feed
+    from gtaseg.data.feed import resolve_num_workers
+
+    monkeypatch.setattr(feed.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_num_workers(3, "cuda") == 3 and resolve_num_workers(0, "cuda") == 0
+    assert resolve_num_workers("auto", "cpu") == 0 and resolve_num_workers("auto", None) == 0
+    assert resolve_num_workers("auto", "cuda:1") == 8  # 15 cores to spare, at most 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks share the 16 cores
+    assert resolve_num_workers("auto", torch.device("cuda", 0)) == 3
+    monkeypatch.setattr(feed.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert resolve_num_workers("auto", "cuda") == 0  # one core: load in the training process
+
+
+def test_pinned_memory_and_workers_follow_the_device(cfg) -> None:
+    from gtaseg.data.feed import pin_memory_for
+
+    assert pin_memory_for("cuda:0") and not pin_memory_for("cpu") and not pin_memory_for(None)
+    data = make_train_data(dataclasses.replace(cfg, num_workers="auto"), 2, 2, seed=0,
+                           device="cpu")  # fmt: skip
+    assert data.num_workers == 0 and not data._loader.pin_memory
+    val = make_val_data(dataclasses.replace(cfg, num_workers="auto"), device="cpu")
+    assert val.num_workers == 0 and not val.pin_memory
+
+
+def test_cache_budget(monkeypatch) -> None:
+    from gtaseg.data.feed import cache_budget_bytes
+
+    assert cache_budget_bytes(0) == 0 and cache_budget_bytes(3) == 3 * 2**20
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    one = cache_budget_bytes("auto")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert one > 0 and cache_budget_bytes("auto") == one // 2

@@ -248,3 +248,62 @@ def test_evaluate_on_cuda_matches_cpu(mode):
     on_cpu = evaluate(model, batches, cfg, NUM_CLASSES, torch.device("cpu"))
     on_cuda = evaluate(model.cuda(), batches, cfg, NUM_CLASSES, torch.device("cuda"))
     np.testing.assert_array_equal(on_cuda.confusion, on_cpu.confusion)
+
+
+def test_same_size_batches_groups_consecutive_images_of_one_size():
+    from gtaseg.evaluate import same_size_batches
+
+    sizes = [(8, 8), (8, 8), (8, 8), (6, 8), (8, 8), (8, 8)]
+    pairs = [(torch.full((1, 3, *hw), float(k)), torch.full((1, *hw), k)) for k, hw in
+             enumerate(sizes)]  # fmt: skip
+    grouped = list(same_size_batches(pairs, 2))
+    assert [tuple(x.shape[:1]) + tuple(x.shape[-2:]) for x, _ in grouped] == [
+        (2, 8, 8), (1, 8, 8), (1, 6, 8), (2, 8, 8)]  # fmt: skip
+    order = [int(v) for x, y in grouped for v in x[:, 0, 0, 0]]
+    assert order == list(range(6)) and [int(v) for _, y in grouped for v in y[:, 0, 0]] == order
+    assert [x.shape[0] for x, _ in same_size_batches(pairs, 1)] == [1] * 6
+    big = (torch.zeros(3, 3, 8, 8), torch.zeros(3, 8, 8))
+    assert [x.shape[0] for x, _ in same_size_batches([big, big], 2)] == [3, 3]  # kept whole
+
+
+def _smp_model() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(encoder="resnet18", encoder_depth=3, output_stride=8, decoder_channels=16,
+                      atrous_rates=(1, 2, 3))  # fmt: skip
+    model = build_model(cfg, NUM_CLASSES)
+    with torch.no_grad():  # non-trivial BN statistics, so eval mode really normalises
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("mode", "sizes", "forwards"),
+    [
+        ("whole", [(32, 32)] * 7, [3, 3, 1]),  # one size (the embedded / folder data)
+        ("whole", [(32, 32), (32, 32), (40, 48), (32, 32), (40, 48), (40, 48)], [2, 1, 1, 2]),
+        ("center_crop", [(40, 48), (36, 36), (24, 40), (48, 40), (32, 32)], [3, 2]),  # 32x32 crops
+        ("sliding", [(40, 48)] * 4, None),  # 4 windows an image, 8 per forward either way
+    ],
+)
+def test_batched_evaluation_equals_one_image_at_a_time(mode, sizes, forwards):
+    """eval.batch_size changes how many images share a forward, never the confusion matrix."""
+    batches = []
+    for k, (h, w) in enumerate(sizes):
+        gen = torch.Generator().manual_seed(k)
+        x = torch.randn(1, 3, h, w, generator=gen)
+        batches.append((x, torch.randint(0, NUM_CLASSES, (1, h, w), generator=gen), [str(k)]))
+    model = Recorder(_smp_model())
+    cfg = EvalConfig(mode=mode, crop_size=32, stride_ratio=2 / 3)
+    single = evaluate(model, batches, cfg, NUM_CLASSES, "cpu", pad_label=IGNORE_INDEX)
+    forwards_single = len(model.shapes)
+    model.shapes.clear()
+    batched_cfg = EvalConfig(mode=mode, crop_size=32, stride_ratio=2 / 3, batch_size=3)
+    batched = evaluate(model, batches, batched_cfg, NUM_CLASSES, "cpu", pad_label=IGNORE_INDEX)
+    np.testing.assert_array_equal(batched.confusion, single.confusion)
+    assert batched.n_images == single.n_images == len(sizes)
+    assert (single.confusion.sum(0) > 0).sum() >= 2  # predicts several classes: a real check
+    if forwards is not None:
+        assert forwards_single == len(sizes) and [s[0] for s in model.shapes] == forwards

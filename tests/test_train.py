@@ -127,3 +127,30 @@ def test_warmup_equals_the_supervised_run_of_the_same_seed(tiny_raw, tmp_path):
     assert b["iteration"] == a["iteration"] == iters
     for name, tensor in a["student"].items():
         assert torch.equal(tensor, b["student"][name]), name
+
+
+def test_gtaseg_train_imports_only_what_training_needs(tiny_raw, tmp_path):
+    """`gtaseg train` without tracking loads no mlflow, matplotlib, pandas, sklearn or prefect
+    (seconds of start-up in every pipeline stage), and `gtaseg --help` not even torch."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump({"run": {**tiny_raw, "train": {**tiny_raw["train"], "max_iters": 2}}})
+    )
+    probe = (
+        "import sys; from gtaseg.cli import main\n"
+        "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exit:\n    code = exit.code\n"
+        "heavy = ('mlflow', 'matplotlib', 'pandas', 'sklearn', 'prefect', 'torch'); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy))); sys.exit(code)"
+    )
+    cmd = [sys.executable, "-c", probe]
+    help_run = subprocess.run([*cmd, "--help"], capture_output=True, text=True)
+    assert help_run.returncode == 0 and help_run.stdout.strip().endswith("[]")
+    train_args = ["train", "--config", str(cfg_path), "--out", str(tmp_path / "r"), "--no-progress"]
+    run = subprocess.run([*cmd, *train_args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "['torch']"

@@ -5,11 +5,18 @@ each epoch's plan lists, per iteration, (stream, sample index, augmentation seed
 from numpy Generators seeded with (seed, epoch, stream); the Dataset seeds its own Generator with
 the item's augmentation seed. So batches do not depend on num_workers, `epoch(e, start_iter=k)`
 is the tail of `epoch(e)` without loading the skipped images, and ranks take disjoint slices.
+
+Feeding the step: worker processes (`data.num_workers`, `auto` by device) prepare the next batches
+while the step runs; decoded images are cached in memory up to `data.cache_mb` (gtaseg.data.feed);
+on CUDA batches come in pinned memory, so the loop's non-blocking copies overlap. A supervised run
+reads only the labelled images. None of this changes a batch.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +27,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from gtaseg import IGNORE_INDEX
 from gtaseg.config import DataConfig
+from gtaseg.data.feed import (
+    MAX_FILL_THREADS,
+    DecodedCache,
+    cache_budget_bytes,
+    pin_memory_for,
+    resolve_num_workers,
+)
 from gtaseg.data.formats import (
     IMAGE_SUFFIXES,
     DataError,
@@ -57,19 +71,38 @@ def load_pair(sample: Sample, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return image, read_mask(sample, cfg, image_hw=image.shape[:2])
 
 
+def fill_cache(
+    samples: Sequence[Sample], cfg: DataConfig, budget_bytes: int
+) -> tuple[DecodedCache, list[Sample]]:
+    """A cache of the first samples that fit in `budget_bytes` (decoding them checks them, as
+    `check_samples` would), and the samples left out, still to be checked."""
+    cache = DecodedCache(budget_bytes)
+    threads = min(MAX_FILL_THREADS, os.cpu_count() or 1)
+    rest = cache.fill(samples, functools.partial(load_pair, cfg=cfg), threads=threads)
+    return cache, rest
+
+
 class _TrainViews(Dataset):
     """Item (stream, index, aug_seed) -> (stream, weak image view, weak label view)."""
 
-    def __init__(self, streams: Sequence[Sequence[Sample]], cfg: DataConfig) -> None:
+    def __init__(
+        self,
+        streams: Sequence[Sequence[Sample]],
+        cfg: DataConfig,
+        cache: DecodedCache | None = None,
+    ) -> None:
         self.streams = streams
         self.cfg = cfg
+        self.cache = cache
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.streams)
 
     def __getitem__(self, item: Item) -> tuple[int, torch.Tensor, torch.Tensor]:
         stream, index, aug_seed = item
-        image, mask = load_pair(self.streams[stream][index], self.cfg)
+        sample = self.streams[stream][index]
+        pair = self.cache.get(sample) if self.cache is not None else None
+        image, mask = pair if pair is not None else load_pair(sample, self.cfg)
         x, y = train_transform(image, mask, self.cfg, np.random.default_rng(aug_seed))
         return stream, x, y
 
@@ -113,6 +146,8 @@ class TrainData:
     """Training batches of one rank. One epoch = one pass over the unlabelled set (over the
     labelled set when it is empty); the labelled list is repeated to that length and re-drawn
     each epoch. Iterate one `epoch(...)` at a time (they share one DataLoader).
+    `cache`: decoded images to reuse (see `fill_cache`); `device`: where the batches go (CUDA:
+    pinned memory; also resolves `num_workers: auto`).
     """
 
     def __init__(
@@ -124,6 +159,9 @@ class TrainData:
         seed: int,
         need_unlabeled: bool = True,
         shard: tuple[int, int] = (0, 1),
+        *,
+        cache: DecodedCache | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         rank, world_size = shard
         if not 0 <= rank < world_size:
@@ -142,13 +180,14 @@ class TrainData:
         self.rank, self.world_size = rank, world_size
         self.iters_per_epoch = self._count_iters()
         self._sampler = _PlanSampler()
+        self.num_workers = resolve_num_workers(cfg.num_workers, device)
         self._loader = DataLoader(
-            _TrainViews([self.labeled, self.unlabeled], cfg),
+            _TrainViews([self.labeled, self.unlabeled], cfg, cache),
             batch_sampler=self._sampler,
-            num_workers=cfg.num_workers,
+            num_workers=self.num_workers,
             collate_fn=_collate_train,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=cfg.num_workers > 0,
+            pin_memory=pin_memory_for(device),
+            persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(seed),  # keeps the global torch RNG untouched
         )
 
@@ -200,14 +239,20 @@ def make_train_data(
     need_unlabeled: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    *,
+    device: torch.device | str | None = None,
 ) -> TrainData:
     """TrainData over the split at cfg.split_dir, checked against the dataset's train ids; every
-    file it will read is checked first (`check_samples`), so bad data fails before training."""
+    file it will read is checked first, so bad data fails before training. The images it will
+    read (only the labelled ones when `need_unlabeled` is false) are decoded into the cache, up
+    to `data.cache_mb`, labelled first; the rest get `check_samples`."""
     samples = list_samples(cfg, "train")
     labeled_ids, unlabeled_ids = load_split(Path(cfg.split_dir), samples.keys())
     labeled = [samples[i] for i in labeled_ids]
     unlabeled = [samples[i] for i in unlabeled_ids]
-    check_samples(labeled + (unlabeled if need_unlabeled else []), cfg)
+    used = labeled + (unlabeled if need_unlabeled else [])
+    cache, rest = fill_cache(used, cfg, cache_budget_bytes(cfg.cache_mb))
+    check_samples(rest, cfg)
     return TrainData(
         cfg,
         labeled,
@@ -216,6 +261,8 @@ def make_train_data(
         seed,
         need_unlabeled,
         (rank, world_size),
+        cache=cache,
+        device=device,
     )
 
 
@@ -237,17 +284,23 @@ def _first(batch: list[ValBatch]) -> ValBatch:
 
 
 def make_val_data(
-    cfg: DataConfig, max_images: int | None = None, *, rank: int = 0, world_size: int = 1
+    cfg: DataConfig,
+    max_images: int | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
 ) -> DataLoader:
-    """ValBatch per image (batch size 1: sizes vary), the first `max_images` val ids sharded
-    rank::world_size. Iterable any number of times; len() = images of this rank."""
+    """ValBatch per image (sizes may vary; `evaluate` batches consecutive images of one size),
+    the first `max_images` val ids sharded rank::world_size. Iterable any number of times;
+    len() = images of this rank. `device`: as for TrainData (pinned memory, workers)."""
     samples = list(list_samples(cfg, "val").values())[:max_images]
     return DataLoader(
         _ValViews(samples[rank::world_size], cfg),
         batch_size=1,
-        num_workers=cfg.num_workers,
+        num_workers=resolve_num_workers(cfg.num_workers, device),
         collate_fn=_first,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory_for(device),
         # Every pass draws a base seed from this generator; without one it would come from the
         # global torch RNG and shift the training's dropout masks after each evaluation.
         generator=torch.Generator().manual_seed(0),

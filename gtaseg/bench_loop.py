@@ -1,0 +1,336 @@
+"""`gtaseg bench-loop`: what the whole training loop costs, data included, beside the step bench.
+
+Each variant (supervised, GTA-Seg faithful, GTA-Seg with `semi.efficient: true`) is a real
+`gtaseg.train.train` call of N iterations on an on-disk dataset this command writes once: the
+embedded scenes at --size px in the folder layout, 1/16 of them labelled. No warm-up epoch, no
+untimed iterations, no checkpoint inside the loop, one evaluation at the end on a few images. The
+figure is the loop's own `wall_time_s` (data, step, loss logging; evaluations and checkpoints left
+out); each call's whole time (set-up, evaluation, writing) is reported beside it. Variants take
+turns, --rounds times, the order rotating each round; a ratio is the median of per-round ratios.
+Then `gtaseg bench`'s step measurement runs on the same model, size, batch and threads, and its
+ratios are printed beside the loop's. Per variant the data alone is timed too: the same N
+batches produced and copied to the device with no step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gtaseg.bench import DEFAULT_RUN, BenchOptions, run_bench
+from gtaseg.config import Config, config_from_dict, load_config
+from gtaseg.data.embedded import SceneStyle, make_embedded
+from gtaseg.data.loaders import make_train_data
+from gtaseg.data.splits import make_split, write_split
+from gtaseg.distributed import resolve_device
+
+VARIANTS = ("supervised", "gta", "gta_efficient")
+# (name, numerator, denominator); the step bench reports the same pairs under these names
+RATIOS = (
+    ("efficient_over_supervised", "gta_efficient", "supervised"),
+    ("gta_over_supervised", "gta", "supervised"),
+)
+LABEL_RATIO = 1 / 16
+
+
+def add_bench_loop_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `gtaseg bench-loop` on the CLI's subparsers."""
+    p = subparsers.add_parser(
+        "bench-loop",
+        help="time the whole training loop (data included) of supervised and GTA-Seg, beside "
+        "the step bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        help="YAML config (its run: section); default: gtaseg bench's "
+        "small DeepLabV3+ (resnet18, stride 16, 64 channels)",
+    )
+    p.add_argument("--size", type=int, default=64, help="scene and crop side in px (default 64)")
+    p.add_argument("--batch", type=int, default=8, help="labelled = unlabelled images per step")
+    p.add_argument("--iters", type=int, default=60, help="timed iterations per run (default 60)")
+    p.add_argument("--rounds", type=int, default=1, help="runs per variant, order rotating")
+    p.add_argument("--n-train", type=int, default=1024, help="training scenes written (1024)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--num-workers", help="data.num_workers for the loop (default: the config's)")
+    p.add_argument("--cache-mb", help="data.cache_mb for the loop (default: the config's)")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], help="mixed precision (CUDA)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs")
+    p.add_argument("--step-steps", type=int, default=10, help="timed steps of the step bench")
+    p.add_argument("--no-step-bench", action="store_true", help="time the loops only")
+    p.add_argument("--work", default="results/bench_loop", help="dataset and run folder")
+    p.add_argument("--out", default="results/bench_loop.json", help="JSON report (a .csv beside)")
+    p.set_defaults(func=cmd_bench_loop)
+
+
+def cmd_bench_loop(args: argparse.Namespace) -> None:
+    if min(args.iters, args.rounds, args.batch, args.step_steps) < 1:
+        raise ValueError(
+            f"expected --iters, --rounds, --batch and --step-steps >= 1; got {args.iters}, "
+            f"{args.rounds}, {args.batch}, {args.step_steps}."
+        )
+    base = loop_config(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        report = run_loop_bench(base, args)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests) get their setting back
+    print(format_loop_report(report))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_csv(report, out.with_suffix(".csv"))
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
+
+
+def loop_config(args: argparse.Namespace) -> Config:
+    """The shared run config: the file's (or the step bench's model), at --size and --batch, on
+    the dataset --work holds, trained N iterations with no warm-up and no mid-loop checkpoint."""
+    cfg = load_config(args.config) if args.config else config_from_dict(DEFAULT_RUN)
+    root, split = prepare_dataset(Path(args.work), args.size, args.n_train, cfg.data.num_classes)
+    data = replace(
+        cfg.data,
+        format="folder",
+        root=str(root),
+        split_dir=str(split),
+        crop_size=args.size,
+        val_list=None,
+        labeled_pool=None,
+    )
+    raw = replace(cfg, data=data).to_dict()
+    raw["data"].update(
+        {
+            k: _setting(v)
+            for k, v in (("num_workers", args.num_workers), ("cache_mb", args.cache_mb))
+            if v is not None
+        }
+    )
+    raw["model"]["encoder_weights"] = None  # random weights: timing does not depend on them
+    raw["semi"].update(sup_only_epochs=0, warmup_copy="once")  # no warm-up, no alias epoch
+    raw["train"].update(
+        batch_size_labeled=args.batch,
+        batch_size_unlabeled=args.batch,
+        max_iters=args.iters,
+        epochs=10**6,
+        checkpoint_every_iters=0,
+        eval_every=10**6,
+        device=args.device,
+        amp=args.amp or cfg.train.amp,
+        channels_last=args.channels_last or cfg.train.channels_last,
+    )
+    raw["eval"].update(mode="whole", max_images=8, batch_size=8)
+    return config_from_dict(raw)
+
+
+def _setting(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+def prepare_dataset(work: Path, size: int, n_train: int, num_classes: int) -> tuple[Path, Path]:
+    """The embedded scenes and a 1/16 split, written once per (size, n_train, classes) under
+    `work` and reused. Scenes draw digits 0 .. min(num_classes - 2, 9); a config with more
+    classes (VOC's 21) gets unused class names, so its network and loss keep their size."""
+    if num_classes < 2:
+        raise ValueError(f"bench-loop: expected data.num_classes >= 2, got {num_classes}.")
+    name = f"embedded-{size}px-{n_train}-{num_classes}c"
+    root, split = work / "data" / name, work / "data" / f"{name}-split"
+    if not (root / "train.txt").is_file():
+        style = SceneStyle(digits=tuple(range(min(num_classes - 1, 10))))
+        make_embedded(root, n_train=n_train, n_val=16, size=size, seed=0, style=style)
+        unused = [f"unused_{k}" for k in range(len(style.digits) + 1, num_classes)]
+        with open(root / "classes.txt", "a", encoding="utf-8") as fh:
+            fh.writelines(f"{label}\n" for label in unused)
+    if not (split / "labeled.txt").is_file():
+        ids = sorted((root / "train.txt").read_text().split())
+        write_split(split, *make_split(ids, LABEL_RATIO, 0))
+    return root, split
+
+
+def variant_config(base: Config, name: str) -> Config:
+    method = "supervised" if name == "supervised" else "gta"
+    semi = replace(base.semi, efficient=name == "gta_efficient")
+    return replace(base, train=replace(base.train, method=method), semi=semi)
+
+
+def time_loop(cfg: Config, run_dir: Path) -> dict[str, float]:
+    """One real training run: the loop's own seconds and the whole call's."""
+    from gtaseg.train import train
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    start = time.perf_counter()
+    summary = train(cfg, run_dir, resume=False, progress=False)
+    call_s = time.perf_counter() - start
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {
+        "loop_s": float(summary["wall_time_s"]),
+        "call_s": call_s,
+        "iterations": summary["iterations"],
+    }
+
+
+def time_data(cfg: Config, device: torch.device) -> float:
+    """Seconds to produce the run's N batches and copy them to `device`, with no step."""
+    data = make_train_data(
+        cfg.data,
+        cfg.train.batch_size_labeled,
+        cfg.train.batch_size_unlabeled,
+        cfg.train.seed,
+        need_unlabeled=cfg.train.method != "supervised",
+        device=device,
+    )
+    start, done = time.perf_counter(), 0
+    for epoch in range(10**6):
+        for batch in data.epoch(epoch):
+            moved = [t.to(device, non_blocking=True) for t in batch if t is not None]
+            done += 1
+            if done == cfg.train.max_iters:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                del moved
+                return time.perf_counter() - start
+    raise AssertionError("unreachable: epochs are endless")
+
+
+def run_loop_bench(base: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """Time every variant's loop (rounds, order rotating) and data, then the step bench."""
+    device = resolve_device(args.device)
+    configs = {name: variant_config(base, name) for name in VARIANTS}
+    loops: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+    for round_ in range(args.rounds):
+        shift = round_ % len(VARIANTS)
+        for name in VARIANTS[shift:] + VARIANTS[:shift]:
+            loops[name].append(time_loop(configs[name], Path(args.work) / "runs" / name))
+            print(
+                f"[bench-loop] round {round_ + 1}/{args.rounds} {name}: loop "
+                f"{loops[name][-1]['loop_s']:.2f} s",
+                flush=True,
+            )
+    data_s = {name: time_data(configs[name], device) for name in ("supervised", "gta")}
+    data_s["gta_efficient"] = data_s["gta"]  # the same batches
+    variants = {name: _variant_row(base, name, loops[name], data_s[name]) for name in VARIANTS}
+    report: dict[str, Any] = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "settings": _loop_settings(base, args, device),
+        "variants": variants,
+        "loop_ratios": _loop_ratios(loops),
+    }
+    if not args.no_step_bench:
+        step_cfg = replace(base, train=replace(base.train, method="gta"))
+        opts = BenchOptions(
+            size=args.size, batch=args.batch, steps=args.step_steps, device=args.device
+        )
+        step = run_bench(step_cfg, opts)
+        report["step_ratios"] = {key: step["ratios"][key]["value"] for key, _, _ in RATIOS}
+        report["step_ms"] = {name: step["variants"][name]["ms_median"] for name in VARIANTS}
+    return report
+
+
+def _variant_row(
+    base: Config, name: str, runs: list[dict[str, float]], data_s: float
+) -> dict[str, Any]:
+    iters = base.train.max_iters
+    loop_s = statistics.median(r["loop_s"] for r in runs)
+    images = base.train.batch_size_labeled + (
+        0 if name == "supervised" else base.train.batch_size_unlabeled
+    )
+    return {
+        "loop_s": loop_s,
+        "loop_ms_per_iter": 1000.0 * loop_s / iters,
+        "images_per_s": images * iters / loop_s,
+        "data_ms_per_iter": 1000.0 * data_s / iters,
+        "call_s": statistics.median(r["call_s"] for r in runs),
+        "iterations": [r["iterations"] for r in runs],
+        "loop_s_all": [r["loop_s"] for r in runs],
+        "call_s_all": [r["call_s"] for r in runs],
+    }
+
+
+def _loop_ratios(loops: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    """Median over rounds of the ratio of two variants' loop seconds in the same round."""
+    return {
+        key: statistics.median(
+            a["loop_s"] / b["loop_s"] for a, b in zip(loops[num], loops[den], strict=True)
+        )
+        for key, num, den in RATIOS
+    }
+
+
+def _loop_settings(base: Config, args: argparse.Namespace, device: torch.device) -> dict:
+    from gtaseg.data.feed import resolve_num_workers
+
+    return {
+        "arch": base.model.arch,
+        "encoder": base.model.encoder,
+        "encoder_depth": base.model.encoder_depth,
+        "output_stride": base.model.output_stride,
+        "num_classes": base.data.num_classes,
+        "size": args.size,
+        "batch_labeled": args.batch,
+        "batch_unlabeled": args.batch,
+        "iters": args.iters,
+        "rounds": args.rounds,
+        "n_train": args.n_train,
+        "num_workers": resolve_num_workers(base.data.num_workers, device),
+        "cache_mb": base.data.cache_mb,
+        "amp": base.train.amp,
+        "channels_last": base.train.channels_last,
+        "deterministic": base.train.deterministic,
+        "optimizer": base.optim.optimizer,
+    }
+
+
+def format_loop_report(report: dict[str, Any]) -> str:
+    """The report as a plain-text table: per variant the loop, then loop and step ratios."""
+    st = report["settings"]
+    lines = [
+        f"gtaseg bench-loop: {st['arch']} {st['encoder']} OS{st['output_stride']} at "
+        f"{st['size']}px, B={st['batch_labeled']}+{st['batch_unlabeled']}, {st['iters']} "
+        f"iterations x {st['rounds']} round(s), {report['device_name']} "
+        f"({report['cpu_threads']} threads), num_workers={st['num_workers']}, "
+        f"amp={st['amp']}",
+        f"{'variant':<14}{'loop s':>9}{'ms/iter':>9}{'img/s':>8}{'data ms/iter':>14}"
+        f"{'step ms':>9}{'call s':>8}",
+    ]
+    for name, v in report["variants"].items():
+        step = report.get("step_ms", {}).get(name)
+        lines.append(
+            f"{name:<14}{v['loop_s']:>9.2f}{v['loop_ms_per_iter']:>9.1f}{v['images_per_s']:>8.1f}"
+            f"{v['data_ms_per_iter']:>14.1f}{'-' if step is None else f'{step:.1f}':>9}"
+            f"{v['call_s']:>8.1f}"
+        )
+    for key, value in report["loop_ratios"].items():
+        step = report.get("step_ratios", {}).get(key)
+        beside = "" if step is None else f"   step {step:.3f}   loop / step {value / step:.3f}"
+        lines.append(f"{key:<27} loop {value:.3f}{beside}")
+    return "\n".join(lines)
+
+
+def write_csv(report: dict[str, Any], path: Path) -> None:
+    """One row per variant: loop and data figures, the step's ms, and the run's settings."""
+    fields = ["variant", "loop_s", "loop_ms_per_iter", "images_per_s", "data_ms_per_iter"]
+    fields += ["call_s", "step_ms", "device_name", "size", "iters", "rounds", "num_workers"]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for name, v in report["variants"].items():
+            step = report.get("step_ms", {}).get(name)
+            row = {"variant": name, **v, "step_ms": step, "device_name": report["device_name"]}
+            writer.writerow({**row, **report["settings"]})
+        for key, value in report["loop_ratios"].items():
+            step = report.get("step_ratios", {}).get(key)
+            writer.writerow({"variant": f"ratio {key}", "loop_s": value, "step_ms": step})
