@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from data_fixtures import make_folder_dataset, make_voc
+from data_fixtures import VOC_TRAIN, make_folder_dataset, make_voc
 from dvc_workspace import ROOT, make_workspace, mlflow_runs, run, stages_run
 
 TINY_MODEL = {"encoder": "resnet18", "encoder_depth": 3, "output_stride": 8,
@@ -65,7 +65,9 @@ def test_a_folder_dataset_goes_through_dvc_repro(tmp_path):
 @pytest.mark.slow
 def test_a_voc_tree_goes_through_dvc_repro_with_the_paper_profile(tmp_path):
     """configs/voc_classic.yaml as its header says (cp it to params.yaml, dvc repro), shrunk:
-    a count ratio, the full-label reference, and encoder weights of the user's under models/."""
+    a count ratio, the full-label reference, and encoder weights of the user's under models/.
+    As the original's classic splits, the labelled ids come from train.txt (the profile's
+    data.labeled_pool) and the unlabelled ones are the rest of the augmented set."""
     import torch
 
     from gtaseg.config import ModelConfig
@@ -78,7 +80,7 @@ def test_a_voc_tree_goes_through_dvc_repro_with_the_paper_profile(tmp_path):
     params["run"]["model"]["encoder_weights"] = "models/resnet18_mine.pth"
     params["run"]["optim"]["head_lr_multiplier"] = 1.0
     work = make_workspace(tmp_path / "work", params)
-    make_voc(work / params["run"]["data"]["root"])
+    make_voc(work / params["run"]["data"]["root"], augmented=True)
     encoder = build_model(ModelConfig(**{**TINY_MODEL, "atrous_rates": (1, 2, 3)}), 21).encoder
     torch.save(encoder.state_dict(), work / "models/resnet18_mine.pth")
 
@@ -90,7 +92,10 @@ def test_a_voc_tree_goes_through_dvc_repro_with_the_paper_profile(tmp_path):
     runs = mlflow_runs(work, "gtaseg-voc_classic")
     cells = {r.data.tags["gtaseg.ratio"]: r for r in runs if "gtaseg.ratio" in r.data.tags}
     assert set(cells) == {"2", "full"}
-    assert float(cells["2"].data.params["labeled_fraction"]) == 0.5  # 2 of the 4 train ids
+    # 2 labelled of the 4 train.txt ids; the 3 augmented-only ids are unlabelled: 2 of 7
+    assert float(cells["2"].data.params["labeled_fraction"]) == round(2 / 7, 6)
+    labeled = (work / "data/splits/2/seed0/labeled.txt").read_text().split()
+    assert set(labeled) <= set(VOC_TRAIN)
     assert "val_iou_student/aeroplane" in cells["2"].data.metrics
     results = (work / "results/results.csv").read_text()
     assert "full" in results  # compared, as the upper bound
