@@ -24,6 +24,7 @@ from typing import Any
 
 import gtaseg
 from gtaseg.config import Config
+from gtaseg.io import write_atomic
 from pipelines import generate
 from pipelines.cells import split_digest
 from pipelines.params import PipelineParams
