@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from pipelines.cells import (
     run_dir,
     split_digest,
     split_dir,
+    storage_name,
     sweep_cells,
 )
 from pipelines.generate import prepare, pretrain, pretrain_config, pretrain_spec
@@ -81,21 +81,31 @@ def train(
     cfg = run_config(params, ratio, method, seed, overrides)
     tags = run_tags(params, ratio, method, seed)
     out = run_dir(ratio, method, seed)
-    return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress)
+    mirror = cell_mirror(params, ratio, method, seed)
+    on_state = mirror.push if mirror is not None else None
+    return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress, on_state)
 
 
-def finished_summary(params: PipelineParams, ratio: str, method: str, seed: int) -> dict | None:
-    """The metrics of the cell's finished run when its inputs and code are still the current
-    ones (the Prefect sweep skips such cells; DVC decides that itself), else None."""
-    if not split_dir(ratio, seed).is_dir():
+def cell_mirror(params: PipelineParams, ratio: str, method: str, seed: int) -> Any:
+    """The cell's run folder mirrored in storage (a `pipelines.storage.FolderMirror`; None
+    without GTASEG_STORAGE_URI, or on a torchrun rank other than 0). A folder without a run
+    record, as a new job on a work pool has, gets the stored copy first: a job restarted after
+    pre-emption resumes from the last checkpoint pushed. Rank 0 pulls before it opens the process
+    group, so the other ranks (waiting there) read the pulled checkpoints."""
+    if int(os.environ.get("RANK", "0")) != 0:
         return None
-    from pipelines import runstate
-    from pipelines.tracking_run import run_status, tracking_uri
+    from pipelines.runstate import RECORD
+    from pipelines.storage import FolderMirror, Storage
 
-    key = runstate.cell_key(params, run_config(params, ratio, method, seed))
-    status = partial(run_status, tracking_uri(params))
+    storage = Storage.from_env()
+    if storage is None:
+        return None
     out = run_dir(ratio, method, seed)
-    return runstate.finished_summary(out, key, runstate.code_fingerprint(), status)
+    name = storage_name(params.tracking.experiment, ratio, method, seed)
+    mirror = FolderMirror(storage, out, name)
+    if not (out / RECORD).is_file() and mirror.pull():
+        print(f"[{out}] restored from {storage.root}/{name}", file=sys.stderr)
+    return mirror
 
 
 def compare(params: PipelineParams) -> dict[str, Path]:
