@@ -47,23 +47,25 @@ def set_limit(params: PipelineParams) -> str:
 
 
 def run_cell(
-    limit: str, launch: Callable[[], None], wall_time_s: Callable[[], float]
+    limit: str, launch: Callable[[], float | None], wall_time_s: Callable[[], float]
 ) -> dict[str, float]:
     """Hold a slot of `limit` while `launch()` runs the cell to its end; returns the job's time
     from slot to end (`job_s`), the training loop's own (`train_s`, the run's `wall_time_s`) and
-    the difference: what orchestration cost (`overhead_s`: scheduling, process start, inputs,
-    evaluation, MLflow logging, checkpoint uploads)."""
+    the difference: what running it as a job cost (`overhead_s`: scheduling, process start,
+    inputs, evaluation, MLflow logging, checkpoint uploads). `launch()` may return the seconds
+    its job took to start (`start_s`: queue, worker pick-up, process start, imports)."""
     with concurrency(limit, occupy=1, strict=True):
         start = time.perf_counter()
-        launch()
+        start_s = launch()
         job_s = time.perf_counter() - start
     train_s = wall_time_s()
-    return {"job_s": round(job_s, 1), "train_s": train_s, "overhead_s": round(job_s - train_s, 1)}
+    timing = {"job_s": round(job_s, 1), "train_s": train_s, "overhead_s": round(job_s - train_s, 1)}
+    return timing if start_s is None else {**timing, "start_s": round(start_s, 1)}
 
 
-def launch_on_pool(deployment: str, parameters: dict[str, Any], name: str) -> str:
-    """One flow run of `deployment` for a cell, waited for; its id. CellCrashed when its
-    infrastructure died, CellFailed when it failed."""
+def launch_on_pool(deployment: str, parameters: dict[str, Any], name: str) -> float:
+    """One flow run of `deployment` for a cell, waited for; the seconds from its creation to its
+    start. CellCrashed when its infrastructure died, CellFailed when it failed."""
     run = run_deployment(deployment, parameters=parameters, flow_run_name=name,
                          tags=["gtaseg", "sweep-cell"], poll_interval=POLL_S)
     state = run.state
@@ -77,7 +79,7 @@ def launch_on_pool(deployment: str, parameters: dict[str, Any], name: str) -> st
             f"log in the Prefect UI says why; fix that and run the sweep again (finished cells "
             f"are not trained again)."
         )
-    return str(run.id)
+    return (run.start_time - run.created).total_seconds()
 
 
 def retry_crashed(task: Any, task_run: Any, state: Any) -> bool:

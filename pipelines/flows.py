@@ -143,7 +143,8 @@ def cell_task(
         name = f"{ratio}-{method}-seed{seed}"
         launch = partial(fanout.launch_on_pool, train_deployment, parameters, name)
     else:
-        launch = partial(train_flow, params_path, ratio, method, seed, None, None, parent_run_id)
+        def launch() -> None:
+            train_flow(params_path, ratio, method, seed, None, None, parent_run_id)
     from pipelines.results import finished_run
 
     params = load_params(params_path)
@@ -154,8 +155,9 @@ def cell_task(
         return float(run["cell"].metrics["wall_time_s"])
 
     timing = fanout.run_cell(limit, launch, train_s)
-    get_run_logger().info("%s: %.1f s in the training loop, %.1f s around it", cell,
-                          timing["train_s"], timing["overhead_s"])
+    started = f" ({timing['start_s']:.1f} s to start)" if "start_s" in timing else ""
+    get_run_logger().info("%s: %.1f s in the training loop, %.1f s around it%s", cell,
+                          timing["train_s"], timing["overhead_s"], started)
     return {"cell": cell, "run_id": run["cell"].run_id, "trained": True, **timing}
 
 
