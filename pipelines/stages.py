@@ -94,8 +94,9 @@ def cell_mirror(params: PipelineParams, ratio: str, method: str, seed: int) -> A
     group, so the other ranks (waiting there) read the pulled checkpoints."""
     if int(os.environ.get("RANK", "0")) != 0:
         return None
+    from pipelines.mirror import FolderMirror
     from pipelines.runstate import RECORD
-    from pipelines.storage import FolderMirror, Storage
+    from pipelines.storage import Storage
 
     storage = Storage.from_env()
     if storage is None:

@@ -8,8 +8,8 @@ pre-empted. Two things go through the storage root `GTASEG_STORAGE_URI` (s3://bu
   the cell job `fetch`es them into its own folder, each file checked against its sha256.
       blobs/<sha256>          the bytes of one file (written once, never changed)
       trees/<sha256>.json     a file or folder: {relative path: sha256}, named by its own hash
-- **A cell's run folder**, mirrored (`FolderMirror`): pushed after each checkpoint, pulled by a
-  restarted job, so it resumes where the last one stopped.
+- **A cell's run folder**, mirrored (`pipelines.mirror.FolderMirror`): pushed after each
+  checkpoint, pulled by a restarted job, so it resumes where the last one stopped.
       cells/<experiment>/<ratio>/<method>/seed<seed>/...
 
 Transfers are boto3's managed ones (multipart, standard retries, checksums); an S3 object is
@@ -112,7 +112,7 @@ class Storage:
         else:
             raise StorageError(f"publish: expected a file or folder at {path}, found nothing there."
                                f" Make it first (the sweep's prepare / split stages).")
-        tree = dict(zip(files, _parallel(file_sha256, files.values()), strict=True))
+        tree = dict(zip(files, in_parallel(file_sha256, files.values()), strict=True))
         text = json.dumps(tree, sort_keys=True, indent=0).encode()
         digest = hashlib.sha256(text).hexdigest()
         manifest = f"trees/{digest}.json"
@@ -123,7 +123,7 @@ class Storage:
             if not self.exists(f"blobs/{tree[rel]}"):
                 self.upload(files[rel], f"blobs/{tree[rel]}")
 
-        _parallel(send, tree)
+        in_parallel(send, tree)
         # The manifest goes last: its presence means every blob it names is stored.
         self._call(f"upload of {self.root}/{manifest}", self.client.put_object,
                    Bucket=self.bucket, Key=self.key(manifest), Body=text)
@@ -140,12 +140,12 @@ class Storage:
         tree: dict[str, str] = json.loads(body)
 
         def get(rel: str) -> None:
-            target = _inside(path, rel) if rel else path
+            target = inside_folder(path, rel) if rel else path
             if target.is_file() and file_sha256(target) == tree[rel]:
                 return
             self.download(f"blobs/{tree[rel]}", target, tree[rel])
 
-        _parallel(get, tree)
+        in_parallel(get, tree)
 
     def upload(self, path: Path, name: str) -> None:
         self._call(f"upload of {path}", self.client.upload_file, str(path), self.bucket,
@@ -166,6 +166,11 @@ class Storage:
                 f"again (the sweep does), or delete the object."
             )
         partial.replace(target)
+
+    def copy(self, name: str, to: str) -> None:
+        """`<root>/<name>` to `<root>/<to>`, server-side (boto3's managed copy: any size)."""
+        self._call(f"copy of {self.root}/{name}", self.client.copy,
+                   {"Bucket": self.bucket, "Key": self.key(name)}, self.bucket, self.key(to))
 
     def delete(self, name: str) -> None:
         self._call(f"delete of {self.root}/{name}", self.client.delete_object,
@@ -210,62 +215,8 @@ def download_uri(uri: str, target: Path) -> Path:
     return Path(target)
 
 
-class FolderMirror:
-    """A local folder kept in step with `<root>/<name>/`: `pull` brings the stored copy down,
-    `push` sends what changed since and deletes what the folder no longer holds. Hidden files
-    (temporary writes) and `*.prev.*` files (the local rotation of checkpoints) stay local.
-    Within a push, checksum sidecars follow their files and `run.json` comes last, so a pull
-    never sees a record newer than the files it describes."""
-
-    def __init__(self, storage: Storage, local: Path, name: str) -> None:
-        self.storage, self.local, self.name = storage, Path(local), name.strip("/")
-        self._sent: dict[str, tuple[int, int]] | None = None  # rel -> (size, mtime_ns) stored
-
-    def pull(self) -> int:
-        """Download the stored copy over the local folder; returns the number of files."""
-        rels = self.storage.list_keys(self.name)
-        _parallel(lambda rel: self.storage.download(f"{self.name}/{rel}",
-                                                    _inside(self.local, rel)), rels)
-        self._sent = {rel: _stamp(self.local / rel) for rel in rels}
-        return len(rels)
-
-    def push(self) -> None:
-        if self._sent is None:
-            self._sent = dict.fromkeys(self.storage.list_keys(self.name), (-1, -1))
-        local = {p.relative_to(self.local).as_posix(): p for p in sorted(self.local.rglob("*"))
-                 if p.is_file() and _mirrored(p.relative_to(self.local))}
-        changed = [rel for rel, p in local.items() if self._sent.get(rel) != _stamp(p)]
-        for batch in _push_order(changed):
-            _parallel(lambda rel: self._send(rel, local[rel]), batch)
-        gone = [rel for rel in self._sent if rel not in local]
-        _parallel(lambda rel: self.storage.delete(f"{self.name}/{rel}"), gone)
-        for rel in gone:
-            del self._sent[rel]
-
-    def _send(self, rel: str, path: Path) -> None:
-        stamp = _stamp(path)  # before reading: a file rewritten meanwhile is sent again next time
-        self.storage.upload(path, f"{self.name}/{rel}")
-        self._sent[rel] = stamp
-
-
-def _mirrored(rel: Path) -> bool:
-    return not any(part.startswith(".") for part in rel.parts) and ".prev." not in rel.name
-
-
-def _push_order(rels: list[str]) -> list[list[str]]:
-    """Files, then their .sha256 sidecars, then the run record."""
-    last = [r for r in rels if PurePosixPath(r).name == "run.json"]
-    sidecars = [r for r in rels if r.endswith(".sha256")]
-    files = [r for r in rels if r not in last and r not in sidecars]
-    return [files, sidecars, last]
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
-
-
-def _inside(root: Path, rel: str) -> Path:
+def inside_folder(root: Path, rel: str) -> Path:
+    """`root / rel` for a stored relative path; StorageError for one that would leave `root`."""
     parts = PurePosixPath(rel).parts
     if not parts or rel.startswith("/") or ".." in parts:
         raise StorageError(f"expected stored paths that stay inside {root}, got {rel!r}: remove "
@@ -273,7 +224,8 @@ def _inside(root: Path, rel: str) -> Path:
     return root.joinpath(*parts)
 
 
-def _parallel(fn: Callable[[str], T], items: Iterable) -> list[T]:
+def in_parallel(fn: Callable[[str], T], items: Iterable) -> list[T]:
+    """`fn` over `items` on a few threads (transfers wait on the network, not the CPU)."""
     items = list(items)
     if len(items) <= 1:
         return [fn(item) for item in items]

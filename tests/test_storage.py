@@ -1,4 +1,4 @@
-"""pipelines.storage and pipelines.jobs against a real S3-compatible server (moto's) on loopback.
+"""pipelines.storage, .mirror and .jobs against a real S3-compatible server (moto) on loopback.
 
 Most tests share one in-process `ThreadedMotoServer`; the "server dies mid-run" test runs moto as a
 subprocess so that it can be killed. Every test gets its own bucket, and fake credentials from the
@@ -24,7 +24,8 @@ from moto.server import ThreadedMotoServer
 from servers import free_port
 
 from pipelines import jobs, storage
-from pipelines.storage import FolderMirror, Storage, StorageError
+from pipelines.mirror import FolderMirror
+from pipelines.storage import Storage, StorageError
 
 SECRET = "sEcReT-4f1b9c-never-print-me"
 
@@ -161,12 +162,45 @@ def test_mirror_pushes_changes_deletes_leftovers_and_restores(
     _write(run, {"checkpoints/last.pt": b"2"})
     (run / "history.csv").unlink()
     mirror.push()
-    assert sent == ["checkpoints/last.pt"]  # only what changed
+    assert sent == ["checkpoints/last.pt"]  # only what changed (the stored pair became .prev)
     restored = FolderMirror(store, tmp_path / "job", cell)
-    assert restored.pull() == 3
-    assert _tree(tmp_path / "job") == {"run.json": b"{}", "checkpoints/last.pt": b"2",
-                                       "checkpoints/last.pt.sha256": b"s1"}
+    assert restored.pull() == 5
+    assert _tree(tmp_path / "job") == {
+        "run.json": b"{}", "checkpoints/last.pt": b"2", "checkpoints/last.pt.sha256": b"s1",
+        "checkpoints/last.prev.pt": b"1", "checkpoints/last.prev.pt.sha256": b"s1"}  # fmt: skip
     assert FolderMirror(store, tmp_path / "other", "cells/exp/1_4/gta/seed1").pull() == 0
+
+
+def test_a_push_killed_between_checkpoint_and_sidecar_leaves_a_loadable_pair(
+    store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before a stored checkpoint pair is replaced it becomes the stored `.prev` pair (as the
+    library rotates it on disk), so a job killed mid-push resumes from the previous one."""
+    import torch
+
+    from gtaseg.checkpoint import load_latest_good, save_checkpoint
+
+    run = tmp_path / "run"
+    mirror = FolderMirror(store, run, "cells/exp/1_4/gta/seed0")
+    for step in (1, 2):
+        save_checkpoint(run / "checkpoints" / "last.pt", {"step": torch.tensor(step)})
+        mirror.push()
+    save_checkpoint(run / "checkpoints" / "last.pt", {"step": torch.tensor(3)})
+    real_upload = store.upload
+
+    def killed_before_the_sidecar(path, name):
+        if name.endswith(".sha256"):
+            raise KeyboardInterrupt  # the job dies here
+        real_upload(path, name)
+
+    monkeypatch.setattr(store, "upload", killed_before_the_sidecar)
+    with pytest.raises(KeyboardInterrupt):
+        mirror.push()
+    job = tmp_path / "job"
+    assert FolderMirror(store, job, "cells/exp/1_4/gta/seed0").pull() == 4
+    with pytest.warns(UserWarning, match="skipping checkpoint .*last.pt"):
+        path, state = load_latest_good(job / "checkpoints")
+    assert path.name == "last.prev.pt" and int(state["step"]) == 2
 
 
 def test_inputs_published_by_the_sweep_are_fetched_at_the_same_paths(
