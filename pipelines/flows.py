@@ -213,10 +213,14 @@ def sweep_flow(
     methods: list[str] | None = None,
     seeds: list[int] | None = None,
     train_deployment: str | None = None,
+    inputs: dict[str, str] | None = None,
 ) -> dict:
     """Generate the data_prep and pretrain entries, make splits, run every cell (module
     docstring), compare the label ratios, point the registry's aliases and end the sweep's
-    parent run. `config_path` may be s3://..."""
+    parent run. `config_path` may be s3://...; `inputs` ({path: storage digest}, e.g. a dataset
+    published once with `python -m pipelines.storage publish data/VOC`) are fetched first."""
+    if inputs:
+        fetch_task(inputs)
     config_path = jobs.local_config(config_path)
     params = load_params(config_path)
     ratios = ratios or list(params.sweep.ratios)

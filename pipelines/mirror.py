@@ -43,7 +43,9 @@ class FolderMirror:
         in_parallel(self._keep_as_prev, stored_pairs)
         for batch in _push_order(changed):
             in_parallel(lambda rel: self._send(rel, local[rel]), batch)
-        gone = [rel for rel in self._sent if rel not in local and not _is_prev(rel)]
+        # a stored .prev pair goes with its current pair (a fresh attempt clears both)
+        gone = [rel for rel in self._sent if rel not in local
+                and not (_is_prev(rel) and rel.replace(".prev.", ".", 1) in local)]
         in_parallel(lambda rel: self.storage.delete(f"{self.name}/{rel}"), gone)
         for rel in gone:
             del self._sent[rel]

@@ -12,6 +12,11 @@ pre-empted. Two things go through the storage root `GTASEG_STORAGE_URI` (s3://bu
   checkpoint, pulled by a restarted job, so it resumes where the last one stopped.
       cells/<experiment>/<ratio>/<method>/seed<seed>/...
 
+A dataset the sweep does not generate is published once from where it is and handed to a sweep job
+as an input (`sweep_flow(inputs=...)`):
+    python -m pipelines.storage publish data/VOCdevkit/VOC2012     # prints its digest
+    python -m pipelines.storage fetch <digest> data/VOCdevkit/VOC2012
+
 Transfers are boto3's managed ones (multipart, standard retries, checksums); an S3 object is
 written whole or not at all. Credentials and endpoint come from boto3's chain (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3, ...); no secret is ever logged or put in a message.
@@ -19,9 +24,11 @@ AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3, ...); no secret is ever logged or pu
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -287,3 +294,34 @@ def _redact(text: str) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
     return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.storage", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    publish = commands.add_parser("publish", help="upload a file or folder; print its digest")
+    publish.add_argument("path", type=Path)
+    fetch = commands.add_parser("fetch", help="write a published file or folder at PATH")
+    fetch.add_argument("digest")
+    fetch.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        storage = Storage.from_env()
+        if storage is None:
+            raise StorageError(f"expected the storage root in {STORAGE_ENV} (s3://bucket/prefix), "
+                               f"found it unset: export it (infra/README.md)")
+        if args.command == "publish":
+            print(storage.publish(args.path))
+        else:
+            storage.fetch(args.digest, args.path)
+    except StorageError as exc:
+        print(f"pipelines.storage {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

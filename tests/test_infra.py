@@ -32,7 +32,7 @@ SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|AUTH", re.IGNORECASE)
 FLOW_PARAMETERS = {
     "train_flow": {"config_path", "ratio", "method", "seed", "overrides", "inputs",
                    "parent_run_id"},
-    "sweep_flow": {"config_path", "ratios", "methods", "seeds", "train_deployment"},
+    "sweep_flow": {"config_path", "ratios", "methods", "seeds", "train_deployment", "inputs"},
 }
 
 

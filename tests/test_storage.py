@@ -169,6 +169,10 @@ def test_mirror_pushes_changes_deletes_leftovers_and_restores(
         "run.json": b"{}", "checkpoints/last.pt": b"2", "checkpoints/last.pt.sha256": b"s1",
         "checkpoints/last.prev.pt": b"1", "checkpoints/last.prev.pt.sha256": b"s1"}  # fmt: skip
     assert FolderMirror(store, tmp_path / "other", "cells/exp/1_4/gta/seed1").pull() == 0
+    for name in ("checkpoints/last.pt", "checkpoints/last.pt.sha256"):  # a fresh attempt
+        (run / name).unlink()
+    mirror.push()
+    assert FolderMirror(store, tmp_path / "again", cell).pull() == 1  # .prev went with them
 
 
 def test_a_push_killed_between_checkpoint_and_sidecar_leaves_a_loadable_pair(
@@ -229,6 +233,23 @@ def test_inputs_published_by_the_sweep_are_fetched_at_the_same_paths(
     monkeypatch.chdir(job)
     jobs.fetch_inputs(store, inputs["1_4/0"])
     assert _tree(job) == _tree(sweep)
+
+
+def test_the_command_line_publishes_and_fetches(
+    store: Storage, endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    assert storage.main(["publish", str(tmp_path)]) == 2  # no storage root: one line, exit 2
+    assert "GTASEG_STORAGE_URI" in capsys.readouterr().err
+    monkeypatch.setenv(storage.STORAGE_ENV, store.root)
+    data = _write(tmp_path / "VOC", {"JPEGImages/a.jpg": b"jpg", "train.txt": b"a"})
+    assert storage.main(["publish", str(data)]) == 0
+    digest = capsys.readouterr().out.strip()
+    assert storage.main(["fetch", digest, str(tmp_path / "job" / "VOC")]) == 0
+    assert _tree(tmp_path / "job" / "VOC") == _tree(data)
+    assert storage.main(["fetch", "f" * 64, str(tmp_path / "x")]) == 2
+    assert "publish it first" in capsys.readouterr().err
 
 
 def test_cells_on_a_work_pool_without_storage_are_explained() -> None:
