@@ -66,12 +66,19 @@ def run_cell(
 def launch_on_pool(deployment: str, parameters: dict[str, Any], name: str) -> float:
     """One flow run of `deployment` for a cell, waited for; the seconds from its creation to its
     start. CellCrashed when its infrastructure died, CellFailed when it failed."""
-    run = run_deployment(deployment, parameters=parameters, flow_run_name=name,
-                         tags=["gtaseg", "sweep-cell"], poll_interval=POLL_S)
+    run = run_deployment(
+        deployment,
+        parameters=parameters,
+        flow_run_name=name,
+        tags=["gtaseg", "sweep-cell"],
+        poll_interval=POLL_S,
+    )
     state = run.state
     if state is not None and state.is_crashed():
-        raise CellCrashed(f"flow run {run.name} ({run.id}) of {deployment} crashed: "
-                          f"{state.message}. Launching it again resumes it.")
+        raise CellCrashed(
+            f"flow run {run.name} ({run.id}) of {deployment} crashed: "
+            f"{state.message}. Launching it again resumes it."
+        )
     if state is None or not state.is_completed():
         raise CellFailed(
             f"flow run {run.name} ({run.id}) of {deployment}: expected Completed, got "

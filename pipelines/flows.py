@@ -77,8 +77,9 @@ def train_task(
     `torchrun --standalone --nproc_per_node <gpus>`), the run is launched across the node's GPUs
     as a subprocess; otherwise it runs in this process."""
     if not overrides and (done := _finished(params_path, ratio, method, seed)) is not None:
-        get_run_logger().info("%s/%s/seed%d: finished and current, not retrained",
-                              ratio, method, seed)
+        get_run_logger().info(
+            "%s/%s/seed%d: finished and current, not retrained", ratio, method, seed
+        )
         return {**done.metrics, "run_id": done.run_id}
     launcher = os.environ.get("GTASEG_TRAIN_LAUNCHER", "").strip()
     if launcher:
@@ -109,8 +110,20 @@ def launch_distributed(
     parent_run_id: str | None,
 ) -> dict:
     """Run `pipelines.stages train` under the launcher (torchrun); rank 0 tracks, writes files."""
-    cmd = [*shlex.split(launcher), "-m", "pipelines.stages", "train", "--params", params_path,
-           "--ratio", ratio, "--method", method, "--seed", str(seed)]
+    cmd = [
+        *shlex.split(launcher),
+        "-m",
+        "pipelines.stages",
+        "train",
+        "--params",
+        params_path,
+        "--ratio",
+        ratio,
+        "--method",
+        method,
+        "--seed",
+        str(seed),
+    ]
     if overrides:
         cmd += ["--set", *overrides]
     env = dict(os.environ)
@@ -120,8 +133,12 @@ def launch_distributed(
     return json.loads((stages.run_dir(ratio, method, seed) / "metrics.json").read_text())
 
 
-@task(name="cell", task_run_name="cell-{ratio}-{method}-seed{seed}", retries=2,
-      retry_condition_fn=fanout.retry_crashed)
+@task(
+    name="cell",
+    task_run_name="cell-{ratio}-{method}-seed{seed}",
+    retries=2,
+    retry_condition_fn=fanout.retry_crashed,
+)
 def cell_task(
     params_path: str,
     ratio: str,
@@ -138,13 +155,21 @@ def cell_task(
     if (done := _finished(params_path, ratio, method, seed)) is not None:
         return {"cell": cell, "run_id": done.run_id, "trained": False}
     if train_deployment:
-        parameters = {"config_path": params_path, "ratio": ratio, "method": method,
-                      "seed": seed, "inputs": inputs, "parent_run_id": parent_run_id}
+        parameters = {
+            "config_path": params_path,
+            "ratio": ratio,
+            "method": method,
+            "seed": seed,
+            "inputs": inputs,
+            "parent_run_id": parent_run_id,
+        }
         name = f"{ratio}-{method}-seed{seed}"
         launch = partial(fanout.launch_on_pool, train_deployment, parameters, name)
     else:
+
         def launch() -> None:
             train_flow(params_path, ratio, method, seed, None, None, parent_run_id)
+
     from pipelines.results import finished_run
 
     params = load_params(params_path)
@@ -156,8 +181,13 @@ def cell_task(
 
     timing = fanout.run_cell(limit, launch, train_s)
     started = f" ({timing['start_s']:.1f} s to start)" if "start_s" in timing else ""
-    get_run_logger().info("%s: %.1f s in the training loop, %.1f s around it%s", cell,
-                          timing["train_s"], timing["overhead_s"], started)
+    get_run_logger().info(
+        "%s: %.1f s in the training loop, %.1f s around it%s",
+        cell,
+        timing["train_s"],
+        timing["overhead_s"],
+        started,
+    )
     return {"cell": cell, "run_id": run["cell"].run_id, "trained": True, **timing}
 
 
@@ -241,13 +271,13 @@ def sweep_flow(
     limit = fanout.set_limit(params)
     inputs = publish_task(config_path, cells) if train_deployment else {}
     futures = [
-        cell_task.submit(config_path, r, m, s, parent, limit, train_deployment,
-                         inputs.get(f"{r}/{s}"))
+        cell_task.submit(
+            config_path, r, m, s, parent, limit, train_deployment, inputs.get(f"{r}/{s}")
+        )
         for r, m, s in cells
     ]
     results = [f.result() for f in futures]
-    get_run_logger().info("%d cells, %d trained", len(results),
-                          sum(r["trained"] for r in results))
+    get_run_logger().info("%d cells, %d trained", len(results), sum(r["trained"] for r in results))
     tables = compare_task(config_path)
     champion = register_task(config_path)
     return {"runs": len(results), "cells": results, "tables": tables, "champion": champion}
@@ -264,11 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio", default="1_16", help="label ratio (train)")
     parser.add_argument("--method", default="gta", help="supervised | mean_teacher | gta (train)")
     parser.add_argument("--seed", type=int, default=0, help="seed (train)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="run config overrides (train)")
-    parser.add_argument("--train-deployment", metavar="FLOW/DEPLOYMENT",
-                        help="sweep: launch the cells on this deployment's work pool, e.g. "
-                        "gtaseg-train/train-gpu (default: in this process)")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="run config overrides (train)"
+    )
+    parser.add_argument(
+        "--train-deployment",
+        metavar="FLOW/DEPLOYMENT",
+        help="sweep: launch the cells on this deployment's work pool, e.g. "
+        "gtaseg-train/train-gpu (default: in this process)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.flow == "train":

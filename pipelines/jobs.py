@@ -44,9 +44,7 @@ def local_config(config_path: str) -> str:
     return target.as_posix()
 
 
-def cell_input_paths(
-    params: PipelineParams, config_path: str, ratio: str, seed: int
-) -> list[Path]:
+def cell_input_paths(params: PipelineParams, config_path: str, ratio: str, seed: int) -> list[Path]:
     """What a training cell reads: the params file, the dataset, its split, the encoder weights,
     a validation list outside the dataset (paths as the params file writes them)."""
     data, root = params.run.data, Path(params.run.data.root)

@@ -27,16 +27,21 @@ class FolderMirror:
     def pull(self) -> int:
         """Download the stored copy over the local folder; returns the number of files."""
         rels = self.storage.list_keys(self.name)
-        in_parallel(lambda rel: self.storage.download(f"{self.name}/{rel}",
-                                                    inside_folder(self.local, rel)), rels)
+        in_parallel(
+            lambda rel: self.storage.download(f"{self.name}/{rel}", inside_folder(self.local, rel)),
+            rels,
+        )
         self._sent = {rel: _stamp(self.local / rel) for rel in rels}
         return len(rels)
 
     def push(self) -> None:
         if self._sent is None:
             self._sent = dict.fromkeys(self.storage.list_keys(self.name), (-1, -1))
-        local = {p.relative_to(self.local).as_posix(): p for p in sorted(self.local.rglob("*"))
-                 if p.is_file() and _mirrored(p.relative_to(self.local))}
+        local = {
+            p.relative_to(self.local).as_posix(): p
+            for p in sorted(self.local.rglob("*"))
+            if p.is_file() and _mirrored(p.relative_to(self.local))
+        }
         changed = [rel for rel, p in local.items() if self._sent.get(rel) != _stamp(p)]
         stored_pairs = [rel for rel in changed if f"{rel}.sha256" in local
                         and {rel, f"{rel}.sha256"} <= self._sent.keys()]  # fmt: skip
@@ -44,8 +49,11 @@ class FolderMirror:
         for batch in _push_order(changed):
             in_parallel(lambda rel: self._send(rel, local[rel]), batch)
         # a stored .prev pair goes with its current pair (a fresh attempt clears both)
-        gone = [rel for rel in self._sent if rel not in local
-                and not (_is_prev(rel) and rel.replace(".prev.", ".", 1) in local)]
+        gone = [
+            rel
+            for rel in self._sent
+            if rel not in local and not (_is_prev(rel) and rel.replace(".prev.", ".", 1) in local)
+        ]
         in_parallel(lambda rel: self.storage.delete(f"{self.name}/{rel}"), gone)
         for rel in gone:
             del self._sent[rel]

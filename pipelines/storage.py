@@ -68,8 +68,8 @@ def make_client(endpoint_url: str | None = None) -> BaseClient:
     """An S3 client from a fresh boto3 session (it sees the current environment). A custom
     endpoint (MinIO, moto; explicit or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) gets path-style
     addressing, which needs no wildcard DNS."""
-    custom = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL"
+    custom = (
+        endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     )
     config = Config(
         connect_timeout=5,
@@ -114,11 +114,14 @@ class Storage:
         if path.is_file():
             files = {"": path}
         elif path.is_dir():
-            files = {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*"))
-                     if p.is_file()}
+            files = {
+                p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*")) if p.is_file()
+            }
         else:
-            raise StorageError(f"publish: expected a file or folder at {path}, found nothing there."
-                               f" Make it first (the sweep's prepare / split stages).")
+            raise StorageError(
+                f"publish: expected a file or folder at {path}, found nothing there."
+                f" Make it first (the sweep's prepare / split stages)."
+            )
         tree = dict(zip(files, in_parallel(file_sha256, files.values()), strict=True))
         text = json.dumps(tree, sort_keys=True, indent=0).encode()
         digest = hashlib.sha256(text).hexdigest()
@@ -132,8 +135,13 @@ class Storage:
 
         in_parallel(send, tree)
         # The manifest goes last: its presence means every blob it names is stored.
-        self._call(f"upload of {self.root}/{manifest}", self.client.put_object,
-                   Bucket=self.bucket, Key=self.key(manifest), Body=text)
+        self._call(
+            f"upload of {self.root}/{manifest}",
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=self.key(manifest),
+            Body=text,
+        )
         return digest
 
     def fetch(self, digest: str, path: Path) -> None:
@@ -142,8 +150,12 @@ class Storage:
         before it replaces anything."""
         path = Path(path)
         manifest = f"trees/{digest}.json"
-        body = self._call(f"download of {self.root}/{manifest}", self.client.get_object,
-                          Bucket=self.bucket, Key=self.key(manifest))["Body"].read()
+        body = self._call(
+            f"download of {self.root}/{manifest}",
+            self.client.get_object,
+            Bucket=self.bucket,
+            Key=self.key(manifest),
+        )["Body"].read()
         tree: dict[str, str] = json.loads(body)
 
         def get(rel: str) -> None:
@@ -155,16 +167,22 @@ class Storage:
         in_parallel(get, tree)
 
     def upload(self, path: Path, name: str) -> None:
-        self._call(f"upload of {path}", self.client.upload_file, str(path), self.bucket,
-                   self.key(name))
+        self._call(
+            f"upload of {path}", self.client.upload_file, str(path), self.bucket, self.key(name)
+        )
 
     def download(self, name: str, target: Path, sha256: str | None = None) -> None:
         """`<root>/<name>` to `target`, through a temporary file beside it (checked against
         `sha256` when given), so `target` is replaced whole or not at all."""
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.download")
-        self._call(f"download of {self.root}/{name}", self.client.download_file,
-                   self.bucket, self.key(name), str(partial))
+        self._call(
+            f"download of {self.root}/{name}",
+            self.client.download_file,
+            self.bucket,
+            self.key(name),
+            str(partial),
+        )
         if sha256 is not None and file_sha256(partial) != sha256:
             partial.unlink()
             raise StorageError(
@@ -176,12 +194,21 @@ class Storage:
 
     def copy(self, name: str, to: str) -> None:
         """`<root>/<name>` to `<root>/<to>`, server-side (boto3's managed copy: any size)."""
-        self._call(f"copy of {self.root}/{name}", self.client.copy,
-                   {"Bucket": self.bucket, "Key": self.key(name)}, self.bucket, self.key(to))
+        self._call(
+            f"copy of {self.root}/{name}",
+            self.client.copy,
+            {"Bucket": self.bucket, "Key": self.key(name)},
+            self.bucket,
+            self.key(to),
+        )
 
     def delete(self, name: str) -> None:
-        self._call(f"delete of {self.root}/{name}", self.client.delete_object,
-                   Bucket=self.bucket, Key=self.key(name))
+        self._call(
+            f"delete of {self.root}/{name}",
+            self.client.delete_object,
+            Bucket=self.bucket,
+            Key=self.key(name),
+        )
 
     def exists(self, name: str) -> bool:
         try:
@@ -200,10 +227,11 @@ class Storage:
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=start
         )
-        keys = self._call(f"listing of {self.root}/{name}", lambda: [
-            obj["Key"] for page in pages for obj in page.get("Contents", [])])
-        return [key[len(start):] for key in keys]
-
+        keys = self._call(
+            f"listing of {self.root}/{name}",
+            lambda: [obj["Key"] for page in pages for obj in page.get("Contents", [])],
+        )
+        return [key[len(start) :] for key in keys]
 
     def _call(self, what: str, fn: Callable[..., T], *args, **kwargs) -> T:
         try:
@@ -226,8 +254,10 @@ def inside_folder(root: Path, rel: str) -> Path:
     """`root / rel` for a stored relative path; StorageError for one that would leave `root`."""
     parts = PurePosixPath(rel).parts
     if not parts or rel.startswith("/") or ".." in parts:
-        raise StorageError(f"expected stored paths that stay inside {root}, got {rel!r}: remove "
-                           f"or rename that object")
+        raise StorageError(
+            f"expected stored paths that stay inside {root}, got {rel!r}: remove "
+            f"or rename that object"
+        )
     return root.joinpath(*parts)
 
 
@@ -278,8 +308,9 @@ def _explain(exc: BaseException, what: str, endpoint: str) -> StorageError:
             f"reachable (AWS_ENDPOINT_URL_S3), then rerun"
         )
     if not isinstance(exc, boto_errors.ClientError):
-        return StorageError(f"{what} at {endpoint} failed: {type(exc).__name__}: "
-                            f"{_redact(str(exc))}")
+        return StorageError(
+            f"{what} at {endpoint} failed: {type(exc).__name__}: {_redact(str(exc))}"
+        )
     code, error = _error_code(exc), exc.response.get("Error", {})
     bucket = error.get("BucketName") or "the bucket"
     fallback = f"the server at {endpoint} refused it ({_redact(error.get('Message', ''))})"
@@ -311,8 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         storage = Storage.from_env()
         if storage is None:
-            raise StorageError(f"expected the storage root in {STORAGE_ENV} (s3://bucket/prefix), "
-                               f"found it unset: export it (infra/README.md)")
+            raise StorageError(
+                f"expected the storage root in {STORAGE_ENV} (s3://bucket/prefix), "
+                f"found it unset: export it (infra/README.md)"
+            )
         if args.command == "publish":
             print(storage.publish(args.path))
         else:

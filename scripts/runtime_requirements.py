@@ -72,28 +72,36 @@ def derive() -> dict[Path, str]:
     pins, via = read_lock(REQ / "lock.txt")
     roots = set(runtime_roots(REQ / "requirements.in"))
     others = closure(roots - set(TORCH), via, stop=set(TORCH)) - set(TORCH)
-    header = ("# Derived from requirements/lock.txt by scripts/runtime_requirements.py: do not "
-              "edit.\n# {}\n")
+    header = (
+        "# Derived from requirements/lock.txt by scripts/runtime_requirements.py: do not "
+        "edit.\n# {}\n"
+    )
     return {
-        REQ / "torch.txt": header.format("torch and torchvision, from the CUDA wheel index "
-                                         "(Dockerfile: TORCH_INDEX_URL)")
+        REQ / "torch.txt": header.format(
+            "torch and torchvision, from the CUDA wheel index (Dockerfile: TORCH_INDEX_URL)"
+        )
         + "".join(pins[p] + "\n" for p in TORCH),
-        REQ / "runtime.txt": header.format("the image's other runtime packages, at the lock's "
-                                           "versions")
+        REQ / "runtime.txt": header.format(
+            "the image's other runtime packages, at the lock's versions"
+        )
         + "".join(pins[p] + "\n" for p in sorted(others)),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="compare, write nothing")
     args = parser.parse_args(argv)
     stale = [p for p, text in derive().items() if not p.is_file() or p.read_text() != text]
     if args.check:
         for path in stale:
-            print(f"{path.relative_to(ROOT)} differs from the lock's runtime subset: run python "
-                  f"scripts/runtime_requirements.py", file=sys.stderr)
+            print(
+                f"{path.relative_to(ROOT)} differs from the lock's runtime subset: run python "
+                f"scripts/runtime_requirements.py",
+                file=sys.stderr,
+            )
         return 1 if stale else 0
     for path, text in derive().items():
         path.write_text(text)

@@ -63,11 +63,18 @@ class Stack:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.moto = moto_server(root / "moto")
-        s3 = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-              "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": self.moto.url}
+        s3 = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": self.moto.url,
+        }
         (root / "mlflow").mkdir()
-        self.mlflow = MlflowServer(root / "mlflow", artifacts="s3://mlflow/artifacts",
-                                   env={**s3, "MLFLOW_S3_ENDPOINT_URL": self.moto.url})
+        self.mlflow = MlflowServer(
+            root / "mlflow",
+            artifacts="s3://mlflow/artifacts",
+            env={**s3, "MLFLOW_S3_ENDPOINT_URL": self.moto.url},
+        )
         self.prefect = prefect_server(root / "prefect")
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))},
@@ -90,8 +97,13 @@ class Stack:
         self.moto.launch()
         self.prefect.launch()
         self.moto.wait_healthy()
-        s3 = boto3.client("s3", endpoint_url=self.moto.url, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=self.moto.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         for bucket in ("gtaseg-runs", "mlflow"):
             s3.create_bucket(Bucket=bucket)
         self.mlflow.launch()
@@ -138,8 +150,13 @@ class Stack:
         return f"s3://gtaseg-runs/{key}"
 
     def s3(self):
-        return boto3.client("s3", endpoint_url=self.moto.url, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.moto.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -183,8 +200,10 @@ def sweep_log(run_id) -> str:
 
 
 def max_overlap(runs: list) -> int:
-    events = sorted([(r.start_time, 1) for r in runs] + [(r.end_time, -1) for r in runs],
-                    key=lambda e: (e[0], e[1]))  # an end before a start at the same instant
+    events = sorted(
+        [(r.start_time, 1) for r in runs] + [(r.end_time, -1) for r in runs],
+        key=lambda e: (e[0], e[1]),
+    )  # an end before a start at the same instant
     level = peak = 0
     for _, step in events:
         level += step
@@ -209,8 +228,10 @@ def cell_mlflow_runs(stack: Stack, name: str) -> dict[str, object]:
     return by_role
 
 
-OVERHEAD = re.compile(r"(\S+): ([\d.]+) s in the training loop, ([\d.-]+) s around it "
-                      r"\(([\d.]+) s to start\)")
+OVERHEAD = re.compile(
+    r"(\S+): ([\d.]+) s in the training loop, ([\d.-]+) s around it "
+    r"\(([\d.]+) s to start\)"
+)
 
 
 def test_sweep_deployment_fans_cells_out_over_workers_without_shared_disk(stack):
@@ -254,8 +275,10 @@ def test_sweep_deployment_fans_cells_out_over_workers_without_shared_disk(stack)
     assert sorted(c[0] for c in costs) == [f"1_4/{m}/seed0" for m in
                                            ("gta", "mean_teacher", "supervised")]  # fmt: skip
     report = "\n".join(f"| {cell} | {t} | {o} | {s} |" for cell, t, o, s in costs)
-    print(f"\nsweep of 3 cells, max_parallel {MAX_PARALLEL}: {wall:.0f} s\n"
-          f"| cell | training loop (s) | around it (s) | of which to start (s) |\n{report}")
+    print(
+        f"\nsweep of 3 cells, max_parallel {MAX_PARALLEL}: {wall:.0f} s\n"
+        f"| cell | training loop (s) | around it (s) | of which to start (s) |\n{report}"
+    )
     for cell, train_s, overhead_s, _ in costs:
         assert float(overhead_s) < 120, f"{cell}: {overhead_s} s around {train_s} s of training"
 

@@ -42,8 +42,13 @@ def endpoint() -> Iterator[str]:
 @pytest.fixture(autouse=True)
 def fake_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Credentials only from these variables: no profile, no config file, no real endpoint."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN",
-                 storage.STORAGE_ENV):
+    for name in (
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_SESSION_TOKEN",
+        storage.STORAGE_ENV,
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
@@ -89,8 +94,12 @@ def test_parse_s3_uri_splits_and_rejects_non_s3() -> None:
 
 
 def test_publish_and_fetch_round_trip_content_addressed(store: Storage, tmp_path: Path) -> None:
-    files = {"images/a.png": os.urandom(70_000), "images/b.png": b"b", "empty.txt": b"",
-             "same.txt": b"b"}  # the same bytes twice: one blob
+    files = {
+        "images/a.png": os.urandom(70_000),
+        "images/b.png": b"b",
+        "empty.txt": b"",
+        "same.txt": b"b",
+    }  # the same bytes twice: one blob
     data = _write(tmp_path / "data", files)
     digest = store.publish(data)
     assert len([k for k in _keys(store) if "/blobs/" in k]) == 3
@@ -131,8 +140,9 @@ def test_unknown_inputs_and_escaping_paths_are_refused(store: Storage, tmp_path:
         store.fetch("0" * 64, tmp_path / "job")
     assert not (tmp_path / "job").exists()
     evil = {"../evil.txt": "0" * 64}
-    store.client.put_object(Bucket=store.bucket, Key=store.key("trees/evil.json"),
-                            Body=json.dumps(evil).encode())
+    store.client.put_object(
+        Bucket=store.bucket, Key=store.key("trees/evil.json"), Body=json.dumps(evil).encode()
+    )
     with pytest.raises(StorageError, match="stay inside"):
         store.fetch("evil", tmp_path / "job")
     assert not (tmp_path / "evil.txt").exists()
@@ -150,8 +160,11 @@ def test_mirror_pushes_changes_deletes_leftovers_and_restores(
     sent: list[str] = []
     real_upload = store.upload
     cell = "cells/exp/1_4/gta/seed0"
-    monkeypatch.setattr(store, "upload", lambda path, name: (
-        sent.append(name.removeprefix(cell + "/")), real_upload(path, name)))
+    monkeypatch.setattr(
+        store,
+        "upload",
+        lambda path, name: (sent.append(name.removeprefix(cell + "/")), real_upload(path, name)),
+    )
     mirror = FolderMirror(store, run, cell)
     mirror.push()
     # files, then their checksum sidecars, then the run record; no local rotation or temp file
@@ -228,8 +241,12 @@ def test_inputs_published_by_the_sweep_are_fetched_at_the_same_paths(
     cells = [("1_4", "gta", 0), ("1_4", "supervised", 0)]
     inputs = jobs.publish_inputs(store, params, "tiny.yaml", cells)
     assert list(inputs) == ["1_4/0"]  # one entry per split: both methods read the same inputs
-    assert set(inputs["1_4/0"]) == {"tiny.yaml", "data/embedded", "data/splits/1_4/seed0",
-                                    "models/pretrained/encoder.pth"}
+    assert set(inputs["1_4/0"]) == {
+        "tiny.yaml",
+        "data/embedded",
+        "data/splits/1_4/seed0",
+        "models/pretrained/encoder.pth",
+    }
     monkeypatch.chdir(job)
     jobs.fetch_inputs(store, inputs["1_4/0"])
     assert _tree(job) == _tree(sweep)
@@ -353,8 +370,10 @@ def test_secrets_echoed_by_a_server_are_redacted(
     """A session token is sent in a request header, so a misbehaving server could echo it back."""
     token = "ToKeN-77ab-never-print-me"
     monkeypatch.setenv("AWS_SESSION_TOKEN", token)
-    echoed = {"Error": {"Code": "InvalidToken", "Message": f"bad token {token} / {SECRET}"},
-              "ResponseMetadata": {"HTTPStatusCode": 400}}
+    echoed = {
+        "Error": {"Code": "InvalidToken", "Message": f"bad token {token} / {SECRET}"},
+        "ResponseMetadata": {"HTTPStatusCode": 400},
+    }
 
     def get_echoing_secrets(**kwargs):
         raise ClientError(echoed, "GetObject")
