@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path, PurePosixPath
 
 from gtaseg.checkpoint import prev_path
-from pipelines.storage import Storage, in_parallel, inside_folder
+from pipelines.storage import Storage, StorageError, in_parallel, inside_folder
 
 
 class FolderMirror:
@@ -57,6 +58,15 @@ class FolderMirror:
         in_parallel(lambda rel: self.storage.delete(f"{self.name}/{rel}"), gone)
         for rel in gone:
             del self._sent[rel]
+
+    def push_or_warn(self) -> None:
+        """`push`, with a storage failure (after boto3's retries) only a warning on stderr: the
+        job trains on, and the next push sends what this one could not."""
+        try:
+            self.push()
+        except StorageError as exc:
+            print(f"[{self.local}] warning: run folder not stored this time, training goes on: "
+                  f"{exc}", file=sys.stderr)  # fmt: skip
 
     def _keep_as_prev(self, rel: str) -> None:
         prev = prev_path(PurePosixPath(rel)).as_posix()

@@ -82,7 +82,7 @@ def train(
     tags = run_tags(params, ratio, method, seed)
     out = run_dir(ratio, method, seed)
     mirror = cell_mirror(params, ratio, method, seed)
-    on_state = mirror.push if mirror is not None else None
+    on_state = mirror.push_or_warn if mirror is not None else None
     return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress, on_state)
 
 

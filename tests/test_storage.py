@@ -189,7 +189,7 @@ def test_mirror_pushes_changes_deletes_leftovers_and_restores(
 
 
 def test_a_push_killed_between_checkpoint_and_sidecar_leaves_a_loadable_pair(
-    store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     """Before a stored checkpoint pair is replaced it becomes the stored `.prev` pair (as the
     library rotates it on disk), so a job killed mid-push resumes from the previous one."""
@@ -215,6 +215,10 @@ def test_a_push_killed_between_checkpoint_and_sidecar_leaves_a_loadable_pair(
         mirror.push()
     job = tmp_path / "job"
     assert FolderMirror(store, job, "cells/exp/1_4/gta/seed0").pull() == 4
+    monkeypatch.setattr(store, "upload", lambda path, name: store._call(
+        "upload", store.client.upload_file, str(path), "no-such-bucket", name))  # fmt: skip
+    mirror.push_or_warn()  # storage refusing is a warning: training goes on
+    assert "run folder not stored this time" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="skipping checkpoint .*last.pt"):
         path, state = load_latest_good(job / "checkpoints")
     assert path.name == "last.prev.pt" and int(state["step"]) == 2
