@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 from gtaseg.config import Config, apply_overrides
+from gtaseg.errors import DataError
 from pipelines.params import PipelineParams
 
 FULL = "full"  # the ratio name of the fully supervised reference run
@@ -72,7 +73,7 @@ def file_digest(*paths: Path) -> str:
 def split_digest(split: Path) -> str:
     files = (split / "labeled.txt", split / "unlabeled.txt")
     if not all(f.is_file() for f in files):
-        raise FileNotFoundError(
+        raise DataError(
             f"split {split}: expected labeled.txt and unlabeled.txt there (the split stage's "
             f"output). Run `dvc repro`, or python -m pipelines.stages split --ratio R --seed S."
         )

@@ -12,6 +12,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from gtaseg.errors import GtasegError
 from pipelines import runstate
 from pipelines.cells import run_config, sweep_cells
 from pipelines.params import PipelineParams
@@ -28,7 +29,7 @@ METRICS = (
 )
 
 
-class NoResults(ValueError):
+class NoResults(GtasegError, ValueError):
     """No cell of the sweep has a finished run in MLflow."""
 
 
@@ -90,11 +91,11 @@ def finished_run(
 ) -> CellRun | None:
     """The cell's latest FINISHED run for its current inputs (needs the cell's split lists);
     with `code`, only one trained by that code (`runstate.code_fingerprint()`)."""
+    key = runstate.cell_key(params, run_config(params, ratio, method, seed))  # split needed
     client = client or MlflowClient(tracking_uri(params))
     experiment = client.get_experiment_by_name(params.tracking.experiment)
     if experiment is None:
         return None
-    key = runstate.cell_key(params, run_config(params, ratio, method, seed))
     query = f"tags.`gtaseg.cell_key` = '{key}' and attributes.status = 'FINISHED'"
     if code is not None:
         query += f" and tags.`gtaseg.code` = '{code}'"
