@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import threading
 from pathlib import Path, PurePosixPath
 
 from gtaseg.checkpoint import prev_path
 from pipelines.storage import Storage, StorageError, in_parallel, inside_folder
+
+SNAPSHOTS = ".mirror-snapshots"  # hidden, so never mirrored itself
 
 
 class FolderMirror:
@@ -19,11 +24,19 @@ class FolderMirror:
     A file with a `.sha256` sidecar (a checkpoint) is rotated as `gtaseg.checkpoint` rotates it
     locally: before the pair is replaced, the stored pair is copied (server-side) to its `.prev`
     names, so a push killed between a file and its sidecar leaves a previous pair that loads. The
-    local `.prev` files are never uploaded."""
+    local `.prev` files are never uploaded.
+
+    `push_soon` lets training go on while a checkpoint uploads: it takes the folder's state at
+    once (hard links, which later writes do not change) and pushes it on a background thread."""
 
     def __init__(self, storage: Storage, local: Path, name: str) -> None:
         self.storage, self.local, self.name = storage, Path(local), name.strip("/")
         self._sent: dict[str, tuple[int, int]] | None = None  # rel -> (size, mtime_ns) stored
+        self._lock = threading.Lock()
+        self._pending: Path | None = None  # the newest snapshot not pushed yet
+        self._worker: threading.Thread | None = None
+        self._snapshots = 0
+        shutil.rmtree(self.local / SNAPSHOTS, ignore_errors=True)  # left by a killed job
 
     def pull(self) -> int:
         """Download the stored copy over the local folder; returns the number of files."""
@@ -35,14 +48,11 @@ class FolderMirror:
         self._sent = {rel: _stamp(self.local / rel) for rel in rels}
         return len(rels)
 
-    def push(self) -> None:
+    def push(self, source: Path | None = None) -> None:
+        """Store the folder (or `source`, a snapshot of it) as it is; StorageError on failure."""
         if self._sent is None:
             self._sent = dict.fromkeys(self.storage.list_keys(self.name), (-1, -1))
-        local = {
-            p.relative_to(self.local).as_posix(): p
-            for p in sorted(self.local.rglob("*"))
-            if p.is_file() and _mirrored(p.relative_to(self.local))
-        }
+        local = _files(source or self.local)
         changed = [rel for rel, p in local.items() if self._sent.get(rel) != _stamp(p)]
         stored_pairs = [rel for rel in changed if f"{rel}.sha256" in local
                         and {rel, f"{rel}.sha256"} <= self._sent.keys()]  # fmt: skip
@@ -60,13 +70,61 @@ class FolderMirror:
             del self._sent[rel]
 
     def push_or_warn(self) -> None:
-        """`push`, with a storage failure (after boto3's retries) only a warning on stderr: the
-        job trains on, and the next push sends what this one could not."""
+        """Wait for a background push, then `push`; a storage failure (after boto3's retries) is
+        only a warning on stderr: the job goes on, and the next push sends what this one could
+        not."""
+        self.flush()
+        self._push_warning_only(None)
+
+    def push_soon(self) -> None:
+        """Snapshot the folder now and push the snapshot on a background thread. A newer
+        snapshot replaces one still waiting, so uploads never queue up behind training."""
+        snapshot = self._snapshot()
+        with self._lock:
+            stale, self._pending = self._pending, snapshot
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._drain, daemon=True)
+                self._worker.start()
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def flush(self) -> None:
+        """Wait until no snapshot is left to push."""
+        worker = self._worker
+        if worker is not None:
+            worker.join()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                snapshot, self._pending = self._pending, None
+                if snapshot is None:
+                    self._worker = None
+                    return
+            try:
+                self._push_warning_only(snapshot)
+            finally:
+                shutil.rmtree(snapshot, ignore_errors=True)
+
+    def _push_warning_only(self, source: Path | None) -> None:
         try:
-            self.push()
+            self.push(source)
         except StorageError as exc:
             print(f"[{self.local}] warning: run folder not stored this time, training goes on: "
                   f"{exc}", file=sys.stderr)  # fmt: skip
+
+    def _snapshot(self) -> Path:
+        """Hard links of the mirrored files (copies where links cannot be made)."""
+        self._snapshots += 1
+        root = self.local / SNAPSHOTS / str(self._snapshots)
+        for rel, path in _files(self.local).items():
+            target = root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)  # keeps the mtime: the push compares stamps
+        return root
 
     def _keep_as_prev(self, rel: str) -> None:
         prev = prev_path(PurePosixPath(rel)).as_posix()
@@ -78,6 +136,15 @@ class FolderMirror:
         stamp = _stamp(path)  # before reading: a file rewritten meanwhile is sent again next time
         self.storage.upload(path, f"{self.name}/{rel}")
         self._sent[rel] = stamp
+
+
+def _files(root: Path) -> dict[str, Path]:
+    """{relative path: path} of the files a mirror keeps (no hidden, no `.prev` files)."""
+    return {
+        p.relative_to(root).as_posix(): p
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and _mirrored(p.relative_to(root))
+    }
 
 
 def _mirrored(rel: Path) -> bool:

@@ -82,8 +82,11 @@ def train(
     tags = run_tags(params, ratio, method, seed)
     out = run_dir(ratio, method, seed)
     mirror = cell_mirror(params, ratio, method, seed)
-    on_state = mirror.push_or_warn if mirror is not None else None
-    return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress, on_state)
+    if mirror is None:
+        return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress)
+    # checkpoints upload in the background while training goes on; start and end wait for it
+    return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress,
+                            on_state=mirror.push_or_warn, on_checkpoint=mirror.push_soon)
 
 
 def cell_mirror(params: PipelineParams, ratio: str, method: str, seed: int) -> Any:

@@ -128,26 +128,31 @@ def tracked_training(
     parent_run_id: str | None = None,
     progress: bool = True,
     on_state: Callable[[], None] | None = None,
+    on_checkpoint: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` into `out` with an MLflow run; log checkpoints, model, plots; return metrics.
     Resumes an unfinished attempt of the same inputs and code, else starts fresh (see module
     docstring). Under torchrun only rank 0 decides and opens the MLflow run; the other ranks
-    wait for it in the process group's start, then train. `on_state()` runs whenever the run
-    folder holds a new state worth keeping: the attempt's record, each checkpoint, the end."""
+    wait for it in the process group's start, then train. The run folder is worth keeping
+    elsewhere (pipelines.mirror) at the attempt's start and end, `on_state()`, and after each
+    checkpoint, `on_checkpoint()` (default: `on_state`)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return train(cfg, out, tracker=None, resume=True, progress=False)
     tracker, record, resume = _start_attempt(params, cfg, out, ratio, tags, parent_run_id)
     keep = on_state or (lambda: None)
+    checkpointed = on_checkpoint or keep
     status = "FAILED"  # a killed or failed attempt must not read FINISHED; a rerun resumes it
     try:
         keep()
         summary = train(cfg, out, tracker=tracker, resume=resume, progress=progress,
-                        on_checkpoint=lambda _: keep())
+                        on_checkpoint=lambda _: checkpointed())
         summary["run_id"] = tracker.run_id
         _log_outputs(tracker, cfg, out, params.tracking.log_checkpoints)
         status = runstate.FINISHED
     finally:
         tracker.close(status)
+        if status != runstate.FINISHED:
+            keep()  # what this attempt got to, for the rerun that resumes it
     runstate.write_record(out, dataclasses.replace(record, status=runstate.FINISHED))
     keep()
     return summary

@@ -224,6 +224,50 @@ def test_a_push_killed_between_checkpoint_and_sidecar_leaves_a_loadable_pair(
     assert path.name == "last.prev.pt" and int(state["step"]) == 2
 
 
+def test_push_soon_stores_the_state_it_was_called_in_and_skips_stale_snapshots(
+    store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training goes on while a checkpoint uploads: what is pushed is the folder at the call
+    (later writes replace files, as checkpoint saves do, and do not reach that push), and a
+    snapshot overtaken by a newer one while it waits is never sent."""
+    import threading
+
+    run = _write(tmp_path / "run", {"run.json": b"{}", "checkpoints/last.pt": b"v0"})
+    cell = "cells/exp/1_4/gta/seed0"
+    mirror = FolderMirror(store, run, cell)
+    mirror.push()
+    started, release, sent, real_upload = threading.Event(), threading.Event(), [], store.upload
+
+    def slow_upload(path, name):
+        started.set()
+        release.wait(30)
+        sent.append(Path(path).read_bytes())
+        real_upload(path, name)
+
+    monkeypatch.setattr(store, "upload", slow_upload)
+
+    def save(data: bytes) -> None:  # a new file renamed over the old one
+        time.sleep(0.01)
+        (run / "checkpoints" / ".tmp").write_bytes(data)
+        os.replace(run / "checkpoints" / ".tmp", run / "checkpoints" / "last.pt")
+
+    for version in (b"v1", b"v2", b"v3"):
+        save(version)
+        mirror.push_soon()
+        assert started.wait(30)  # the first snapshot is being pushed: the others wait
+    save(b"v4")  # written after the last call: not part of any snapshot
+    release.set()
+    mirror.flush()
+    assert sent == [b"v1", b"v3"]  # v2 waited behind v1 and was overtaken by v3
+    job = tmp_path / "job"
+    FolderMirror(store, job, cell).pull()
+    assert (job / "checkpoints" / "last.pt").read_bytes() == b"v3"
+    assert not list((run / ".mirror-snapshots").iterdir())  # pushed snapshots are removed
+    mirror.push_or_warn()
+    FolderMirror(store, job, cell).pull()
+    assert (job / "checkpoints" / "last.pt").read_bytes() == b"v4"
+
+
 def test_inputs_published_by_the_sweep_are_fetched_at_the_same_paths(
     store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
