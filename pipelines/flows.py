@@ -249,6 +249,8 @@ def sweep_flow(
     docstring), compare the label ratios, point the registry's aliases and end the sweep's
     parent run. `config_path` may be s3://...; `inputs` ({path: storage digest}, e.g. a dataset
     published once with `python -m pipelines.storage publish data/VOC`) are fetched first."""
+    if train_deployment:  # before any work: its cells will need the storage
+        jobs.require_storage(f"the sweep launches its cells on {train_deployment}")
     if inputs:
         fetch_task(inputs)
     config_path = jobs.local_config(config_path)

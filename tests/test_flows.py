@@ -115,3 +115,16 @@ def test_train_task_under_a_launcher(prefect_harness, scratch, monkeypatch):
     assert result["method"] == "supervised" and result["iterations"] == 6
     record = json.loads((scratch / "runs/1_4/supervised/seed0/run.json").read_text())
     assert record["status"] == "FINISHED"
+
+
+def test_a_sweep_on_a_work_pool_without_storage_fails_before_any_work(
+    prefect_harness, scratch, monkeypatch, capsys
+):
+    from pipelines.flows import main
+
+    monkeypatch.delenv("GTASEG_STORAGE_URI", raising=False)
+    assert main(["sweep", "--train-deployment", "gtaseg-train/train-gpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("pipelines.flows sweep: error: the sweep launches its cells on "
+                          "gtaseg-train/train-gpu: expected the storage root in GTASEG_STORAGE_URI")
+    assert not (scratch / "data").exists()  # nothing generated
