@@ -19,7 +19,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gtaseg.errors import GtasegError
 from pipelines.cells import (
@@ -35,6 +35,9 @@ from pipelines.cells import (
 )
 from pipelines.generate import prepare, pretrain, pretrain_config, pretrain_spec
 from pipelines.params import PipelineParams, load_params
+
+if TYPE_CHECKING:
+    from pipelines.mirror import FolderMirror
 
 __all__ = ["FULL", "prepare", "pretrain", "pretrain_config", "pretrain_spec", "run_config",
            "run_dir", "split", "split_dir", "sweep_cells", "train", "compare", "register"]
@@ -89,8 +92,10 @@ def train(
                             on_state=mirror.push_or_warn, on_checkpoint=mirror.push_soon)
 
 
-def cell_mirror(params: PipelineParams, ratio: str, method: str, seed: int) -> Any:
-    """The cell's run folder mirrored in storage (a `pipelines.storage.FolderMirror`; None
+def cell_mirror(
+    params: PipelineParams, ratio: str, method: str, seed: int
+) -> FolderMirror | None:
+    """The cell's run folder mirrored in storage (`pipelines.mirror`; None
     without GTASEG_STORAGE_URI, or on a torchrun rank other than 0). A folder without a run
     record, as a new job on a work pool has, gets the stored copy first: a job restarted after
     pre-emption resumes from the last checkpoint pushed. Rank 0 pulls before it opens the process
