@@ -33,8 +33,9 @@ from pipelines.cells import (
     storage_name,
     sweep_cells,
 )
-from pipelines.generate import prepare, pretrain, pretrain_config, pretrain_spec
+from pipelines.generate import prepare, pretrain_config, pretrain_spec
 from pipelines.params import PipelineParams, load_params
+from pipelines.pretraining import pretrain
 
 if TYPE_CHECKING:
     from pipelines.mirror import FolderMirror
