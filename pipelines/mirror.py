@@ -139,12 +139,16 @@ class FolderMirror:
 
 
 def _files(root: Path) -> dict[str, Path]:
-    """{relative path: path} of the files a mirror keeps (no hidden, no `.prev` files)."""
-    return {
-        p.relative_to(root).as_posix(): p
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and _mirrored(p.relative_to(root))
-    }
+    """{relative path: path} of the files a mirror keeps (no hidden, no `.prev` files). Hidden
+    folders are not even entered: the snapshots there come and go on another thread."""
+    found = {}
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            rel = (Path(folder) / name).relative_to(root)
+            if _mirrored(rel):
+                found[rel.as_posix()] = root / rel
+    return found
 
 
 def _mirrored(rel: Path) -> bool:

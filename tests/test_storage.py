@@ -268,6 +268,23 @@ def test_push_soon_stores_the_state_it_was_called_in_and_skips_stale_snapshots(
     assert (job / "checkpoints" / "last.pt").read_bytes() == b"v4"
 
 
+def test_a_snapshot_never_looks_into_snapshots_being_removed(
+    store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background push removes its snapshot while training takes the next one: listing the
+    run folder must not enter hidden folders (a removed one there failed a training job)."""
+    run = _write(tmp_path / "run", {"run.json": b"{}", "checkpoints/last.pt": b"v1",
+                                    ".mirror-snapshots/7/checkpoints/last.pt": b"old"})  # fmt: skip
+    scanned, real_scandir = [], os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": scanned.append(str(path))
+                        or real_scandir(path))  # fmt: skip
+    mirror = FolderMirror(store, run, "cells/exp/1_4/gta/seed0")
+    (run / ".mirror-snapshots" / "7").mkdir(parents=True)  # as if another thread were using it
+    mirror.push_soon()
+    mirror.flush()
+    assert scanned and not any(".mirror-snapshots/7" in path for path in scanned)
+
+
 def test_inputs_published_by_the_sweep_are_fetched_at_the_same_paths(
     store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
