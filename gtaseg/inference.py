@@ -17,8 +17,8 @@ from PIL import Image
 from gtaseg.checkpoint import load_checkpoint
 from gtaseg.config import ConfigError, DataConfig, apply_overrides, config_from_dict
 from gtaseg.data.formats import color_palette, read_image
-from gtaseg.decoder import use_original_head
 from gtaseg.data.loaders import make_predict_images, make_val_data
+from gtaseg.decoder import use_original_head
 from gtaseg.distributed import resolve_device
 from gtaseg.evaluate import evaluate, predict_logits
 from gtaseg.io import open_atomic, write_atomic

@@ -17,6 +17,7 @@ import csv
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,10 +94,12 @@ def train(
     tracker: Tracker | None = None,
     resume: bool = True,
     progress: bool = True,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Train `cfg.train.method` into `out_dir` (resuming if it holds a checkpoint); returns the
     final metrics dict also written to metrics.json. Under torchrun every rank calls this; only
-    rank 0 writes files and talks to the tracker."""
+    rank 0 writes files and talks to the tracker. `on_checkpoint(path)` runs on rank 0 after each
+    checkpoint is written (the pipeline copies the run folder off the machine there)."""
     out = Path(out_dir)
     info, device = init_from_env(cfg.train.device)
     tracker = tracker if (tracker is not None and info.is_main) else NullTracker()
@@ -129,7 +132,7 @@ def train(
         write_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if state.iteration == 0:
             tracker.log_params(flatten_params(cfg.to_dict()))
-    _run_loop(cfg, state, loop, data, out, tracker, info, device, progress)
+    _run_loop(cfg, state, loop, data, out, tracker, info, device, progress, on_checkpoint)
     summary = _summary(cfg, state, loop, info)
     if info.is_main:
         write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
@@ -151,6 +154,7 @@ def _run_loop(
     info: DistInfo,
     device: torch.device,
     progress: bool,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> None:
     step_fn = get_step(cfg.train.method)
     pseudo_cm = ConfusionMatrix(cfg.data.num_classes, device)
@@ -179,7 +183,7 @@ def _run_loop(
             every = cfg.train.checkpoint_every_iters
             if every and state.iteration % every == 0 and state.iteration < state.total_iters:
                 loop.train_seconds += time.perf_counter() - tic
-                _save(out, state, loop, pseudo_cm, info, "last.pt")
+                _save(out, state, loop, pseudo_cm, info, "last.pt", on_checkpoint)
                 tic = time.perf_counter()  # training time leaves out checkpoints, as evaluations
             if state.iteration >= state.total_iters:
                 break
@@ -200,10 +204,10 @@ def _run_loop(
             # best before last: a kill between the two then resumes before this evaluation and
             # redoes it, instead of resuming after it with best.pt never written.
             if is_best:
-                _save(out, state, loop, pseudo_cm, info, "best.pt")
-            _save(out, state, loop, pseudo_cm, info, "last.pt")
+                _save(out, state, loop, pseudo_cm, info, "best.pt", on_checkpoint)
+            _save(out, state, loop, pseudo_cm, info, "last.pt", on_checkpoint)
         else:
-            _save(out, state, loop, pseudo_cm, info, "last.pt")
+            _save(out, state, loop, pseudo_cm, info, "last.pt", on_checkpoint)
         tic = time.perf_counter()
     bar.close()
 
@@ -285,7 +289,7 @@ def _format_row(row: dict[str, float]) -> str:
     return f"[eval epoch {int(row['epoch'])}] " + " ".join(parts)
 
 
-def _save(out, state, loop, pseudo_cm, info, name) -> None:
+def _save(out, state, loop, pseudo_cm, info, name, on_saved=None) -> None:
     if info.is_main:
         loop.pseudo_cm = pseudo_cm.mat.detach().cpu()
         payload = {
@@ -297,6 +301,8 @@ def _save(out, state, loop, pseudo_cm, info, name) -> None:
         save_checkpoint(out / "checkpoints" / name, payload)
         _write_history(out, loop.history)
     barrier()
+    if on_saved is not None and info.is_main:
+        on_saved(out / "checkpoints" / name)
 
 
 def _write_history(out: Path, history: list[dict[str, float]]) -> None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 
 from gtaseg.config import Config, apply_overrides
+from gtaseg.errors import DataError
 from pipelines.params import PipelineParams
 
 FULL = "full"  # the ratio name of the fully supervised reference run
@@ -22,6 +24,11 @@ def split_dir(ratio: str, seed: int) -> Path:
 
 def run_dir(ratio: str, method: str, seed: int) -> Path:
     return Path("runs") / ratio / method / f"seed{seed}"
+
+
+def storage_name(experiment: str, ratio: str, method: str, seed: int) -> str:
+    """Where the cell's run folder is mirrored under the storage root (pipelines.storage)."""
+    return f"cells/{experiment}/{ratio}/{method}/seed{seed}"
 
 
 def run_config(
@@ -66,7 +73,7 @@ def file_digest(*paths: Path) -> str:
 def split_digest(split: Path) -> str:
     files = (split / "labeled.txt", split / "unlabeled.txt")
     if not all(f.is_file() for f in files):
-        raise FileNotFoundError(
+        raise DataError(
             f"split {split}: expected labeled.txt and unlabeled.txt there (the split stage's "
             f"output). Run `dvc repro`, or python -m pipelines.stages split --ratio R --seed S."
         )
@@ -74,13 +81,14 @@ def split_digest(split: Path) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit; in the training image (no .git) the one it was built from."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("GTASEG_GIT_COMMIT") or "unknown"
 
 
 def base_tags(ratio: str, method: str, seed: int, dataset: str) -> dict[str, str]:

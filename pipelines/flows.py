@@ -1,12 +1,19 @@
-"""Prefect flows: one training run, and the sweep (ratio x method x seed) -> compare -> register.
+"""Prefect flows: one training cell, and the sweep (ratio x method x seed) -> compare -> register.
 
-Thin wrappers over `pipelines.stages`, the same entry points the DVC stages call. Retries only on
-I/O (registry, storage); a training task is not retried blindly, but a re-run resumes from its
-checkpoint (and its MLflow run), so a pre-empted job loses at most one checkpoint interval. A cell
-whose finished run still has the current inputs and code is not trained again.
+Thin wrappers over `pipelines.stages`, the entry points the DVC stages call. The sweep launches
+each cell as its own flow run of `train_flow`, at most `sweep.max_parallel` at once (a Prefect
+concurrency limit, `pipelines.fanout`):
+- with `train_deployment` (e.g. "gtaseg-train/train-gpu"), on that deployment's work pool, one
+  job per cell. A job starts in an empty folder: the sweep publishes each cell's inputs to storage
+  (GTASEG_STORAGE_URI) and the job fetches them; the job's run folder is mirrored there as it
+  trains, so a job restarted after pre-emption resumes from its last checkpoint (and MLflow run);
+- without one, as subflow runs in the sweep's own process (the demo): the same launch, bound and
+  bookkeeping, without a worker.
+Compare and register read the results from MLflow. A cell whose finished MLflow run has the current
+inputs and code is not launched again; retries are only for I/O and for crashed jobs.
 
     python -m pipelines.flows train --ratio 1_16 --method gta --seed 0
-    python -m pipelines.flows sweep
+    python -m pipelines.flows sweep [--train-deployment gtaseg-train/train-local]
 """
 
 from __future__ import annotations
@@ -17,13 +24,14 @@ import os
 import shlex
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipelines import stages
+from gtaseg.errors import GtasegError
+from pipelines import fanout, jobs, stages
 from pipelines.params import load_params
 
 
@@ -44,6 +52,17 @@ def split_task(params_path: str, ratio: str, seed: int) -> str:
     return str(stages.split(load_params(params_path), ratio, seed))
 
 
+@task(name="publish-inputs", retries=2, retry_delay_seconds=10)
+def publish_task(params_path: str, cells: list[tuple[str, str, int]]) -> dict[str, dict]:
+    storage = jobs.require_storage("the sweep launches its cells on a work pool")
+    return jobs.publish_inputs(storage, load_params(params_path), params_path, cells)
+
+
+@task(name="fetch-inputs", retries=2, retry_delay_seconds=10)
+def fetch_task(inputs: dict[str, str]) -> None:
+    jobs.fetch_inputs(jobs.require_storage("this cell was given inputs in storage"), inputs)
+
+
 @task(name="train", retries=0, task_run_name="train-{ratio}-{method}-seed{seed}")
 def train_task(
     params_path: str,
@@ -57,12 +76,11 @@ def train_task(
     returned). With GTASEG_TRAIN_LAUNCHER set (the Kubernetes GPU job sets it to
     `torchrun --standalone --nproc_per_node <gpus>`), the run is launched across the node's GPUs
     as a subprocess; otherwise it runs in this process."""
-    if not overrides:
-        done = stages.finished_summary(load_params(params_path), ratio, method, seed)
-        if done is not None:
-            get_run_logger().info("%s/%s/seed%d: finished and current, not retrained",
-                                  ratio, method, seed)
-            return done
+    if not overrides and (done := _finished(params_path, ratio, method, seed)) is not None:
+        get_run_logger().info(
+            "%s/%s/seed%d: finished and current, not retrained", ratio, method, seed
+        )
+        return {**done.metrics, "run_id": done.run_id}
     launcher = os.environ.get("GTASEG_TRAIN_LAUNCHER", "").strip()
     if launcher:
         return launch_distributed(
@@ -72,6 +90,14 @@ def train_task(
     return stages.train(
         params_path, ratio, method, seed, overrides or [], parent_run_id, progress=progress
     )
+
+
+def _finished(params_path: str, ratio: str, method: str, seed: int) -> Any:
+    """The cell's FINISHED MLflow run of the current inputs and code, or None."""
+    from pipelines.results import finished_run
+    from pipelines.runstate import code_fingerprint
+
+    return finished_run(load_params(params_path), ratio, method, seed, code_fingerprint())
 
 
 def launch_distributed(
@@ -107,6 +133,64 @@ def launch_distributed(
     return json.loads((stages.run_dir(ratio, method, seed) / "metrics.json").read_text())
 
 
+@task(
+    name="cell",
+    task_run_name="cell-{ratio}-{method}-seed{seed}",
+    retries=2,
+    retry_condition_fn=fanout.retry_crashed,
+)
+def cell_task(
+    params_path: str,
+    ratio: str,
+    method: str,
+    seed: int,
+    parent_run_id: str,
+    limit: str,
+    train_deployment: str | None,
+    inputs: dict[str, str] | None,
+) -> dict[str, Any]:
+    """One cell of the sweep as its own flow run under the sweep's concurrency limit (skipped
+    when its finished run is current); what it cost beyond the training loop."""
+    cell = f"{ratio}/{method}/seed{seed}"
+    if (done := _finished(params_path, ratio, method, seed)) is not None:
+        return {"cell": cell, "run_id": done.run_id, "trained": False}
+    if train_deployment:
+        parameters = {
+            "config_path": params_path,
+            "ratio": ratio,
+            "method": method,
+            "seed": seed,
+            "inputs": inputs,
+            "parent_run_id": parent_run_id,
+        }
+        name = f"{ratio}-{method}-seed{seed}"
+        launch = partial(fanout.launch_on_pool, train_deployment, parameters, name)
+    else:
+
+        def launch() -> None:
+            train_flow(params_path, ratio, method, seed, None, None, parent_run_id)
+
+    from pipelines.results import finished_run
+
+    params = load_params(params_path)
+    run = {}
+
+    def train_s() -> float:
+        run["cell"] = finished_run(params, ratio, method, seed)
+        return float(run["cell"].metrics["wall_time_s"])
+
+    timing = fanout.run_cell(limit, launch, train_s)
+    started = f" ({timing['start_s']:.1f} s to start)" if "start_s" in timing else ""
+    get_run_logger().info(
+        "%s: %.1f s in the training loop, %.1f s around it%s",
+        cell,
+        timing["train_s"],
+        timing["overhead_s"],
+        started,
+    )
+    return {"cell": cell, "run_id": run["cell"].run_id, "trained": True, **timing}
+
+
 @task(name="sweep-parent-run", retries=3, retry_delay_seconds=5)
 def parent_run_task(params_path: str) -> str:
     """The parent run of this sweep invocation; the register task ends it."""
@@ -132,16 +216,24 @@ def train_flow(
     method: str = "gta",
     seed: int = 0,
     overrides: list[str] | None = None,
+    inputs: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
 ) -> dict:
-    """Train one (ratio, method, seed) cell (its split is made when missing)."""
+    """Train one (ratio, method, seed) cell. From the sweep, `inputs` ({path: storage digest})
+    are fetched first and `parent_run_id` nests its MLflow run; run alone, what is missing (the
+    dataset, the encoder, the split) is made here. `config_path` may be s3://..."""
+    if inputs:
+        fetch_task(inputs)
+    config_path = jobs.local_config(config_path)
     params = load_params(config_path)
-    if params.dataset_entry() is not None and not Path(params.run.data.root).is_dir():
-        prepare_task(config_path, params.dataset_entry())
-    if params.pretrain_entry() is not None:
-        pretrain_task(config_path, params.pretrain_entry())
-    if not stages.split_dir(ratio, seed).is_dir() and ratio != stages.FULL:
-        split_task(config_path, ratio, seed)
-    return train_task(config_path, ratio, method, seed, overrides)
+    if not inputs:
+        if params.dataset_entry() is not None and not Path(params.run.data.root).is_dir():
+            prepare_task(config_path, params.dataset_entry())
+        if params.pretrain_entry() is not None:
+            pretrain_task(config_path, params.pretrain_entry())
+        if not stages.split_dir(ratio, seed).is_dir() and ratio != stages.FULL:
+            split_task(config_path, ratio, seed)
+    return train_task(config_path, ratio, method, seed, overrides, parent_run_id)
 
 
 @flow(name="gtaseg-sweep")
@@ -150,12 +242,18 @@ def sweep_flow(
     ratios: list[str] | None = None,
     methods: list[str] | None = None,
     seeds: list[int] | None = None,
+    train_deployment: str | None = None,
+    inputs: dict[str, str] | None = None,
 ) -> dict:
-    """Generate the data_prep and pretrain entries, make splits, train every cell (concurrency
-    `sweep.max_parallel`; a finished cell with current inputs is skipped, an unfinished one
-    resumes), compare the label ratios, point the registry's aliases and end the sweep's parent
-    run."""
-    logger = get_run_logger()
+    """Generate the data_prep and pretrain entries, make splits, run every cell (module
+    docstring), compare the label ratios, point the registry's aliases and end the sweep's
+    parent run. `config_path` may be s3://...; `inputs` ({path: storage digest}, e.g. a dataset
+    published once with `python -m pipelines.storage publish data/VOC`) are fetched first."""
+    if train_deployment:  # before any work: its cells will need the storage
+        jobs.require_storage(f"the sweep launches its cells on {train_deployment}")
+    if inputs:
+        fetch_task(inputs)
+    config_path = jobs.local_config(config_path)
     params = load_params(config_path)
     ratios = ratios or list(params.sweep.ratios)
     methods = methods or list(params.sweep.methods)
@@ -172,19 +270,19 @@ def sweep_flow(
     parent = parent_run_task(config_path)
     cells = [(r, m, s) for r in ratios for m in methods for s in seeds]
     cells += [(stages.FULL, "supervised", s) for s in params.sweep.full_seeds]
-    futures = [train_task.submit(config_path, r, m, s, None, parent) for r, m, s in cells]
+    limit = fanout.set_limit(params)
+    inputs = publish_task(config_path, cells) if train_deployment else {}
+    futures = [
+        cell_task.submit(
+            config_path, r, m, s, parent, limit, train_deployment, inputs.get(f"{r}/{s}")
+        )
+        for r, m, s in cells
+    ]
     results = [f.result() for f in futures]
-    logger.info("trained %d runs", len(results))
+    get_run_logger().info("%d cells, %d trained", len(results), sum(r["trained"] for r in results))
     tables = compare_task(config_path)
     champion = register_task(config_path)
-    return {"runs": len(results), "tables": tables, "champion": champion}
-
-
-def run_sweep(config_path: str = "params.yaml", **kwargs: Any) -> dict:
-    """The sweep with a thread pool sized by `sweep.max_parallel` (a params value, not code)."""
-    workers = load_params(config_path).sweep.max_parallel
-    runner = ThreadPoolTaskRunner(max_workers=workers)
-    return sweep_flow.with_options(task_runner=runner)(config_path, **kwargs)
+    return {"runs": len(results), "cells": results, "tables": tables, "champion": champion}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,16 +292,28 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("flow", choices=["train", "sweep"])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--ratio", default="1_16")
-    parser.add_argument("--method", default="gta")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--params", default="params.yaml", help="params file (or s3://...)")
+    parser.add_argument("--ratio", default="1_16", help="label ratio (train)")
+    parser.add_argument("--method", default="gta", help="supervised | mean_teacher | gta (train)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (train)")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="run config overrides (train)"
+    )
+    parser.add_argument(
+        "--train-deployment",
+        metavar="FLOW/DEPLOYMENT",
+        help="sweep: launch the cells on this deployment's work pool, e.g. "
+        "gtaseg-train/train-gpu (default: in this process)",
+    )
     args = parser.parse_args(argv)
-    if args.flow == "train":
-        result = train_flow(args.params, args.ratio, args.method, args.seed, args.set)
-    else:
-        result = run_sweep(args.params)
+    try:
+        if args.flow == "train":
+            result = train_flow(args.params, args.ratio, args.method, args.seed, args.set)
+        else:
+            result = sweep_flow(args.params, train_deployment=args.train_deployment)
+    except GtasegError as exc:  # bad input or setup; anything else is a bug: its traceback stays
+        print(f"pipelines.flows {args.flow}: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -1,6 +1,7 @@
 """What the pipeline makes itself instead of reading it from disk: the embedded demo dataset
-(`data_prep.<name>` -> data/<name>) and the demo's pretrained encoder (`pretrain.<name>` ->
-models/<name>/encoder.pth). Both exist only as entries of params.yaml; another dataset has none.
+(`data_prep.<name>` -> data/<name>) and the specs of the demo's pretrained encoder
+(`pretrain.<name>` -> models/<name>/encoder.pth; trained by `pipelines.pretraining`). Both exist
+only as entries of params.yaml; another dataset has none.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from gtaseg.config import Config, ConfigError
-from pipelines.cells import FULL
 from pipelines.params import PipelineParams, embedded_dir
 
 PRETRAIN_DATA = Path("data/pretrain")  # data/pretrain/<name>/: the scenes (embedded/), split/
 
 
-def entry(params: PipelineParams, section: str, name: str) -> Any:
+def params_entry(params: PipelineParams, section: str, name: str) -> Any:
     entries = getattr(params, section)
     if name not in entries:
         raise ConfigError(
@@ -28,7 +28,7 @@ def entry(params: PipelineParams, section: str, name: str) -> Any:
 
 def prepare(params: PipelineParams, name: str) -> Path:
     """Write the embedded dataset `data_prep.<name>` to data/<name> when run.data reads it."""
-    p, out, data = entry(params, "data_prep", name), embedded_dir(name), params.run.data
+    p, out, data = params_entry(params, "data_prep", name), embedded_dir(name), params.run.data
     if params.dataset_entry() != name:
         out.mkdir(parents=True, exist_ok=True)  # the stage's output, empty
         print(f"data_prep.{name}: run.data reads {data.format} data from {data.root}, not {out}: "
@@ -46,7 +46,7 @@ def prepare(params: PipelineParams, name: str) -> Path:
                          overwrite=True, style=p.style())
 
 
-def _style_entry(params: PipelineParams, name: str) -> str:
+def style_entry(params: PipelineParams, name: str) -> str:
     """The data_prep entry the pretraining scenes take their style from: the run's dataset."""
     used = params.dataset_entry()
     if used is None:
@@ -63,8 +63,8 @@ def pretrain_spec(params: PipelineParams, name: str) -> dict[str, Any]:
     """Everything the pretrained encoder depends on (a flow reuses the file when this matches)."""
     run = params.run
     spec = {
-        "pretrain": dataclasses.asdict(entry(params, "pretrain", name)),
-        "data_prep": dataclasses.asdict(params.data_prep[_style_entry(params, name)]),
+        "pretrain": dataclasses.asdict(params_entry(params, "pretrain", name)),
+        "data_prep": dataclasses.asdict(params.data_prep[style_entry(params, name)]),
         "model": dataclasses.asdict(run.model) | {"encoder_weights": None},
         "optim": dataclasses.asdict(run.optim),
         "crop_size": run.data.crop_size,
@@ -86,7 +86,7 @@ def generated_inputs(params: PipelineParams) -> dict[str, Any]:
 
 def pretrain_config(params: PipelineParams, name: str) -> Config:
     """The `run:` architecture and optimiser, supervised on all pretraining scenes, from scratch."""
-    p, run = entry(params, "pretrain", name), params.run
+    p, run = params_entry(params, "pretrain", name), params.run
     return dataclasses.replace(
         run,
         data=dataclasses.replace(
@@ -102,19 +102,3 @@ def pretrain_config(params: PipelineParams, name: str) -> Config:
             run.train, method="supervised", seed=p.seed, epochs=p.epochs, max_iters=None
         ),
     )
-
-
-def pretrain_scenes(params: PipelineParams, name: str) -> Config:
-    """Write the pretraining scenes and their all-labelled split; their run config."""
-    from gtaseg.data.embedded import make_embedded
-    from gtaseg.data.formats import list_samples
-    from gtaseg.data.splits import make_split, parse_amount, write_split
-
-    p, style_of = params.pretrain[name], params.data_prep[_style_entry(params, name)]
-    style = dataclasses.replace(style_of.style(), digits=tuple(p.digits))
-    make_embedded(PRETRAIN_DATA / name / "embedded", n_train=p.n_train, n_val=p.n_val,
-                  size=style_of.size, seed=p.seed, overwrite=True, style=style)
-    cfg = pretrain_config(params, name)
-    ids = list(list_samples(cfg.data, "train"))
-    write_split(Path(cfg.data.split_dir), *make_split(ids, parse_amount(FULL), p.seed))
-    return cfg

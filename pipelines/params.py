@@ -75,7 +75,7 @@ class Sweep:
     methods: tuple[str, ...] = ("supervised", "mean_teacher", "gta")
     seeds: tuple[int, ...] = (0,)
     full_seeds: tuple[int, ...] = (0,)  # seeds of the all-labels `supervised` reference ([]: none)
-    max_parallel: int = 1  # concurrent training tasks in the Prefect sweep (1 on a 2-core CPU)
+    max_parallel: int = 1  # cells the Prefect sweep trains at once (a concurrency limit)
     epochs: dict[str, int] = field(default_factory=dict)  # epochs per ratio name (and "full")
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from gtaseg.errors import GtasegError
 from pipelines import runstate
 from pipelines.cells import run_config, sweep_cells
 from pipelines.params import PipelineParams
@@ -28,7 +29,7 @@ METRICS = (
 )
 
 
-class NoResults(ValueError):
+class NoResults(GtasegError, ValueError):
     """No cell of the sweep has a finished run in MLflow."""
 
 
@@ -60,18 +61,11 @@ def current_runs(params: PipelineParams) -> list[CellRun]:
     one are named on stderr; NoResults when no cell has one."""
     uri = tracking_uri(params)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(params.tracking.experiment)
     found, missing = [], []
     for ratio, method, seed in sweep_cells(params):
-        key = runstate.cell_key(params, run_config(params, ratio, method, seed))
-        runs = [] if experiment is None else client.search_runs(
-            [experiment.experiment_id],
-            f"tags.`gtaseg.cell_key` = '{key}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if runs:
-            found.append(_cell_run(runs[0], ratio, method, seed))
+        cell = finished_run(params, ratio, method, seed, client=client)
+        if cell is not None:
+            found.append(cell)
         else:
             missing.append(f"{ratio}/{method}/seed{seed}")
     where = f"experiment {params.tracking.experiment!r} at {uri}"
@@ -85,6 +79,29 @@ def current_runs(params: PipelineParams) -> list[CellRun]:
               f"current inputs in {where} and are left out: {', '.join(missing)}. {advice}",
               file=sys.stderr)
     return found
+
+
+def finished_run(
+    params: PipelineParams,
+    ratio: str,
+    method: str,
+    seed: int,
+    code: str | None = None,
+    client: MlflowClient | None = None,
+) -> CellRun | None:
+    """The cell's latest FINISHED run for its current inputs (needs the cell's split lists);
+    with `code`, only one trained by that code (`runstate.code_fingerprint()`)."""
+    key = runstate.cell_key(params, run_config(params, ratio, method, seed))  # split needed
+    client = client or MlflowClient(tracking_uri(params))
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    if experiment is None:
+        return None
+    query = f"tags.`gtaseg.cell_key` = '{key}' and attributes.status = 'FINISHED'"
+    if code is not None:
+        query += f" and tags.`gtaseg.code` = '{code}'"
+    runs = client.search_runs([experiment.experiment_id], query,
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return _cell_run(runs[0], ratio, method, seed) if runs else None
 
 
 def _cell_run(run: Any, ratio: str, method: str, seed: int) -> CellRun:

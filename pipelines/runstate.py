@@ -1,5 +1,6 @@
-"""Whether a training cell resumes, starts fresh, or is already done: decided before any MLflow run
-is opened, from a small record kept in the run folder (`run.json`).
+"""Whether a training cell resumes or starts fresh: decided before any MLflow run is opened, from a
+small record kept in the run folder (`run.json`; a job on a work pool gets the folder back from
+storage first, pipelines.stages.cell_mirror).
 
 A cell's inputs are its *cell key* (run config, split lists, the specs of what the pipeline
 generated for it) and the *code fingerprint* (the sources the train stage depends on). An
@@ -8,8 +9,9 @@ recorded run is unfinished: a kill -9 loses at most one checkpoint interval. Any
 fresh: the run folder's outputs are cleared and a new MLflow run is opened, so a finished run is
 never reopened or re-marked.
 
-The cell key also finds a cell's current run in MLflow (tag `gtaseg.cell_key`), so comparing and
-registering need no run folder.
+The cell key also finds a cell's current run in MLflow (tag `gtaseg.cell_key`; with the code
+fingerprint, tag `gtaseg.code`, whether it is done), so skipping, comparing and registering need
+no run folder (pipelines.results).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import gtaseg
 from gtaseg.config import Config
@@ -105,21 +106,6 @@ def plan_attempt(
         return Attempt(resume=True, run_id=record.run_id)
     abandoned = record.run_id if status == "RUNNING" else None
     return Attempt(resume=False, run_id=None, abandoned=abandoned)
-
-
-def finished_summary(
-    out: Path, key: str, code: str, run_status: Callable[[str], str | None]
-) -> dict[str, Any] | None:
-    """The metrics of a finished run of these inputs and this code in `out`, else None."""
-    record = read_record(out)
-    if record is None or (record.cell_key, record.code) != (key, code):
-        return None
-    finished = record.status == FINISHED or (
-        record.run_id is not None and run_status(record.run_id) == FINISHED
-    )
-    if not finished or not (out / "metrics.json").is_file():
-        return None
-    return json.loads((out / "metrics.json").read_text()) | {"run_id": record.run_id}
 
 
 def clear_outputs(out: Path) -> None:

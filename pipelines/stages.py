@@ -17,15 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gtaseg.errors import GtasegError
-from gtaseg.io import write_atomic
-from pipelines import generate
 from pipelines.cells import (
     FULL,
     base_tags,
@@ -34,59 +30,20 @@ from pipelines.cells import (
     run_dir,
     split_digest,
     split_dir,
+    storage_name,
     sweep_cells,
 )
 from pipelines.generate import prepare, pretrain_config, pretrain_spec
-from pipelines.params import MODELS_DIR, PipelineParams, encoder_file, load_params
+from pipelines.params import PipelineParams, load_params
+from pipelines.pretraining import pretrain
+
+if TYPE_CHECKING:
+    from pipelines.mirror import FolderMirror
 
 __all__ = ["FULL", "prepare", "pretrain", "pretrain_config", "pretrain_spec", "run_config",
            "run_dir", "split", "split_dir", "sweep_cells", "train", "compare", "register"]
 RESULTS_DIR = Path("results")
 COMPARISON_FILES = ("summary.md", "results.csv", "miou_vs_ratio.png")  # kept by the parent run
-
-
-def pretrain(
-    params: PipelineParams, name: str, reuse: bool = False, progress: bool = True
-) -> Path | None:
-    """Train the demo's pretrained encoder `pretrain.<name>`: the paper starts from ImageNet
-    weights, which cannot be downloaded here, so the demo pretrains on scenes of digit classes it
-    never trains or evaluates on (`digits`), with all their labels, and keeps the encoder.
-
-    `reuse`: keep an existing encoder whose pretrain.json records the same inputs (the flows; DVC
-    decides that itself). Any other start trains from scratch into a cleared run folder. When
-    `run.model.encoder_weights` names another file (or none), nothing is trained: pretrain.json
-    says so and None is returned.
-    """
-    p, out = generate.entry(params, "pretrain", name), encoder_file(name)
-    folder, scenes = MODELS_DIR / name, generate.PRETRAIN_DATA / name
-    record = folder / "pretrain.json"
-    if params.pretrain_entry() != name:
-        folder.mkdir(parents=True, exist_ok=True)
-        scenes.mkdir(parents=True, exist_ok=True)
-        reason = (f"run.model.encoder_weights is {params.run.model.encoder_weights}, not {out}: "
-                  f"nothing to pretrain")
-        write_atomic(record, json.dumps({"skipped": reason}, indent=2) + "\n")
-        print(reason)
-        return None
-    spec = generate.pretrain_spec(params, name)
-    if reuse and out.is_file() and record.is_file():
-        if json.loads(record.read_text()).get("spec") == spec:
-            print(f"pretrained encoder {out} is up to date")
-            return out
-    from gtaseg.inference import export_encoder
-    from pipelines.tracking_run import tracked_training
-
-    cfg = generate.pretrain_scenes(params, name)
-    run_folder = folder / "run"
-    if run_folder.exists():
-        shutil.rmtree(run_folder)  # never resume a pretraining made with other inputs
-    tags = base_tags("pretrain", "supervised", p.seed, f"embedded:{cfg.data.root}")
-    summary = tracked_training(params, cfg, run_folder, "pretrain", tags, None, progress)
-    info = export_encoder(run_folder / "model", out)
-    write_atomic(record, json.dumps({"spec": spec, "encoder": info,
-                                     "best_val_miou": summary["best_val_miou_student"],
-                                     "wall_time_s": summary["wall_time_s"]}, indent=2) + "\n")
-    return out
 
 
 def split(params: PipelineParams, ratio: str, seed: int) -> Path:
@@ -128,21 +85,37 @@ def train(
     cfg = run_config(params, ratio, method, seed, overrides)
     tags = run_tags(params, ratio, method, seed)
     out = run_dir(ratio, method, seed)
-    return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress)
+    mirror = cell_mirror(params, ratio, method, seed)
+    if mirror is None:
+        return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress)
+    # checkpoints upload in the background while training goes on; start and end wait for it
+    return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress,
+                            on_state=mirror.push_or_warn, on_checkpoint=mirror.push_soon)
 
 
-def finished_summary(params: PipelineParams, ratio: str, method: str, seed: int) -> dict | None:
-    """The metrics of the cell's finished run when its inputs and code are still the current
-    ones (the Prefect sweep skips such cells; DVC decides that itself), else None."""
-    if not split_dir(ratio, seed).is_dir():
+def cell_mirror(
+    params: PipelineParams, ratio: str, method: str, seed: int
+) -> FolderMirror | None:
+    """The cell's run folder mirrored in storage (`pipelines.mirror`; None
+    without GTASEG_STORAGE_URI, or on a torchrun rank other than 0). A folder without a run
+    record, as a new job on a work pool has, gets the stored copy first: a job restarted after
+    pre-emption resumes from the last checkpoint pushed. Rank 0 pulls before it opens the process
+    group, so the other ranks (waiting there) read the pulled checkpoints."""
+    if int(os.environ.get("RANK", "0")) != 0:
         return None
-    from pipelines import runstate
-    from pipelines.tracking_run import run_status, tracking_uri
+    from pipelines.mirror import FolderMirror
+    from pipelines.runstate import RECORD
+    from pipelines.storage import Storage
 
-    key = runstate.cell_key(params, run_config(params, ratio, method, seed))
-    status = partial(run_status, tracking_uri(params))
+    storage = Storage.from_env()
+    if storage is None:
+        return None
     out = run_dir(ratio, method, seed)
-    return runstate.finished_summary(out, key, runstate.code_fingerprint(), status)
+    name = storage_name(params.tracking.experiment, ratio, method, seed)
+    mirror = FolderMirror(storage, out, name)
+    if not (out / RECORD).is_file() and mirror.pull():
+        print(f"[{out}] restored from {storage.root}/{name}", file=sys.stderr)
+    return mirror
 
 
 def compare(params: PipelineParams) -> dict[str, Path]:

@@ -1,338 +1,273 @@
-"""S3 storage for run folders and artifacts: verified transfers, bounded retries, atomic final keys.
+"""The pipeline's S3 storage: how work crosses machines that share no disk.
 
-This is the only module of ours that talks to S3 (DVC's own remote aside). The endpoint and the
-credentials come from the environment through boto3's standard chain: AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION and AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (or an explicit
-`endpoint_url`). No secret value is ever logged, stored or put into an exception message.
+A job on a work pool (a Kubernetes pod, a process worker's scratch folder) starts empty and may be
+pre-empted. Two things go through the storage root `GTASEG_STORAGE_URI` (s3://bucket/prefix):
 
-Every object we write carries its sha256 as object metadata `sha256`. An upload goes to a temporary
-key `<key>.partial-<uuid>` first, is checked with a HEAD (size, sha256 metadata and, where the ETag
-is the MD5 of a single-part object, the MD5: a content check without downloading), and only then is
-copied server-side to the final key, so a failed transfer never leaves half an object there. Objects
-are written with single-part requests, so one object is at most 5 GiB.
+- **Inputs**, content-addressed: the sweep `publish`es each file or folder a cell reads (its
+  params file, the dataset, its split lists, the encoder weights) and hands the cell the digests;
+  the cell job `fetch`es them into its own folder, each file checked against its sha256.
+      blobs/<sha256>          the bytes of one file (written once, never changed)
+      trees/<sha256>.json     a file or folder: {relative path: sha256}, named by its own hash
+- **A cell's run folder**, mirrored (`pipelines.mirror.FolderMirror`): pushed after each
+  checkpoint, pulled by a restarted job, so it resumes where the last one stopped.
+      cells/<experiment>/<ratio>/<method>/seed<seed>/...
+
+A dataset the sweep does not generate is published once from where it is and handed to a sweep job
+as an input (`sweep_flow(inputs=...)`):
+    python -m pipelines.storage publish data/VOCdevkit/VOC2012     # prints its digest
+    python -m pipelines.storage fetch <digest> data/VOCdevkit/VOC2012
+
+Transfers are boto3's managed ones (multipart, standard retries, checksums); an S3 object is
+written whole or not at all. Credentials and endpoint come from boto3's chain (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3, ...); no secret is ever logged or put in a message.
 """
 
-import functools
+from __future__ import annotations
+
+import argparse
 import hashlib
-import logging
+import json
 import os
-import re
-import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 import boto3
+from boto3.exceptions import Boto3Error
 from botocore import exceptions as boto_errors
 from botocore.client import BaseClient
 from botocore.config import Config
 
 from gtaseg.errors import GtasegError
-from gtaseg.io import open_atomic
 
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-MAX_OBJECT_BYTES = 5 * 1024**3  # the S3 limit of one PUT or one CopyObject
-_CHUNK_BYTES = 1024 * 1024
-_TEMP_KEY = re.compile(r"\.partial-[0-9a-f]{32}$")
-_THROTTLE_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout"}
-)
+STORAGE_ENV = "GTASEG_STORAGE_URI"
+_CHUNK = 1 << 20
+_THREADS = 8  # concurrent object transfers of one publish / fetch / mirror
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+T = TypeVar("T")
 
 
 class StorageError(GtasegError, RuntimeError):
     """An S3 transfer failed; the message says what was expected, what happened, what to do."""
 
 
-class _VerificationError(Exception):
-    """The stored object does not match the local bytes (treated as transient: retried)."""
-
-
-@dataclass(frozen=True)
-class _Digests:
-    size: int
-    sha256: str
-    md5: str
-
-
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """Split 's3://bucket/some/key' into ('bucket', 'some/key'); the key may be ''."""
-    if not isinstance(uri, str) or not uri.startswith("s3://"):
+    if not isinstance(uri, str) or not uri.startswith("s3://") or not uri[5:].split("/")[0]:
         raise StorageError(
-            f"expected an S3 URI like 's3://bucket/path', got {uri!r}: "
-            "write it as s3://<bucket>/<key>"
+            f"expected an S3 URI like 's3://bucket/path', got {uri!r}: write it as "
+            f"s3://<bucket>/<key>"
         )
     bucket, _, key = uri[len("s3://") :].partition("/")
-    if not bucket:
-        raise StorageError(f"expected a bucket name after 's3://', got {uri!r}")
     return bucket, key
 
 
 def make_client(endpoint_url: str | None = None) -> BaseClient:
-    """An S3 client from a fresh boto3 session (so it sees the current environment).
-
-    endpoint_url: explicit endpoint; None lets boto3 read AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL /
-    its config files, and talk to AWS when none is set. A custom endpoint (MinIO, moto) gets
-    path-style addressing, which needs no wildcard DNS. botocore makes at most 2 attempts per
-    request so that our own bounded retry in this module is what callers see.
-    """
+    """An S3 client from a fresh boto3 session (it sees the current environment). A custom
+    endpoint (MinIO, moto; explicit or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) gets path-style
+    addressing, which needs no wildcard DNS."""
     custom = (
         endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     )
     config = Config(
         connect_timeout=5,
         read_timeout=60,
-        retries={"mode": "standard", "total_max_attempts": 2},
+        retries={"mode": "standard", "total_max_attempts": 4},
         s3={"addressing_style": "path" if custom else "auto"},
+        max_pool_connections=2 * _THREADS,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
-def upload_file(
-    local: Path,
-    uri: str,
-    *,
-    client: BaseClient | None = None,
-    retries: int = 4,
-    backoff_s: float = 0.5,
-) -> str:
-    """Upload `local` to `uri` (temp key, verify, server-side copy, verify); return its sha256.
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    Transient errors (connection, 5xx, throttling, a verification mismatch) are retried up to
-    `retries` times with backoff `backoff_s * 2**i`; any other error fails at once. The final key
-    is written only by a server-side copy of a verified temp object, so a failed or interrupted
-    transfer leaves it as it was.
-    """
-    local = Path(local)
-    bucket, key = _object_location(uri)
-    if not local.is_file():
-        raise StorageError(
-            f"upload to {uri}: expected a local file, got {str(local)!r}: check the path"
-        )
-    digests = _file_digests(local)
-    if digests.size > MAX_OBJECT_BYTES:
-        raise StorageError(
-            f"upload to {uri}: expected at most {MAX_OBJECT_BYTES} bytes per object, got "
-            f"{digests.size} ({local}): split the file, or add multipart transfers to {__name__}"
-        )
-    client = client or make_client()
-    temp_key = f"{key}.partial-{uuid.uuid4().hex}"
 
-    def attempt() -> None:  # the final key is only ever written by a server-side copy
-        with local.open("rb") as body:
-            client.put_object(
-                Bucket=bucket, Key=temp_key, Body=body, Metadata={"sha256": digests.sha256}
+class Storage:
+    """The storage root `root` (s3://bucket/prefix) and the client that talks to it."""
+
+    def __init__(self, root: str, client: BaseClient | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.bucket, prefix = parse_s3_uri(self.root)
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.client = client or make_client()
+
+    @classmethod
+    def from_env(cls) -> Storage | None:
+        """The root GTASEG_STORAGE_URI names, or None when it is not set."""
+        root = os.environ.get(STORAGE_ENV, "").strip()
+        return cls(root) if root else None
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    def publish(self, path: Path) -> str:
+        """Upload the file or folder `path` content-addressed; return its digest. Objects already
+        stored are not sent again, so republishing unchanged inputs costs a hash and a HEAD."""
+        path = Path(path)
+        if path.is_file():
+            files = {"": path}
+        elif path.is_dir():
+            files = {
+                p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*")) if p.is_file()
+            }
+        else:
+            raise StorageError(
+                f"publish: expected a file or folder at {path}, found nothing there."
+                f" Make it first (the sweep's prepare / split stages)."
             )
+        tree = dict(zip(files, in_parallel(file_sha256, files.values()), strict=True))
+        text = json.dumps(tree, sort_keys=True, indent=0).encode()
+        digest = hashlib.sha256(text).hexdigest()
+        manifest = f"trees/{digest}.json"
+        if self.exists(manifest):
+            return digest
+
+        def send(rel: str) -> None:
+            if not self.exists(f"blobs/{tree[rel]}"):
+                self.upload(files[rel], f"blobs/{tree[rel]}")
+
+        in_parallel(send, tree)
+        # The manifest goes last: its presence means every blob it names is stored.
+        self._call(
+            f"upload of {self.root}/{manifest}",
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=self.key(manifest),
+            Body=text,
+        )
+        return digest
+
+    def fetch(self, digest: str, path: Path) -> None:
+        """Write the published file or folder `digest` at `path`. A file already there with the
+        right sha256 is kept; any other is replaced. Each download is checked against its sha256
+        before it replaces anything."""
+        path = Path(path)
+        manifest = f"trees/{digest}.json"
+        body = self._call(
+            f"download of {self.root}/{manifest}",
+            self.client.get_object,
+            Bucket=self.bucket,
+            Key=self.key(manifest),
+        )["Body"].read()
+        tree: dict[str, str] = json.loads(body)
+
+        def get(rel: str) -> None:
+            target = inside_folder(path, rel) if rel else path
+            if target.is_file() and file_sha256(target) == tree[rel]:
+                return
+            self.download(f"blobs/{tree[rel]}", target, tree[rel])
+
+        in_parallel(get, tree)
+
+    def upload(self, path: Path, name: str) -> None:
+        self._call(
+            f"upload of {path}", self.client.upload_file, str(path), self.bucket, self.key(name)
+        )
+
+    def download(self, name: str, target: Path, sha256: str | None = None) -> None:
+        """`<root>/<name>` to `target`, through a temporary file beside it (checked against
+        `sha256` when given), so `target` is replaced whole or not at all."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.download")
+        self._call(
+            f"download of {self.root}/{name}",
+            self.client.download_file,
+            self.bucket,
+            self.key(name),
+            str(partial),
+        )
+        if sha256 is not None and file_sha256(partial) != sha256:
+            partial.unlink()
+            raise StorageError(
+                f"download of {self.root}/{name}: expected sha256 {sha256}, got other bytes; "
+                f"{target} was left as it was. The stored object is damaged: publish the input "
+                f"again (the sweep does), or delete the object."
+            )
+        partial.replace(target)
+
+    def copy(self, name: str, to: str) -> None:
+        """`<root>/<name>` to `<root>/<to>`, server-side (boto3's managed copy: any size)."""
+        self._call(
+            f"copy of {self.root}/{name}",
+            self.client.copy,
+            {"Bucket": self.bucket, "Key": self.key(name)},
+            self.bucket,
+            self.key(to),
+        )
+
+    def delete(self, name: str) -> None:
+        self._call(
+            f"delete of {self.root}/{name}",
+            self.client.delete_object,
+            Bucket=self.bucket,
+            Key=self.key(name),
+        )
+
+    def exists(self, name: str) -> bool:
         try:
-            _verify_stored(client, bucket, temp_key, digests)
-            client.copy_object(
-                Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": temp_key}
-            )
-            _verify_stored(client, bucket, key, digests)
-        finally:
-            _delete_quietly(client, bucket, temp_key)
+            self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+            return True
+        except boto_errors.ClientError as exc:
+            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise _explain(exc, f"lookup of {self.root}/{name}", self._endpoint()) from None
+        except boto_errors.BotoCoreError as exc:
+            raise _explain(exc, f"lookup of {self.root}/{name}", self._endpoint()) from None
 
-    _with_retries(attempt, f"upload to {uri}", client, retries, backoff_s)
-    log.info("uploaded %s (%d bytes, sha256 %s)", uri, digests.size, digests.sha256[:12])
-    return digests.sha256
-
-
-def download_file(
-    uri: str,
-    local: Path,
-    *,
-    client: BaseClient | None = None,
-    retries: int = 4,
-    backoff_s: float = 0.5,
-) -> str:
-    """Download `uri` to `local` via a temp file beside it, verify, rename; return sha256.
-
-    The sha256 metadata is checked when the object has it. Creates `local`'s parent folder. On
-    failure `local` is left untouched. Retries as `upload_file` does.
-    """
-    local = Path(local)
-    bucket, key = _object_location(uri)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    client = client or make_client()
-    fetch_once = functools.partial(_download_once, client, bucket, key, local)
-    digest = _with_retries(fetch_once, f"download of {uri}", client, retries, backoff_s)
-    log.info("downloaded %s to %s (sha256 %s)", uri, local, digest[:12])
-    return digest
-
-
-def upload_dir(
-    local_dir: Path,
-    uri_prefix: str,
-    *,
-    client: BaseClient | None = None,
-    retries: int = 4,
-    backoff_s: float = 0.5,
-) -> dict[str, str]:
-    """Upload every file under `local_dir` to `<uri_prefix>/<relative path>`.
-
-    Returns {relative posix path: sha256}. Each file is uploaded as `upload_file` does.
-    """
-    local_dir = Path(local_dir)
-    parse_s3_uri(uri_prefix)
-    files = sorted(p for p in local_dir.rglob("*") if p.is_file()) if local_dir.is_dir() else []
-    if not files:
-        raise StorageError(
-            f"upload to {uri_prefix}: expected a folder holding files, got {str(local_dir)!r} "
-            "(missing or empty): check the run folder path"
+    def list_keys(self, name: str) -> list[str]:
+        """The keys under `name/`, relative to it."""
+        start = self.key(name.rstrip("/") + "/")
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=start
         )
-    client = client or make_client()
-    send = functools.partial(upload_file, client=client, retries=retries, backoff_s=backoff_s)
-    base = uri_prefix.rstrip("/")
-    rels = [path.relative_to(local_dir).as_posix() for path in files]
-    return {rel: send(local_dir / rel, f"{base}/{rel}") for rel in rels}
-
-
-def download_dir(
-    uri_prefix: str,
-    local_dir: Path,
-    *,
-    client: BaseClient | None = None,
-    retries: int = 4,
-    backoff_s: float = 0.5,
-) -> dict[str, str]:
-    """Download every object under `uri_prefix` into `local_dir`, keeping relative paths.
-
-    Skips temporary `.partial-<uuid>` keys of uploads in flight. Returns {relative path: sha256}.
-    """
-    bucket, prefix = parse_s3_uri(uri_prefix)
-    prefix = f"{prefix.rstrip('/')}/" if prefix.strip("/") else ""
-    client = client or make_client()
-    list_keys = functools.partial(_list_keys, client, bucket, prefix)
-    keys = _with_retries(list_keys, f"listing of {uri_prefix}", client, retries, backoff_s)
-    wanted = sorted(k for k in keys if not _TEMP_KEY.search(k) and not k.endswith("/"))
-    if not wanted:
-        raise StorageError(
-            f"download of {uri_prefix}: expected objects under it at {client.meta.endpoint_url}, "
-            "found none: check the prefix (e.g. `aws s3 ls` it with the same endpoint)"
+        keys = self._call(
+            f"listing of {self.root}/{name}",
+            lambda: [obj["Key"] for page in pages for obj in page.get("Contents", [])],
         )
-    # Every target is checked before anything is written.
-    targets = {
-        key[len(prefix) :]: _safe_join(Path(local_dir), key[len(prefix) :], uri_prefix)
-        for key in wanted
-    }
-    fetch = functools.partial(download_file, client=client, retries=retries, backoff_s=backoff_s)
-    return {rel: fetch(f"s3://{bucket}/{prefix}{rel}", target) for rel, target in targets.items()}
+        return [key[len(start) :] for key in keys]
+
+    def _call(self, what: str, fn: Callable[..., T], *args, **kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except (boto_errors.BotoCoreError, boto_errors.ClientError, Boto3Error) as exc:
+            raise _explain(exc, what, self._endpoint()) from None
+
+    def _endpoint(self) -> str:
+        return self.client.meta.endpoint_url
 
 
-def _object_location(uri: str) -> tuple[str, str]:
+def download_uri(uri: str, target: Path) -> Path:
+    """The object at `uri` (s3://bucket/key) to `target`, whole or not at all."""
     bucket, key = parse_s3_uri(uri)
-    if not key or key.endswith("/"):
-        raise StorageError(f"expected an object URI 's3://bucket/key', got {uri!r}: add the key")
-    return bucket, key
+    Storage(f"s3://{bucket}").download(key, Path(target))
+    return Path(target)
 
 
-def _file_digests(path: Path) -> _Digests:
-    sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            sha.update(chunk)
-            md5.update(chunk)
-            size += len(chunk)
-    return _Digests(size=size, sha256=sha.hexdigest(), md5=md5.hexdigest())
-
-
-def _verify_stored(client: BaseClient, bucket: str, key: str, want: _Digests) -> None:
-    """HEAD the object and compare size, sha256 metadata and (single-part, unencrypted) MD5 ETag."""
-    head = client.head_object(Bucket=bucket, Key=key)
-    etag = head.get("ETag", "").strip('"')
-    sse = str(head.get("ServerSideEncryption", ""))
-    # Multipart ETags contain '-'; with KMS or customer-key encryption the ETag is no MD5.
-    etag_is_md5 = "-" not in etag and "SSECustomerAlgorithm" not in head and "kms" not in sse
-    got = (head["ContentLength"], head.get("Metadata", {}).get("sha256"))
-    if got != (want.size, want.sha256) or (etag_is_md5 and etag != want.md5):
-        raise _VerificationError(
-            f"s3://{bucket}/{key} does not match the local file: expected size {want.size}, "
-            f"sha256 {want.sha256}, md5 {want.md5}; got size {got[0]}, sha256 {got[1]}, ETag {etag}"
-        )
-
-
-def _download_once(client: BaseClient, bucket: str, key: str, local: Path) -> str:
-    """One GET into a temp file beside `local`, verified, then renamed over `local` (a failed
-    verification raises inside `open_atomic`, so `local` is left as it was)."""
-    response = client.get_object(Bucket=bucket, Key=key)
-    sha, size = hashlib.sha256(), 0
-    with open_atomic(local, "wb") as out:
-        for chunk in response["Body"].iter_chunks(_CHUNK_BYTES):
-            out.write(chunk)
-            sha.update(chunk)
-            size += len(chunk)
-        want = response.get("Metadata", {}).get("sha256")
-        if size != response["ContentLength"] or (want and want != sha.hexdigest()):
-            raise _VerificationError(
-                f"s3://{bucket}/{key}: expected {response['ContentLength']} bytes with sha256 "
-                f"{want}, got {size} bytes with sha256 {sha.hexdigest()}"
-            )
-    return sha.hexdigest()
-
-
-def _list_keys(client: BaseClient, bucket: str, prefix: str) -> list[str]:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-
-
-def _safe_join(root: Path, relative: str, uri_prefix: str) -> Path:
-    parts = PurePosixPath(relative).parts
-    if not parts or relative.startswith("/") or ".." in parts:
+def inside_folder(root: Path, rel: str) -> Path:
+    """`root / rel` for a stored relative path; StorageError for one that would leave `root`."""
+    parts = PurePosixPath(rel).parts
+    if not parts or rel.startswith("/") or ".." in parts:
         raise StorageError(
-            f"download of {uri_prefix}: expected object keys that stay inside {root}, got "
-            f"{relative!r}: remove or rename that object"
+            f"expected stored paths that stay inside {root}, got {rel!r}: remove "
+            f"or rename that object"
         )
     return root.joinpath(*parts)
 
 
-def _delete_quietly(client: BaseClient, bucket: str, key: str) -> None:
-    """Best-effort removal of a temp key; a leftover is harmless (downloads skip `.partial-`)."""
-    try:
-        client.delete_object(Bucket=bucket, Key=key)
-    except (boto_errors.BotoCoreError, boto_errors.ClientError) as exc:
-        log.warning("could not delete temporary s3://%s/%s: %s", bucket, key, type(exc).__name__)
-
-
-def _with_retries(
-    attempt: Callable[[], T], what: str, client: BaseClient, retries: int, backoff_s: float
-) -> T:
-    """Run `attempt`; retry transient failures with exponential backoff, explain the rest."""
-    endpoint = client.meta.endpoint_url
-    for i in range(retries + 1):
-        try:
-            return attempt()
-        except (boto_errors.BotoCoreError, boto_errors.ClientError, _VerificationError) as exc:
-            if not _is_transient(exc):
-                raise _explain(exc, what, endpoint) from exc
-            if i == retries:
-                raise StorageError(
-                    f"{what} gave up after {retries + 1} attempts against {endpoint}; last error "
-                    f"{type(exc).__name__}: {_redact(str(exc))}. The destination was left "
-                    "untouched: check that the S3 server is up and reachable (AWS_ENDPOINT_URL_S3),"
-                    " then rerun"
-                ) from exc
-            delay = backoff_s * 2**i
-            log.warning(
-                "%s: attempt %d/%d failed (%s); retrying in %.2fs",
-                *(what, i + 1, retries + 1, type(exc).__name__, delay),
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable: the loop returns or raises")
-
-
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(
-        exc, _VerificationError | boto_errors.ConnectionError | boto_errors.HTTPClientError
-    ):
-        return True  # HTTPClientError covers read timeouts and broken response streams
-    if isinstance(exc, boto_errors.ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or status == 429 or _error_code(exc) in _THROTTLE_CODES
-    return isinstance(exc, boto_errors.IncompleteReadError)
+def in_parallel(fn: Callable[[str], T], items: Iterable) -> list[T]:
+    """`fn` over `items` on a few threads (transfers wait on the network, not the CPU)."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(_THREADS, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def _error_code(exc: boto_errors.ClientError) -> str:
@@ -352,17 +287,25 @@ _HINTS = {
     "s3:PutObject, s3:DeleteObject and s3:ListBucket on the bucket",
     "403": "forbidden at {endpoint}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the "
     "bucket policy",
-    "NoSuchKey": "no such object at endpoint {endpoint}: check the URI, or upload it first",
-    "404": "no such object at endpoint {endpoint}: check the URI, or upload it first",
+    "NoSuchKey": "no such object at endpoint {endpoint}: check the URI, or publish it first",
+    "404": "no such object at endpoint {endpoint}: check the URI, or publish it first",
 }
 
 
 def _explain(exc: BaseException, what: str, endpoint: str) -> StorageError:
-    """A StorageError for a non-transient failure: expected / got / what to do, no secrets."""
+    """A StorageError for a failed transfer: expected / got / what to do, no secrets."""
+    if isinstance(exc, Boto3Error) and isinstance(exc.__context__, boto_errors.ClientError):
+        exc = exc.__context__  # boto3's upload_file wraps the client error
     if isinstance(exc, boto_errors.NoCredentialsError | boto_errors.PartialCredentialsError):
         return StorageError(
             f"{what}: expected S3 credentials, found none or only part: set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (see infra/README.md)"
+        )
+    if isinstance(exc, boto_errors.EndpointConnectionError | boto_errors.ConnectionError):
+        return StorageError(
+            f"{what} failed: the S3 server at {endpoint} could not be reached after boto3's "
+            f"retries ({type(exc).__name__}); nothing was changed. Check that it is up and "
+            f"reachable (AWS_ENDPOINT_URL_S3), then rerun"
         )
     if not isinstance(exc, boto_errors.ClientError):
         return StorageError(
@@ -382,3 +325,36 @@ def _redact(text: str) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
     return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.storage", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    publish = commands.add_parser("publish", help="upload a file or folder; print its digest")
+    publish.add_argument("path", type=Path)
+    fetch = commands.add_parser("fetch", help="write a published file or folder at PATH")
+    fetch.add_argument("digest")
+    fetch.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        storage = Storage.from_env()
+        if storage is None:
+            raise StorageError(
+                f"expected the storage root in {STORAGE_ENV} (s3://bucket/prefix), "
+                f"found it unset: export it (infra/README.md)"
+            )
+        if args.command == "publish":
+            print(storage.publish(args.path))
+        else:
+            storage.fetch(args.digest, args.path)
+    except StorageError as exc:
+        print(f"pipelines.storage {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -126,23 +127,34 @@ def tracked_training(
     tags: dict[str, str],
     parent_run_id: str | None = None,
     progress: bool = True,
+    on_state: Callable[[], None] | None = None,
+    on_checkpoint: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` into `out` with an MLflow run; log checkpoints, model, plots; return metrics.
     Resumes an unfinished attempt of the same inputs and code, else starts fresh (see module
     docstring). Under torchrun only rank 0 decides and opens the MLflow run; the other ranks
-    wait for it in the process group's start, then train."""
+    wait for it in the process group's start, then train. The run folder is worth keeping
+    elsewhere (pipelines.mirror) at the attempt's start and end, `on_state()`, and after each
+    checkpoint, `on_checkpoint()` (default: `on_state`)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return train(cfg, out, tracker=None, resume=True, progress=False)
     tracker, record, resume = _start_attempt(params, cfg, out, ratio, tags, parent_run_id)
+    keep = on_state or (lambda: None)
+    checkpointed = on_checkpoint or keep
     status = "FAILED"  # a killed or failed attempt must not read FINISHED; a rerun resumes it
     try:
-        summary = train(cfg, out, tracker=tracker, resume=resume, progress=progress)
+        keep()
+        summary = train(cfg, out, tracker=tracker, resume=resume, progress=progress,
+                        on_checkpoint=lambda _: checkpointed())
         summary["run_id"] = tracker.run_id
         _log_outputs(tracker, cfg, out, params.tracking.log_checkpoints)
         status = runstate.FINISHED
     finally:
         tracker.close(status)
+        if status != runstate.FINISHED:
+            keep()  # what this attempt got to, for the rerun that resumes it
     runstate.write_record(out, dataclasses.replace(record, status=runstate.FINISHED))
+    keep()
     return summary
 
 

@@ -1,5 +1,7 @@
 """Real Prefect flow runs (Prefect's test harness: a temporary local API server) of the sweep flow
-on a tiny profile: prepare -> splits -> train tasks -> compare -> register, in a scratch folder."""
+on a tiny profile, without a work pool: prepare -> splits -> each cell as its own (sub)flow run
+under the sweep's concurrency limit -> compare -> register, in a scratch folder. The same sweep on
+a work pool with workers that share no disk: tests/test_scaleout.py."""
 
 from __future__ import annotations
 
@@ -50,11 +52,20 @@ def scratch(tmp_path, monkeypatch) -> Path:
 
 def test_sweep_flow_trains_compares_and_registers(prefect_harness, scratch):
     from mlflow.tracking import MlflowClient
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterId
 
-    from pipelines.flows import run_sweep
+    from pipelines.flows import sweep_flow
 
-    result = run_sweep("params.yaml")
+    result = sweep_flow("params.yaml")
     assert result["runs"] == 2
+    cells = {c["cell"]: c for c in result["cells"]}
+    assert set(cells) == {"1_4/supervised/seed0", "1_4/gta/seed0"}
+    for cell in cells.values():  # each trained, with its cost beyond the training loop
+        assert cell["trained"] and cell["job_s"] == pytest.approx(
+            cell["train_s"] + cell["overhead_s"], abs=0.11
+        )
+        assert 0 < cell["train_s"] < cell["job_s"]
     for method in ("supervised", "gta"):
         assert (scratch / f"runs/1_4/{method}/seed0/metrics.json").is_file()
     assert Path(result["tables"]["summary_md"]).is_file()
@@ -66,9 +77,19 @@ def test_sweep_flow_trains_compares_and_registers(prefect_harness, scratch):
     assert record["spec"]["pretrain"]["digits"] == [5, 6, 7, 8, 9]
     made = encoder.stat().st_mtime_ns
     # a second sweep finds every cell finished with current inputs: nothing trains or registers
-    again = run_sweep("params.yaml")
+    again = sweep_flow("params.yaml")
     assert encoder.stat().st_mtime_ns == made  # the pretrained encoder is reused, not retrained
     assert again["runs"] == 2 and again["champion"]["registered"] == []
+    assert not any(c["trained"] for c in again["cells"])
+    assert {c["run_id"] for c in again["cells"]} == {c["run_id"] for c in cells.values()}
+    with get_client(sync_client=True) as client:  # each cell ran as its own flow run
+        assert client.read_global_concurrency_limit_by_name("gtaseg-train-demo-sweep").limit == 2
+        train_flow_id = client.read_flow_by_name("gtaseg-train").id
+        train_runs = client.read_flow_runs(
+            flow_filter=FlowFilter(id=FlowFilterId(any_=[train_flow_id]))
+        )
+    assert sorted((r.parameters["method"], r.parameters["ratio"]) for r in train_runs) == [
+        ("gta", "1_4"), ("supervised", "1_4")]  # fmt: skip
     for method in ("supervised", "gta"):
         metrics = json.loads((scratch / f"runs/1_4/{method}/seed0/metrics.json").read_text())
         assert metrics["iterations"] == 6  # 12 unlabelled / batch 2 = 6 iterations, not retrained
@@ -94,3 +115,16 @@ def test_train_task_under_a_launcher(prefect_harness, scratch, monkeypatch):
     assert result["method"] == "supervised" and result["iterations"] == 6
     record = json.loads((scratch / "runs/1_4/supervised/seed0/run.json").read_text())
     assert record["status"] == "FINISHED"
+
+
+def test_a_sweep_on_a_work_pool_without_storage_fails_before_any_work(
+    prefect_harness, scratch, monkeypatch, capsys
+):
+    from pipelines.flows import main
+
+    monkeypatch.delenv("GTASEG_STORAGE_URI", raising=False)
+    assert main(["sweep", "--train-deployment", "gtaseg-train/train-gpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("pipelines.flows sweep: error: the sweep launches its cells on "
+                          "gtaseg-train/train-gpu: expected the storage root in GTASEG_STORAGE_URI")
+    assert not (scratch / "data").exists()  # nothing generated

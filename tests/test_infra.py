@@ -1,9 +1,12 @@
-"""Deployment files: docker-compose stack, Kubernetes work-pool template, prefect.yaml, Dockerfile.
+"""Deployment files: docker-compose stack, Kubernetes work-pool template, prefect.yaml, Dockerfile,
+the image's requirement files, the zombie-run automation.
 
 Docker and Kubernetes cannot run on this machine (nor in CI), so these are schema and rendering
 checks: the compose file is parsed as YAML, the job template is validated by the Prefect server's
 own check and rendered with Prefect's own templating, prefect.yaml is parsed with Prefect's own
-model, and the Dockerfile and .dockerignore are read as text. Nothing is built, pulled or started.
+model, the automation with Prefect's, and the Dockerfile and .dockerignore are read as text.
+Nothing is built, pulled or started. The deployments of prefect.yaml do run, on a process pool
+stand-in for the cluster: tests/test_scaleout.py.
 """
 
 import asyncio
@@ -27,8 +30,9 @@ COMPOSE = ROOT / "infra" / "docker-compose.yaml"
 TEMPLATE = ROOT / "infra" / "k8s-job-template.json"
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|AUTH", re.IGNORECASE)
 FLOW_PARAMETERS = {
-    "train_flow": {"config_path", "ratio", "method", "seed", "overrides"},
-    "sweep_flow": {"config_path", "ratios", "methods", "seeds"},
+    "train_flow": {"config_path", "ratio", "method", "seed", "overrides", "inputs",
+                   "parent_run_id"},
+    "sweep_flow": {"config_path", "ratios", "methods", "seeds", "train_deployment", "inputs"},
 }
 
 
@@ -158,6 +162,7 @@ def test_k8s_template_renders_a_gpu_job_with_defaults() -> None:
     (container,) = pod["containers"]
     assert container["image"] == "gtaseg-train:0.1.0"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert config.env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"  # a lost pod is detected
     assert container["envFrom"] == [{"secretRef": {"name": "gtaseg-storage"}}]
     assert "args" not in container  # the worker fills in `prefect flow-run execute`
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -189,8 +194,15 @@ def test_gpu_deployments_job_variables_match_the_template_schema() -> None:
     for deployment in gpu_deployments:
         jsonschema.validate(deployment["work_pool"]["job_variables"], schema)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"gpus": 0}, schema)
-    assert max(d["work_pool"]["job_variables"]["gpus"] for d in gpu_deployments) > 1
+        jsonschema.validate({"gpus": -1}, schema)
+    gpus = {d["name"]: d["work_pool"]["job_variables"]["gpus"] for d in gpu_deployments}
+    assert max(gpus.values()) > 1 and gpus["sweep-cluster"] == 0  # the sweep only orchestrates
+
+
+def _flow_name(entrypoint: str) -> str:
+    module, _, name = entrypoint.rpartition(".")
+    assert module == "pipelines.flows", entrypoint  # a module path: jobs import installed code
+    return name
 
 
 def test_prefect_yaml_has_local_and_gpu_deployments_of_both_flows() -> None:
@@ -198,34 +210,51 @@ def test_prefect_yaml_has_local_and_gpu_deployments_of_both_flows() -> None:
 
     raw = _prefect_yaml()
     model = PrefectYamlModel.model_validate(raw)
-    assert not model.build and not model.push  # image build/push is opt-in (infra/README.md)
-    pairs = {(d.entrypoint, d.work_pool.name) for d in model.deployments}
+    assert not model.build and not model.push  # the image is built with docker (infra/README.md)
+    assert raw["pull"] == []  # local jobs work in their worker's fresh folder, nothing pulled
+    pairs = {(_flow_name(d.entrypoint), d.work_pool.name) for d in model.deployments}
     for flow in FLOW_PARAMETERS:
-        entrypoint = f"pipelines/flows.py:{flow}"
-        assert {(entrypoint, "gtaseg-local"), (entrypoint, "gtaseg-gpu")} <= pairs
+        assert {(flow, "gtaseg-local"), (flow, "gtaseg-gpu")} <= pairs
+    by_name = {d.name: d for d in model.deployments}
     for deployment in model.deployments:
-        flow = deployment.entrypoint.split(":")[1]
+        flow = _flow_name(deployment.entrypoint)
         assert set(deployment.parameters) <= FLOW_PARAMETERS[flow]
         if deployment.work_pool.name == "gtaseg-gpu":
             step = deployment.pull[0]["prefect.deployments.steps.set_working_directory"]
             assert step["directory"] == _dockerfile_value("WORKDIR")
-    defined = raw["definitions"]["actions"]
-    assert "prefect_docker.deployments.steps.build_docker_image" in defined["docker-build"][0]
-    assert "prefect_docker.deployments.steps.push_docker_image" in defined["docker-push"][0]
+            # the image from one variable, the same for every job
+            assert deployment.work_pool.job_variables["image"] == "{{ $GTASEG_IMAGE }}"
+        if flow == "sweep_flow":  # its cells run on a training deployment of the same pool
+            target = deployment.parameters["train_deployment"].split("/")[1]
+            assert _flow_name(by_name[target].entrypoint) == "train_flow"
+            assert by_name[target].work_pool.name == deployment.work_pool.name
+    queues = {d.name: d.work_pool.work_queue_name for d in model.deployments}
+    assert queues["train-local"] != queues["sweep-local"]  # training workers take only cells
 
 
 def test_prefect_yaml_entrypoints_are_prefect_flows() -> None:
-    flows_file = ROOT / "pipelines" / "flows.py"
     from prefect import Flow
 
     module = importlib.import_module("pipelines.flows")
     for deployment in _prefect_yaml()["deployments"]:
-        path, name = deployment["entrypoint"].split(":")
-        assert (ROOT / path).resolve() == flows_file.resolve()
+        name = _flow_name(deployment["entrypoint"])
         flow = getattr(module, name)
         assert isinstance(flow, Flow), f"{name} is not a Prefect flow"
         assert set(inspect.signature(flow.fn).parameters) == FLOW_PARAMETERS[name]
         flow.validate_parameters(deployment["parameters"])  # what a flow run would be given
+
+
+def test_the_zombie_run_automation_is_valid_and_crashes_silent_runs() -> None:
+    from prefect.events.schemas.automations import AutomationCore
+
+    raw = yaml.safe_load((ROOT / "infra" / "automation-crash-lost-runs.yaml").read_text())
+    automation = AutomationCore.model_validate(raw)
+    trigger = automation.trigger
+    assert trigger.posture == "Proactive" and trigger.after == {"prefect.flow-run.heartbeat"}
+    heartbeat = int(_template()["job_configuration"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+    assert trigger.within.total_seconds() >= 2 * heartbeat  # a late beat is no crash
+    (action,) = automation.actions
+    assert action.type == "change-flow-run-state" and action.state == "CRASHED"
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
@@ -242,23 +271,53 @@ def _dockerfile_value(instruction: str) -> str:
     return [args for name, args in _dockerfile_instructions() if name == instruction][-1]
 
 
-def test_dockerfile_installs_the_lock_and_runs_as_a_non_root_user() -> None:
+def test_dockerfile_installs_the_runtime_subset_and_runs_as_a_non_root_user() -> None:
     steps = _dockerfile_instructions()
-    base = _dockerfile_value("FROM")
-    assert base.startswith(("python:3.11", "nvidia/cuda:12"))
+    assert _dockerfile_value("FROM").startswith(("python:3.11", "nvidia/cuda:12"))
     runs = [args for name, args in steps if name == "RUN"]
-    lock_install = next(i for i, (n, a) in enumerate(steps) if "-r requirements/lock.txt" in a)
+    args = dict(a.split("=", 1) for name, a in steps if name == "ARG")
+    assert args["TORCH_INDEX_URL"].startswith("https://download.pytorch.org/whl/cu")
+    index = next(i for i, (n, a) in enumerate(steps) if '--index-url "$TORCH_INDEX_URL"' in a)
+    assert "-r requirements/torch.txt" in steps[index][1]
+    assert "pip install -r requirements/runtime.txt" in steps[index][1]
+    assert not any("lock.txt" in a for _, a in steps)  # the lock carries the test tools
     project_install = next(i for i, (n, a) in enumerate(steps) if "pip install --no-deps ." in a)
     copy_all = next(i for i, (n, a) in enumerate(steps) if n == "COPY" and a.endswith(" . ."))
-    assert lock_install < copy_all < project_install  # the heavy layer survives code edits
-    assert any("pip install -r requirements/lock.txt" in r for r in runs)
+    assert index < copy_all < project_install  # the heavy layer survives code edits
     user = _dockerfile_value("USER")
     assert user not in ("root", "0")
     uid = re.search(r"--uid (\d+)", " ".join(runs)).group(1)
     pod_security = _template()["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
     assert int(uid) == pod_security["securityContext"]["runAsUser"]
+    # the work dir exists, owned by the job's user, before WORKDIR (which would create it as root)
+    workdir = _dockerfile_value("WORKDIR")
+    made = next(i for i, (n, a) in enumerate(steps) if f"install -d -o {user} -g {user} {workdir}"
+                in a)  # fmt: skip
+    assert made < next(i for i, (n, a) in enumerate(steps) if n == "WORKDIR")
+    assert steps[copy_all][1].startswith(f"--chown={user}:{user} ")
     assert json.loads(_dockerfile_value("ENTRYPOINT"))[0].endswith("tini")
-    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180" in _dockerfile_value("ENV")
+    env = _dockerfile_value("ENV")
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180" in env
+    assert "GTASEG_GIT_COMMIT=$GIT_COMMIT" in env and "GIT_COMMIT" in args
+
+
+def test_the_image_requirements_are_the_locks_runtime_subset() -> None:
+    import subprocess
+    import sys
+
+    check = subprocess.run([sys.executable, "scripts/runtime_requirements.py", "--check"],
+                           cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    lock = {line.split("==")[0]: line for line in (ROOT / "requirements/lock.txt").read_text()
+            .splitlines() if "==" in line and not line.startswith(" ")}  # fmt: skip
+    image = [line for name in ("torch.txt", "runtime.txt")
+             for line in (ROOT / "requirements" / name).read_text().splitlines()
+             if line and not line.startswith("#")]  # fmt: skip
+    names = {line.split("==")[0] for line in image}
+    assert all(lock[line.split("==")[0]] == line for line in image)  # the lock's versions
+    assert {"torch", "torchvision", "prefect", "mlflow", "dvc", "boto3", "pandas"} <= names
+    assert not names & {"pytest", "pytest-timeout", "moto", "ruff"}  # no test tools
+    assert not any(n.startswith("nvidia-") for n in names)  # the CUDA index's torch brings them
 
 
 def test_dockerignore_drops_outputs_and_secrets_but_keeps_the_sources() -> None:

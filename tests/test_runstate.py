@@ -5,7 +5,6 @@ right for any dataset. The end-to-end reruns are in tests/test_pipeline.py."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
@@ -77,17 +76,6 @@ def test_a_fresh_attempt_clears_outputs_but_keeps_unsent_tracking_records(tmp_pa
     runstate.clear_outputs(out)
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     assert left == ["tracking-fallback", "tracking-fallback/mlflow-offline-x.jsonl"]
-
-
-def test_finished_summary_only_for_a_finished_run_of_the_current_inputs(tmp_path):
-    out = folder(tmp_path, RunRecord("r1", "key", "code", "FINISHED"))
-    (out / "metrics.json").write_text(json.dumps({"best_val_miou_student": 0.5}))
-    done = runstate.finished_summary(out, "key", "code", statuses())
-    assert done == {"best_val_miou_student": 0.5, "run_id": "r1"}
-    assert runstate.finished_summary(out, "new-key", "code", statuses()) is None
-    assert runstate.finished_summary(out, "key", "new-code", statuses()) is None
-    runstate.write_record(out, RunRecord("r1", "key", "code", "RUNNING"))
-    assert runstate.finished_summary(out, "key", "code", statuses(r1="RUNNING")) is None
 
 
 def demo_params(tmp_path: Path, edit=None) -> Path:

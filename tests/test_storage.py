@@ -1,11 +1,10 @@
-"""pipelines.storage against a real S3-compatible server (moto's) on loopback.
+"""pipelines.storage, .mirror and .jobs against a real S3-compatible server (moto) on loopback.
 
 Most tests share one in-process `ThreadedMotoServer`; the "server dies mid-run" test runs moto as a
 subprocess so that it can be killed. Every test gets its own bucket, and fake credentials from the
 environment (never a developer's real AWS configuration).
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -20,18 +19,15 @@ from pathlib import Path
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 from servers import free_port
 
-from pipelines import storage
-from pipelines.storage import StorageError
+from pipelines import jobs, storage
+from pipelines.mirror import FolderMirror
+from pipelines.storage import Storage, StorageError
 
 SECRET = "sEcReT-4f1b9c-never-print-me"
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,13 @@ def endpoint() -> Iterator[str]:
 @pytest.fixture(autouse=True)
 def fake_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Credentials only from these variables: no profile, no config file, no real endpoint."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+    for name in (
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_SESSION_TOKEN",
+        storage.STORAGE_ENV,
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
@@ -61,14 +63,26 @@ def client(endpoint: str):
 
 
 @pytest.fixture
-def bucket(client) -> str:
+def store(client) -> Storage:
     name = f"gtaseg-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=name)
-    return name
+    return Storage(f"s3://{name}/root", client)
 
 
-def _keys(client, bucket: str) -> list[str]:
-    return [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+def _keys(store: Storage) -> list[str]:
+    listed = store.client.list_objects_v2(Bucket=store.bucket).get("Contents", [])
+    return sorted(o["Key"] for o in listed)
+
+
+def _write(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def test_parse_s3_uri_splits_and_rejects_non_s3() -> None:
@@ -79,165 +93,269 @@ def test_parse_s3_uri_splits_and_rejects_non_s3() -> None:
             storage.parse_s3_uri(bad)
 
 
-def test_round_trip_of_files_keeps_checksums(client, bucket: str, tmp_path: Path) -> None:
-    payloads = {"a.bin": os.urandom(70_000), "empty.txt": b"", "b.json": b'{"miou": 0.5}'}
-    for name, data in payloads.items():
-        (tmp_path / name).write_bytes(data)
-    for name, data in payloads.items():
-        uri = f"s3://{bucket}/runs/r1/{name}"
-        assert storage.upload_file(tmp_path / name, uri, client=client) == _sha256(data)
-        head = client.head_object(Bucket=bucket, Key=f"runs/r1/{name}")
-        assert head["Metadata"]["sha256"] == _sha256(data)
-        back = tmp_path / "back" / name
-        assert storage.download_file(uri, back, client=client) == _sha256(data)
-        assert back.read_bytes() == data
-    # Only the final keys remain: every temporary `.partial-` key was removed.
-    assert sorted(_keys(client, bucket)) == sorted(f"runs/r1/{n}" for n in payloads)
-    assert not list((tmp_path / "back").glob(".*"))  # nor any local temporary file
+def test_publish_and_fetch_round_trip_content_addressed(store: Storage, tmp_path: Path) -> None:
+    files = {
+        "images/a.png": os.urandom(70_000),
+        "images/b.png": b"b",
+        "empty.txt": b"",
+        "same.txt": b"b",
+    }  # the same bytes twice: one blob
+    data = _write(tmp_path / "data", files)
+    digest = store.publish(data)
+    assert len([k for k in _keys(store) if "/blobs/" in k]) == 3
+    # content-addressed: the same content elsewhere is the same digest, and nothing is sent again
+    before = _keys(store)
+    assert store.publish(_write(tmp_path / "copy", files)) == digest
+    assert _keys(store) == before
+    store.fetch(digest, tmp_path / "job" / "data")
+    assert _tree(tmp_path / "job" / "data") == files
+    (tmp_path / "weights.pth").write_bytes(b"encoder")
+    store.fetch(store.publish(tmp_path / "weights.pth"), tmp_path / "job" / "models" / "w.pth")
+    assert (tmp_path / "job" / "models" / "w.pth").read_bytes() == b"encoder"
+    assert not [p for p in (tmp_path / "job").rglob(".*")]  # no temporary file left
+
+
+def test_fetch_keeps_equal_files_and_replaces_others(store: Storage, tmp_path: Path) -> None:
+    digest = store.publish(_write(tmp_path / "src", {"a.txt": b"a", "b.txt": b"b"}))
+    job = _write(tmp_path / "job", {"a.txt": b"a", "b.txt": b"stale"})
+    os.utime(job / "a.txt", ns=(1, 1))
+    store.fetch(digest, job)
+    assert _tree(job) == {"a.txt": b"a", "b.txt": b"b"}
+    assert (job / "a.txt").stat().st_mtime_ns == 1  # equal: not downloaded again
+
+
+def test_a_damaged_blob_is_refused_and_the_local_file_kept(store: Storage, tmp_path: Path) -> None:
+    digest = store.publish(_write(tmp_path / "src", {"a.txt": b"the real bytes"}))
+    (blob,) = [k for k in _keys(store) if "/blobs/" in k]
+    store.client.put_object(Bucket=store.bucket, Key=blob, Body=b"damaged")
+    job = _write(tmp_path / "job", {"a.txt": b"previous"})
+    with pytest.raises(StorageError, match="expected sha256 .* other bytes"):
+        store.fetch(digest, job)
+    assert _tree(job) == {"a.txt": b"previous"}
+    assert [p.name for p in job.iterdir()] == ["a.txt"]
+
+
+def test_unknown_inputs_and_escaping_paths_are_refused(store: Storage, tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="no such object.*publish it first"):
+        store.fetch("0" * 64, tmp_path / "job")
+    assert not (tmp_path / "job").exists()
+    evil = {"../evil.txt": "0" * 64}
+    store.client.put_object(
+        Bucket=store.bucket, Key=store.key("trees/evil.json"), Body=json.dumps(evil).encode()
+    )
+    with pytest.raises(StorageError, match="stay inside"):
+        store.fetch("evil", tmp_path / "job")
+    assert not (tmp_path / "evil.txt").exists()
+    with pytest.raises(StorageError, match="expected a file or folder"):
+        store.publish(tmp_path / "absent")
+
+
+def test_mirror_pushes_changes_deletes_leftovers_and_restores(
+    store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _write(tmp_path / "run", {
+        "run.json": b"{}", "checkpoints/last.pt": b"1", "checkpoints/last.pt.sha256": b"s1",
+        "checkpoints/last.prev.pt": b"0", "checkpoints/.last.pt.tmp": b"half",
+        "history.csv": b"h1"})  # fmt: skip
+    sent: list[str] = []
+    real_upload = store.upload
+    cell = "cells/exp/1_4/gta/seed0"
+    monkeypatch.setattr(
+        store,
+        "upload",
+        lambda path, name: (sent.append(name.removeprefix(cell + "/")), real_upload(path, name)),
+    )
+    mirror = FolderMirror(store, run, cell)
+    mirror.push()
+    # files, then their checksum sidecars, then the run record; no local rotation or temp file
+    assert sorted(sent[:2]) == ["checkpoints/last.pt", "history.csv"]
+    assert sent[2:] == ["checkpoints/last.pt.sha256", "run.json"]
+    sent.clear()
+    time.sleep(0.01)
+    _write(run, {"checkpoints/last.pt": b"2"})
+    (run / "history.csv").unlink()
+    mirror.push()
+    assert sent == ["checkpoints/last.pt"]  # only what changed (the stored pair became .prev)
+    restored = FolderMirror(store, tmp_path / "job", cell)
+    assert restored.pull() == 5
+    assert _tree(tmp_path / "job") == {
+        "run.json": b"{}", "checkpoints/last.pt": b"2", "checkpoints/last.pt.sha256": b"s1",
+        "checkpoints/last.prev.pt": b"1", "checkpoints/last.prev.pt.sha256": b"s1"}  # fmt: skip
+    assert FolderMirror(store, tmp_path / "other", "cells/exp/1_4/gta/seed1").pull() == 0
+    for name in ("checkpoints/last.pt", "checkpoints/last.pt.sha256"):  # a fresh attempt
+        (run / name).unlink()
+    mirror.push()
+    assert FolderMirror(store, tmp_path / "again", cell).pull() == 1  # .prev went with them
+
+
+def test_a_push_killed_between_checkpoint_and_sidecar_leaves_a_loadable_pair(
+    store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Before a stored checkpoint pair is replaced it becomes the stored `.prev` pair (as the
+    library rotates it on disk), so a job killed mid-push resumes from the previous one."""
+    import torch
+
+    from gtaseg.checkpoint import load_latest_good, save_checkpoint
+
+    run = tmp_path / "run"
+    mirror = FolderMirror(store, run, "cells/exp/1_4/gta/seed0")
+    for step in (1, 2):
+        save_checkpoint(run / "checkpoints" / "last.pt", {"step": torch.tensor(step)})
+        mirror.push()
+    save_checkpoint(run / "checkpoints" / "last.pt", {"step": torch.tensor(3)})
+    real_upload = store.upload
+
+    def killed_before_the_sidecar(path, name):
+        if name.endswith(".sha256"):
+            raise KeyboardInterrupt  # the job dies here
+        real_upload(path, name)
+
+    monkeypatch.setattr(store, "upload", killed_before_the_sidecar)
+    with pytest.raises(KeyboardInterrupt):
+        mirror.push()
+    job = tmp_path / "job"
+    assert FolderMirror(store, job, "cells/exp/1_4/gta/seed0").pull() == 4
+    monkeypatch.setattr(store, "upload", lambda path, name: store._call(
+        "upload", store.client.upload_file, str(path), "no-such-bucket", name))  # fmt: skip
+    mirror.push_or_warn()  # storage refusing is a warning: training goes on
+    assert "run folder not stored this time" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="skipping checkpoint .*last.pt"):
+        path, state = load_latest_good(job / "checkpoints")
+    assert path.name == "last.prev.pt" and int(state["step"]) == 2
+
+
+def test_push_soon_stores_the_state_it_was_called_in_and_skips_stale_snapshots(
+    store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training goes on while a checkpoint uploads: what is pushed is the folder at the call
+    (later writes replace files, as checkpoint saves do, and do not reach that push), and a
+    snapshot overtaken by a newer one while it waits is never sent."""
+    import threading
+
+    run = _write(tmp_path / "run", {"run.json": b"{}", "checkpoints/last.pt": b"v0"})
+    cell = "cells/exp/1_4/gta/seed0"
+    mirror = FolderMirror(store, run, cell)
+    mirror.push()
+    started, release, sent, real_upload = threading.Event(), threading.Event(), [], store.upload
+
+    def slow_upload(path, name):
+        started.set()
+        release.wait(30)
+        sent.append(Path(path).read_bytes())
+        real_upload(path, name)
+
+    monkeypatch.setattr(store, "upload", slow_upload)
+
+    def save(data: bytes) -> None:  # a new file renamed over the old one
+        time.sleep(0.01)
+        (run / "checkpoints" / ".tmp").write_bytes(data)
+        os.replace(run / "checkpoints" / ".tmp", run / "checkpoints" / "last.pt")
+
+    for version in (b"v1", b"v2", b"v3"):
+        save(version)
+        mirror.push_soon()
+        assert started.wait(30)  # the first snapshot is being pushed: the others wait
+    save(b"v4")  # written after the last call: not part of any snapshot
+    release.set()
+    mirror.flush()
+    assert sent == [b"v1", b"v3"]  # v2 waited behind v1 and was overtaken by v3
+    job = tmp_path / "job"
+    FolderMirror(store, job, cell).pull()
+    assert (job / "checkpoints" / "last.pt").read_bytes() == b"v3"
+    assert not list((run / ".mirror-snapshots").iterdir())  # pushed snapshots are removed
+    mirror.push_or_warn()
+    FolderMirror(store, job, cell).pull()
+    assert (job / "checkpoints" / "last.pt").read_bytes() == b"v4"
+
+
+def test_a_snapshot_never_looks_into_snapshots_being_removed(
+    store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background push removes its snapshot while training takes the next one: listing the
+    run folder must not enter hidden folders (a removed one there failed a training job)."""
+    run = _write(tmp_path / "run", {"run.json": b"{}", "checkpoints/last.pt": b"v1",
+                                    ".mirror-snapshots/7/checkpoints/last.pt": b"old"})  # fmt: skip
+    scanned, real_scandir = [], os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": scanned.append(str(path))
+                        or real_scandir(path))  # fmt: skip
+    mirror = FolderMirror(store, run, "cells/exp/1_4/gta/seed0")
+    (run / ".mirror-snapshots" / "7").mkdir(parents=True)  # as if another thread were using it
+    mirror.push_soon()
+    mirror.flush()
+    assert scanned and not any(".mirror-snapshots/7" in path for path in scanned)
+
+
+def test_inputs_published_by_the_sweep_are_fetched_at_the_same_paths(
+    store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.params import load_params
+
+    sweep, job = tmp_path / "sweep", tmp_path / "job"
+    sweep.mkdir()
+    job.mkdir()
+    monkeypatch.chdir(sweep)
+    _write(sweep, {"data/embedded/train.txt": b"t", "data/splits/1_4/seed0/labeled.txt": b"l",
+                   "data/splits/1_4/seed0/unlabeled.txt": b"u",
+                   "models/pretrained/encoder.pth": b"w"})  # fmt: skip
+    (sweep / "tiny.yaml").write_text(
+        "sweep: {ratios: ['1_4'], full_seeds: [], epochs: {'1_4': 1}}\n"
+        "run: {data: {root: data/embedded},\n"
+        "      model: {encoder_weights: models/pretrained/encoder.pth}}\n"
+    )
+    params = load_params("tiny.yaml")
+    cells = [("1_4", "gta", 0), ("1_4", "supervised", 0)]
+    inputs = jobs.publish_inputs(store, params, "tiny.yaml", cells)
+    assert list(inputs) == ["1_4/0"]  # one entry per split: both methods read the same inputs
+    assert set(inputs["1_4/0"]) == {
+        "tiny.yaml",
+        "data/embedded",
+        "data/splits/1_4/seed0",
+        "models/pretrained/encoder.pth",
+    }
+    monkeypatch.chdir(job)
+    jobs.fetch_inputs(store, inputs["1_4/0"])
+    assert _tree(job) == _tree(sweep)
+
+
+def test_the_command_line_publishes_and_fetches(
+    store: Storage, endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    assert storage.main(["publish", str(tmp_path)]) == 2  # no storage root: one line, exit 2
+    assert "GTASEG_STORAGE_URI" in capsys.readouterr().err
+    monkeypatch.setenv(storage.STORAGE_ENV, store.root)
+    data = _write(tmp_path / "VOC", {"JPEGImages/a.jpg": b"jpg", "train.txt": b"a"})
+    assert storage.main(["publish", str(data)]) == 0
+    digest = capsys.readouterr().out.strip()
+    assert storage.main(["fetch", digest, str(tmp_path / "job" / "VOC")]) == 0
+    assert _tree(tmp_path / "job" / "VOC") == _tree(data)
+    assert storage.main(["fetch", "f" * 64, str(tmp_path / "x")]) == 2
+    assert "publish it first" in capsys.readouterr().err
+
+
+def test_cells_on_a_work_pool_without_storage_are_explained() -> None:
+    with pytest.raises(jobs.NoStorage, match="GTASEG_STORAGE_URI .* found it unset"):
+        jobs.require_storage("the sweep launches its cells on a work pool")
 
 
 def test_make_client_reads_endpoint_from_environment(
-    endpoint: str, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    endpoint: str, store: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-    (tmp_path / "x.txt").write_bytes(b"via env")
-    assert storage.upload_file(tmp_path / "x.txt", f"s3://{bucket}/x.txt") == _sha256(b"via env")
-
-
-def test_dir_round_trip_skips_temp_keys(client, bucket: str, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    files = {"metrics.json": b"{}", "ckpt/last.pt": os.urandom(5000), "ckpt/best.pt": b"best"}
-    for rel, data in files.items():
-        (run / rel).parent.mkdir(parents=True, exist_ok=True)
-        (run / rel).write_bytes(data)
-    sums = storage.upload_dir(run, f"s3://{bucket}/runs/r2/", client=client)
-    assert sums == {rel: _sha256(data) for rel, data in files.items()}
-    # A sibling prefix and a leftover temp key of a crashed upload must not be downloaded.
-    client.put_object(Bucket=bucket, Key="runs/r2x/other.txt", Body=b"no")
-    client.put_object(Bucket=bucket, Key=f"runs/r2/a.pt.partial-{uuid.uuid4().hex}", Body=b"half")
-    got = storage.download_dir(f"s3://{bucket}/runs/r2", tmp_path / "out", client=client)
-    assert got == sums
-    out_files = sorted(
-        p.relative_to(tmp_path / "out").as_posix()
-        for p in (tmp_path / "out").rglob("*")
-        if p.is_file()
-    )
-    assert out_files == sorted(files)
-    assert all((tmp_path / "out" / rel).read_bytes() == data for rel, data in files.items())
-
-
-def test_download_dir_refuses_keys_that_escape_the_folder(
-    client, bucket: str, tmp_path: Path
-) -> None:
-    client.put_object(Bucket=bucket, Key="runs/r3/../../evil.txt", Body=b"x")
-    with pytest.raises(StorageError, match="stay inside"):
-        storage.download_dir(f"s3://{bucket}/runs/r3", tmp_path / "out", client=client)
-    assert not (tmp_path / "evil.txt").exists()
+    monkeypatch.setenv(storage.STORAGE_ENV, store.root)
+    assert Storage.from_env().exists("nothing") is False
 
 
 def test_missing_bucket_fails_fast_with_a_fix(client, endpoint: str, tmp_path: Path) -> None:
     (tmp_path / "f.txt").write_bytes(b"data")
     start = time.monotonic()
-    # A long backoff: if this error were (wrongly) retried the test would take > 8 s.
     with pytest.raises(StorageError) as info:
-        storage.upload_file(
-            tmp_path / "f.txt", "s3://no-such-bucket-xyz/f.txt", client=client, backoff_s=8
-        )
-    assert time.monotonic() - start < 5
+        Storage("s3://no-such-bucket-xyz/root", client).publish(tmp_path / "f.txt")
+    assert time.monotonic() - start < 5  # not retried
     message = str(info.value)
     assert "no-such-bucket-xyz" in message and "does not exist" in message
     assert endpoint in message and "aws s3 mb" in message
-
-
-def test_missing_object_and_local_file_are_explained(client, bucket: str, tmp_path: Path) -> None:
-    with pytest.raises(StorageError, match="no such object"):
-        storage.download_file(
-            f"s3://{bucket}/nope.pt", tmp_path / "nope.pt", client=client, backoff_s=8
-        )
-    assert not (tmp_path / "nope.pt").exists()
-    with pytest.raises(StorageError, match="expected a local file"):
-        storage.upload_file(tmp_path / "absent.pt", f"s3://{bucket}/absent.pt", client=client)
-    with pytest.raises(StorageError, match="expected an object URI"):
-        storage.upload_file(tmp_path, f"s3://{bucket}/dir/", client=client)
-
-
-def test_corrupt_object_is_rejected_and_local_file_untouched(
-    client, bucket: str, tmp_path: Path
-) -> None:
-    client.put_object(
-        Bucket=bucket, Key="bad.pt", Body=b"actual bytes", Metadata={"sha256": _sha256(b"other")}
-    )
-    target = tmp_path / "bad.pt"
-    target.write_bytes(b"previous version")
-    with pytest.raises(StorageError, match="gave up after 2 attempts"):
-        storage.download_file(
-            f"s3://{bucket}/bad.pt", target, client=client, retries=1, backoff_s=0.01
-        )
-    assert target.read_bytes() == b"previous version"
-    assert [p.name for p in tmp_path.iterdir()] == ["bad.pt"]  # no temp file left behind
-
-
-def test_object_without_checksum_metadata_downloads(client, bucket: str, tmp_path: Path) -> None:
-    data = os.urandom(3000)
-    client.put_object(Bucket=bucket, Key="foreign.bin", Body=data)  # written by another tool
-    assert storage.download_file(
-        f"s3://{bucket}/foreign.bin", tmp_path / "f.bin", client=client
-    ) == _sha256(data)
-    assert (tmp_path / "f.bin").read_bytes() == data
-
-
-def test_transient_error_is_retried_then_succeeds(
-    client,
-    bucket: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    (tmp_path / "f.txt").write_bytes(b"eventually")
-    real_put, calls = client.put_object, []
-
-    def flaky_put(**kwargs):
-        calls.append(kwargs["Key"])
-        if len(calls) == 1:
-            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
-        return real_put(**kwargs)
-
-    monkeypatch.setattr(client, "put_object", flaky_put)
-    caplog.set_level(logging.WARNING, logger="pipelines.storage")
-    sha = storage.upload_file(
-        tmp_path / "f.txt", f"s3://{bucket}/f.txt", client=client, backoff_s=0.01
-    )
-    assert sha == _sha256(b"eventually") and len(calls) == 2
-    assert "attempt 1/5 failed (EndpointConnectionError)" in caplog.text
-    assert _keys(client, bucket) == ["f.txt"]
-
-
-def test_failure_between_temp_upload_and_copy_never_touches_final_key(
-    client, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "ckpt.pt").write_bytes(b"version 1")
-    uri = f"s3://{bucket}/runs/r4/ckpt.pt"
-    storage.upload_file(tmp_path / "ckpt.pt", uri, client=client)
-    (tmp_path / "ckpt.pt").write_bytes(b"version 2, never published")
-    real_copy, seen_temp = client.copy_object, []
-
-    def copy_fails(**kwargs):
-        seen_temp.extend(_keys(client, bucket))  # the temp object is fully uploaded by now
-        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
-
-    monkeypatch.setattr(client, "copy_object", copy_fails)
-    with pytest.raises(StorageError, match="gave up after 3 attempts"):
-        storage.upload_file(tmp_path / "ckpt.pt", uri, client=client, retries=2, backoff_s=0.01)
-    assert any(".partial-" in k for k in seen_temp)
-    assert client.get_object(Bucket=bucket, Key="runs/r4/ckpt.pt")["Body"].read() == b"version 1"
-    assert _keys(client, bucket) == ["runs/r4/ckpt.pt"]  # temp keys cleaned up
-    monkeypatch.setattr(client, "copy_object", real_copy)
-    storage.upload_file(tmp_path / "ckpt.pt", f"s3://{bucket}/runs/r5/ckpt.pt", client=client)
-    assert (
-        client.get_object(Bucket=bucket, Key="runs/r5/ckpt.pt")["Body"]
-        .read()
-        .startswith(b"version 2")
-    )
 
 
 @pytest.fixture
@@ -293,61 +411,44 @@ def test_wrong_credentials_fail_fast_without_leaking_the_secret(
 ) -> None:
     caplog.set_level(logging.DEBUG)  # botocore's debug logs included
     (tmp_path / "f.txt").write_bytes(b"auth")
-    uri = f"s3://{enforced_auth['bucket']}/f.txt"
+    root = f"s3://{enforced_auth['bucket']}/root"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", enforced_auth["id"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", enforced_auth["secret"])
-    assert storage.upload_file(
-        tmp_path / "f.txt", uri, client=storage.make_client(endpoint)
-    ) == _sha256(b"auth")
+    digest = Storage(root, storage.make_client(endpoint)).publish(tmp_path / "f.txt")
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # right key id, wrong secret
     start = time.monotonic()
     with pytest.raises(StorageError, match="AWS_SECRET_ACCESS_KEY does not belong") as wrong_secret:
-        storage.upload_file(
-            tmp_path / "f.txt", uri, client=storage.make_client(endpoint), backoff_s=8
-        )
+        Storage(root, storage.make_client(endpoint)).fetch(digest, tmp_path / "g.txt")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNUNKNOWN00")
     with pytest.raises(StorageError, match="AWS_ACCESS_KEY_ID is not known") as unknown_id:
-        storage.download_file(
-            uri, tmp_path / "g.txt", client=storage.make_client(endpoint), backoff_s=8
-        )
+        Storage(root, storage.make_client(endpoint)).fetch(digest, tmp_path / "g.txt")
     assert time.monotonic() - start < 8  # neither was retried
     for info in (wrong_secret, unknown_id):
         _assert_secret_free(info.value, caplog.text, SECRET, enforced_auth["secret"])
 
 
 def test_secrets_echoed_by_a_server_are_redacted(
-    client,
-    bucket: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
-) -> None:
+) -> None:  # fmt: skip
     """A session token is sent in a request header, so a misbehaving server could echo it back."""
     token = "ToKeN-77ab-never-print-me"
     monkeypatch.setenv("AWS_SESSION_TOKEN", token)
-    echoed = {"Error": {"Code": "InvalidToken", "Message": f"bad token {token} / {SECRET}"}}
-
-    def put_echoing_secrets(**kwargs):
-        raise ClientError({**echoed, "ResponseMetadata": {"HTTPStatusCode": 400}}, "PutObject")
+    echoed = {
+        "Error": {"Code": "InvalidToken", "Message": f"bad token {token} / {SECRET}"},
+        "ResponseMetadata": {"HTTPStatusCode": 400},
+    }
 
     def get_echoing_secrets(**kwargs):
-        raise ClientError({**echoed, "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject")
+        raise ClientError(echoed, "GetObject")
 
-    monkeypatch.setattr(client, "put_object", put_echoing_secrets)
-    monkeypatch.setattr(client, "get_object", get_echoing_secrets)
+    monkeypatch.setattr(store.client, "get_object", get_echoing_secrets)
     caplog.set_level(logging.INFO)
-    (tmp_path / "f.txt").write_bytes(b"x")
     with pytest.raises(StorageError, match=r"bad token \*\*\*") as refused:
-        storage.upload_file(tmp_path / "f.txt", f"s3://{bucket}/f.txt", client=client)
-    with pytest.raises(StorageError, match="gave up after 2 attempts") as gave_up:
-        storage.download_file(
-            f"s3://{bucket}/f.txt", tmp_path / "g.txt", client=client, retries=1, backoff_s=0.01
-        )
-    assert "***" in str(gave_up.value)
-    for info in (refused, gave_up):
-        text = str(info.value) + caplog.text
-        assert token not in text and SECRET not in text
+        store.fetch("0" * 64, tmp_path / "job")
+    text = str(refused.value) + caplog.text
+    assert token not in text and SECRET not in text
 
 
 def test_no_credentials_is_explained(
@@ -358,9 +459,7 @@ def test_no_credentials_is_explained(
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no slow instance-metadata lookup
     (tmp_path / "f.txt").write_bytes(b"x")
     with pytest.raises(StorageError, match="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
-        storage.upload_file(
-            tmp_path / "f.txt", "s3://any-bucket/f.txt", client=storage.make_client(endpoint)
-        )
+        Storage("s3://any-bucket/root", storage.make_client(endpoint)).publish(tmp_path / "f.txt")
 
 
 def _start_moto_subprocess(port: int) -> subprocess.Popen:
@@ -385,21 +484,17 @@ def test_server_killed_mid_run_gives_bounded_retries(
     try:
         client = storage.make_client(f"http://127.0.0.1:{port}")
         client.create_bucket(Bucket="runs")
+        store = Storage("s3://runs/root", client)
         (tmp_path / "f.txt").write_bytes(b"before the crash")
-        storage.upload_file(tmp_path / "f.txt", "s3://runs/a.txt", client=client)
+        store.publish(tmp_path / "f.txt")
     finally:
         proc.kill()
         proc.wait(timeout=10)
     caplog.set_level(logging.DEBUG)
+    (tmp_path / "g.txt").write_bytes(b"after the crash")
     start = time.monotonic()
-    with pytest.raises(StorageError, match="gave up after 3 attempts") as info:
-        storage.upload_file(
-            tmp_path / "f.txt", "s3://runs/b.txt", client=client, retries=2, backoff_s=0.05
-        )
-    assert time.monotonic() - start < 15
-    assert f"127.0.0.1:{port}" in str(info.value) and "reachable" in str(info.value)
-    retry_lines = [
-        r for r in caplog.records if r.name == "pipelines.storage" and "retrying" in r.message
-    ]
-    assert len(retry_lines) == 2
+    with pytest.raises(StorageError, match="could not be reached after boto3's retries") as info:
+        store.publish(tmp_path / "g.txt")
+    assert time.monotonic() - start < 30
+    assert f"127.0.0.1:{port}" in str(info.value) and "AWS_ENDPOINT_URL_S3" in str(info.value)
     _assert_secret_free(info.value, caplog.text, SECRET)

@@ -80,6 +80,23 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_raw, tmp_path, monk
             assert torch.equal(tensor, b[net][name]), f"{net}.{name}"
 
 
+def test_on_checkpoint_sees_each_checkpoint_once_written(tiny_raw, tmp_path):
+    """The pipeline copies the run folder off the machine in this hook: each call must find the
+    checkpoint it names complete (its sha256 sidecar written) and at the iteration it was saved."""
+    seen = []
+
+    def on_checkpoint(path):
+        saved = load_checkpoint(path)  # verifies the sidecar
+        seen.append((path.name, saved["method"]["iteration"]))
+
+    cfg = _cfg(tiny_raw, checkpoint_every_iters=4)  # 18 iterations, 9 per epoch
+    train_mod.train(cfg, tmp_path / "run", progress=False, on_checkpoint=on_checkpoint)
+    last = [it for name, it in seen if name == "last.pt"]
+    assert last == [4, 8, 9, 12, 16, 18]  # mid-epoch every 4, and each epoch's end
+    assert {name for name, _ in seen} <= {"last.pt", "best.pt"}
+    assert all(it in (9, 18) for name, it in seen if name == "best.pt")
+
+
 def test_resume_refuses_a_different_config(tiny_raw, tmp_path):
     train_mod.train(
         _cfg(tiny_raw, max_iters=4, method="supervised"), tmp_path / "r", progress=False

@@ -1,0 +1,172 @@
+"""A local folder kept in step with a folder of the storage root: how a training cell's run folder
+(run.json, checkpoints, model, metrics) outlives the job that writes it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path, PurePosixPath
+
+from gtaseg.checkpoint import prev_path
+from pipelines.storage import Storage, StorageError, in_parallel, inside_folder
+
+SNAPSHOTS = ".mirror-snapshots"  # hidden, so never mirrored itself
+
+
+class FolderMirror:
+    """A local folder kept in step with `<root>/<name>/`: `pull` brings the stored copy down,
+    `push` sends what changed since and deletes what the folder no longer holds. Hidden files
+    (temporary writes) stay local. Within a push, checksum sidecars follow their files and
+    `run.json` comes last, so a pull never sees a record newer than the files it describes.
+
+    A file with a `.sha256` sidecar (a checkpoint) is rotated as `gtaseg.checkpoint` rotates it
+    locally: before the pair is replaced, the stored pair is copied (server-side) to its `.prev`
+    names, so a push killed between a file and its sidecar leaves a previous pair that loads. The
+    local `.prev` files are never uploaded.
+
+    `push_soon` lets training go on while a checkpoint uploads: it takes the folder's state at
+    once (hard links, which later writes do not change) and pushes it on a background thread."""
+
+    def __init__(self, storage: Storage, local: Path, name: str) -> None:
+        self.storage, self.local, self.name = storage, Path(local), name.strip("/")
+        self._sent: dict[str, tuple[int, int]] | None = None  # rel -> (size, mtime_ns) stored
+        self._lock = threading.Lock()
+        self._pending: Path | None = None  # the newest snapshot not pushed yet
+        self._worker: threading.Thread | None = None
+        self._snapshots = 0
+        shutil.rmtree(self.local / SNAPSHOTS, ignore_errors=True)  # left by a killed job
+
+    def pull(self) -> int:
+        """Download the stored copy over the local folder; returns the number of files."""
+        rels = self.storage.list_keys(self.name)
+        in_parallel(
+            lambda rel: self.storage.download(f"{self.name}/{rel}", inside_folder(self.local, rel)),
+            rels,
+        )
+        self._sent = {rel: _stamp(self.local / rel) for rel in rels}
+        return len(rels)
+
+    def push(self, source: Path | None = None) -> None:
+        """Store the folder (or `source`, a snapshot of it) as it is; StorageError on failure."""
+        if self._sent is None:
+            self._sent = dict.fromkeys(self.storage.list_keys(self.name), (-1, -1))
+        local = _files(source or self.local)
+        changed = [rel for rel, p in local.items() if self._sent.get(rel) != _stamp(p)]
+        stored_pairs = [rel for rel in changed if f"{rel}.sha256" in local
+                        and {rel, f"{rel}.sha256"} <= self._sent.keys()]  # fmt: skip
+        in_parallel(self._keep_as_prev, stored_pairs)
+        for batch in _push_order(changed):
+            in_parallel(lambda rel: self._send(rel, local[rel]), batch)
+        # a stored .prev pair goes with its current pair (a fresh attempt clears both)
+        gone = [
+            rel
+            for rel in self._sent
+            if rel not in local and not (_is_prev(rel) and rel.replace(".prev.", ".", 1) in local)
+        ]
+        in_parallel(lambda rel: self.storage.delete(f"{self.name}/{rel}"), gone)
+        for rel in gone:
+            del self._sent[rel]
+
+    def push_or_warn(self) -> None:
+        """Wait for a background push, then `push`; a storage failure (after boto3's retries) is
+        only a warning on stderr: the job goes on, and the next push sends what this one could
+        not."""
+        self.flush()
+        self._push_warning_only(None)
+
+    def push_soon(self) -> None:
+        """Snapshot the folder now and push the snapshot on a background thread. A newer
+        snapshot replaces one still waiting, so uploads never queue up behind training."""
+        snapshot = self._snapshot()
+        with self._lock:
+            stale, self._pending = self._pending, snapshot
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._drain, daemon=True)
+                self._worker.start()
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def flush(self) -> None:
+        """Wait until no snapshot is left to push."""
+        worker = self._worker
+        if worker is not None:
+            worker.join()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                snapshot, self._pending = self._pending, None
+                if snapshot is None:
+                    self._worker = None
+                    return
+            try:
+                self._push_warning_only(snapshot)
+            finally:
+                shutil.rmtree(snapshot, ignore_errors=True)
+
+    def _push_warning_only(self, source: Path | None) -> None:
+        try:
+            self.push(source)
+        except StorageError as exc:
+            print(f"[{self.local}] warning: run folder not stored this time, training goes on: "
+                  f"{exc}", file=sys.stderr)  # fmt: skip
+
+    def _snapshot(self) -> Path:
+        """Hard links of the mirrored files (copies where links cannot be made)."""
+        self._snapshots += 1
+        root = self.local / SNAPSHOTS / str(self._snapshots)
+        for rel, path in _files(self.local).items():
+            target = root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)  # keeps the mtime: the push compares stamps
+        return root
+
+    def _keep_as_prev(self, rel: str) -> None:
+        prev = prev_path(PurePosixPath(rel)).as_posix()
+        for src, dst in ((rel, prev), (f"{rel}.sha256", f"{prev}.sha256")):
+            self.storage.copy(f"{self.name}/{src}", f"{self.name}/{dst}")
+            self._sent[dst] = (-1, -1)
+
+    def _send(self, rel: str, path: Path) -> None:
+        stamp = _stamp(path)  # before reading: a file rewritten meanwhile is sent again next time
+        self.storage.upload(path, f"{self.name}/{rel}")
+        self._sent[rel] = stamp
+
+
+def _files(root: Path) -> dict[str, Path]:
+    """{relative path: path} of the files a mirror keeps (no hidden, no `.prev` files). Hidden
+    folders are not even entered: the snapshots there come and go on another thread."""
+    found = {}
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            rel = (Path(folder) / name).relative_to(root)
+            if _mirrored(rel):
+                found[rel.as_posix()] = root / rel
+    return found
+
+
+def _mirrored(rel: Path) -> bool:
+    return not any(part.startswith(".") for part in rel.parts) and not _is_prev(rel.as_posix())
+
+
+def _is_prev(rel: str) -> bool:
+    return ".prev." in PurePosixPath(rel).name
+
+
+def _push_order(rels: list[str]) -> list[list[str]]:
+    """Files, then their .sha256 sidecars, then the run record."""
+    last = [r for r in rels if PurePosixPath(r).name == "run.json"]
+    sidecars = [r for r in rels if r.endswith(".sha256")]
+    files = [r for r in rels if r not in last and r not in sidecars]
+    return [files, sidecars, last]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns

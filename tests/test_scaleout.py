@@ -1,0 +1,337 @@
+"""The sweep on a work pool whose workers share no disk, on loopback: a stand-in for the GPU cluster
+(infra/README.md). Started here: a Prefect server, moto's S3 server, an MLflow server whose artifact
+root is in that S3, a process work pool `gtaseg-local` with two training workers (`--limit 1`:
+one device each) and one for the sweep, each in its own empty folder. The deployments come from
+prefect.yaml (`prefect deploy`), the zombie-run automation from infra/. The tests share the
+stack and run in file order:
+
+1. the sweep deployment on a tiny config: every cell its own flow run, both training workers
+   took cells, never more than `sweep.max_parallel` at once; every MLflow run FINISHED with its
+   artifacts in S3; `champion` set; the orchestration cost per cell is reported;
+2. a training worker killed (SIGKILL, its flow run with it) mid-training: Prefect marks the run
+   Crashed, the sweep launches the cell again, and the new job resumes from the checkpoint in S3,
+   ending with the same metrics as the uninterrupted run of test 1.
+
+No GPU or Kubernetes here: process workers stand in for the Kubernetes jobs (each flow run works
+in a fresh folder of its worker, as a pod does in /app), loopback for the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import psutil
+import pytest
+import yaml
+from servers import MlflowServer, Service, kill_tree, moto_server, prefect_server
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+STORAGE = "s3://gtaseg-runs/scaleout"
+MAX_PARALLEL = 2
+
+
+def tiny_params(name: str, methods: list[str]) -> dict:
+    """24 scenes of 32 px, ratio 1/4 (6 labelled, 18 unlabelled: 9 iterations an epoch), two
+    epochs, a checkpoint every 3 iterations; `name` keeps each test's MLflow runs, model, limit
+    and stored run folders apart (the cell keys are the same)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data_prep"]["embedded"].update(n_train=24, n_val=4, size=32)
+    params["pretrain"]["pretrained"].update(n_train=8, n_val=2, epochs=1)
+    params["sweep"].update(ratios=["1_4"], methods=methods, full_seeds=[], epochs={"1_4": 2},
+                           max_parallel=MAX_PARALLEL)  # fmt: skip
+    params["tracking"].update(experiment=name, model_name=f"{name}-student", sweep_name=name)
+    run = params["run"]
+    run["data"]["crop_size"] = 32
+    run["model"]["decoder_channels"] = 16
+    run["train"].update(batch_size_labeled=2, batch_size_unlabeled=2, checkpoint_every_iters=3)
+    run["semi"]["sup_only_epochs"] = 1
+    run["eval"]["max_images"] = 2
+    return params
+
+
+class Stack:
+    """The servers, the work pool and its workers; `env` points a process at all of them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.moto = moto_server(root / "moto")
+        s3 = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": self.moto.url,
+        }
+        (root / "mlflow").mkdir()
+        self.mlflow = MlflowServer(
+            root / "mlflow",
+            artifacts="s3://mlflow/artifacts",
+            env={**s3, "MLFLOW_S3_ENDPOINT_URL": self.moto.url},
+        )
+        self.prefect = prefect_server(root / "prefect")
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))},
+            **s3,
+            "PREFECT_API_URL": self.prefect.url,
+            "PREFECT_HOME": str(root / "client-home"),
+            "MLFLOW_TRACKING_URI": self.mlflow.uri,
+            "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+            "GTASEG_STORAGE_URI": STORAGE,
+            "PYTHONPATH": str(ROOT),  # the jobs' code, as the image's installed package
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            "OMP_NUM_THREADS": "1",  # one core per job on a busy CI machine
+            "GTASEG_PROGRESS": "0",
+        }
+        self.workers: dict[str, Service] = {}
+
+    def start(self) -> None:
+        self.moto.launch()
+        self.prefect.launch()
+        self.moto.wait_healthy()
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=self.moto.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        for bucket in ("gtaseg-runs", "mlflow"):
+            s3.create_bucket(Bucket=bucket)
+        self.mlflow.launch()
+        self.prefect.wait_healthy()
+        self.cli("work-pool", "create", "gtaseg-local", "--type", "process")
+        self.cli("--no-prompt", "deploy", "--name", "train-local", "--name", "sweep-local")
+        automation = yaml.safe_load((ROOT / "infra/automation-crash-lost-runs.yaml").read_text())
+        automation["trigger"]["within"] = 60  # 90 shipped; two missed heartbeats suffice here
+        self.cli("automation", "create", "--from-json", json.dumps(automation))
+        for name, queue in (("train-a", "train"), ("train-b", "train"), ("sweep", "sweep")):
+            self.start_worker(name, queue)
+        self.mlflow.wait_healthy()
+
+    def start_worker(self, name: str, queue: str) -> None:
+        home = self.root / "workers" / name  # empty: nothing shared with the others
+        (home / "tmp").mkdir(parents=True)
+        limit = ["--limit", "1"] if queue == "train" else []
+        cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "gtaseg-local",
+               "--work-queue", queue, "--name", name, *limit]  # fmt: skip
+        worker = Service(name, home, cmd, f"{self.prefect.url}/health",
+                         {**self.env, "TMPDIR": str(home / "tmp")})  # fmt: skip
+        worker.launch()
+        self.workers[name] = worker
+
+    def cli(self, *args: str) -> str:
+        import subprocess
+
+        proc = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, f"prefect {args}:\n{proc.stdout[-3000:]}\n{proc.stderr}"
+        return proc.stdout
+
+    def stop(self) -> None:
+        for service in (*self.workers.values(), self.mlflow, self.prefect, self.moto):
+            if isinstance(service, MlflowServer):
+                service.kill()
+            else:
+                service.stop()
+
+    def put_config(self, params: dict) -> str:
+        """The sweep's params file, in S3 (the jobs share no folder with this test)."""
+        key = f"configs/{params['tracking']['experiment']}.yaml"
+        self.s3().put_object(Bucket="gtaseg-runs", Key=key, Body=yaml.safe_dump(params))
+        return f"s3://gtaseg-runs/{key}"
+
+    def s3(self):
+        return boto3.client(
+            "s3",
+            endpoint_url=self.moto.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    stack = Stack(tmp_path_factory.mktemp("scaleout"))
+    try:
+        stack.start()
+        with temporary_settings({PREFECT_API_URL: stack.prefect.url}):
+            yield stack
+    finally:
+        stack.stop()
+
+
+def train_runs(sweep_run_id=None) -> list:
+    """The training flow runs (all of them, or those launched by one sweep flow run)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
+    from prefect.client.schemas.filters import FlowRunFilterParentFlowRunId as Parent
+
+    runs_filter = FlowRunFilter(parent_flow_run_id=Parent(any_=[sweep_run_id]))
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["gtaseg-train"])),
+            flow_run_filter=runs_filter if sweep_run_id else None,
+        )
+
+
+def sweep_log(run_id) -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def max_overlap(runs: list) -> int:
+    events = sorted(
+        [(r.start_time, 1) for r in runs] + [(r.end_time, -1) for r in runs],
+        key=lambda e: (e[0], e[1]),
+    )  # an end before a start at the same instant
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+def cell_mlflow_runs(stack: Stack, name: str) -> dict[str, object]:
+    """The runs of experiment `name` by method; the sweep's parent run and the encoder's
+    pretraining run as "parent" and "pretrain"."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(stack.mlflow.uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id])
+    by_role = {}
+    for run in runs:
+        tags = run.data.tags
+        role = "parent" if "gtaseg.sweep" in tags else tags["gtaseg.method"]
+        by_role[role if tags.get("gtaseg.ratio") != "pretrain" else "pretrain"] = run
+    assert len(by_role) == len(runs), [r.data.tags for r in runs]  # one run each
+    return by_role
+
+
+OVERHEAD = re.compile(
+    r"(\S+): ([\d.]+) s in the training loop, ([\d.-]+) s around it "
+    r"\(([\d.]+) s to start\)"
+)
+
+
+def test_sweep_deployment_fans_cells_out_over_workers_without_shared_disk(stack):
+    from mlflow.tracking import MlflowClient
+    from prefect.deployments import run_deployment
+
+    params = tiny_params("scaleout", ["supervised", "mean_teacher", "gta"])
+    started = time.monotonic()
+    sweep = run_deployment("gtaseg-sweep/sweep-local", timeout=900, poll_interval=2,
+                           parameters={"config_path": stack.put_config(params)})  # fmt: skip
+    wall = time.monotonic() - started
+    assert sweep.state.is_completed(), sweep.state
+    cells = train_runs(sweep.id)
+    # every cell ran as its own flow run of the training deployment, launched by the sweep
+    assert sorted(r.parameters["method"] for r in cells) == ["gta", "mean_teacher", "supervised"]
+    assert all(r.state.is_completed() and r.parent_task_run_id for r in cells)
+    assert {r.parameters["ratio"] for r in cells} == {"1_4"}
+    # both training workers took cells; never more than max_parallel ran at once
+    took = {name: {r.id for r in cells if f"submitting flow run '{r.id}'" in w.log.read_text()}
+            for name, w in stack.workers.items()}  # fmt: skip
+    assert took["train-a"] and took["train-b"] and not took["sweep"], took
+    assert max_overlap(cells) == MAX_PARALLEL
+    # every MLflow run FINISHED, each with its artifacts in the S3 bucket behind MLflow
+    runs = cell_mlflow_runs(stack, "scaleout")
+    assert set(runs) == {"parent", "pretrain", "supervised", "mean_teacher", "gta"}
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    stored = stack.keys("mlflow")
+    for method in ("supervised", "mean_teacher", "gta"):
+        run_id = runs[method].info.run_id
+        files = {k.split(f"/{run_id}/artifacts/")[1] for k in stored if f"/{run_id}/" in k}
+        assert {"metrics.json", "config.yaml", "checkpoints/last.pt"} <= files, method
+        assert any(f.startswith("student_smp/") for f in files), method
+    assert any(runs["parent"].info.run_id in k and k.endswith("summary.md") for k in stored)
+    client = MlflowClient(stack.mlflow.uri)
+    champion = client.get_model_version_by_alias("scaleout-student", "champion")
+    assert champion.run_id in {runs[m].info.run_id for m in ("supervised", "mean_teacher", "gta")}
+    model_id = champion.source.removeprefix("models:/")  # the logged model, stored in S3 too
+    assert any(f"/models/{model_id}/artifacts/" in k for k in stored), champion.source
+    # the cost of each cell beyond its training loop, as the sweep measured it
+    costs = OVERHEAD.findall(sweep_log(sweep.id))
+    assert sorted(c[0] for c in costs) == [f"1_4/{m}/seed0" for m in
+                                           ("gta", "mean_teacher", "supervised")]  # fmt: skip
+    report = "\n".join(f"| {cell} | {t} | {o} | {s} |" for cell, t, o, s in costs)
+    print(
+        f"\nsweep of 3 cells, max_parallel {MAX_PARALLEL}: {wall:.0f} s\n"
+        f"| cell | training loop (s) | around it (s) | of which to start (s) |\n{report}"
+    )
+    for cell, train_s, overhead_s, _ in costs:
+        assert float(overhead_s) < 120, f"{cell}: {overhead_s} s around {train_s} s of training"
+
+
+def test_a_worker_killed_mid_training_its_cell_resumes_from_s3(stack):
+    from prefect.deployments import run_deployment
+
+    params = tiny_params("scaleout-kill", ["gta"])
+    sweep = run_deployment("gtaseg-sweep/sweep-local", timeout=0,
+                           parameters={"config_path": stack.put_config(params)})  # fmt: skip
+    checkpoint = "scaleout/cells/scaleout-kill/1_4/gta/seed0/checkpoints/last.pt"
+    victim, killed_run = _kill_at_first_checkpoint(stack, sweep.id, checkpoint)
+    deadline = time.monotonic() + 900
+    while not (state := _state(sweep.id)).is_final() and time.monotonic() < deadline:
+        time.sleep(3)
+    assert state.is_completed(), state
+    attempts = sorted(train_runs(sweep.id), key=lambda r: r.start_time)
+    assert [r.id for r in attempts][0] == killed_run
+    assert [r.state.type.value for r in attempts] == ["CRASHED", "COMPLETED"]
+    # the second job resumed the stored checkpoint (and the same MLflow run), not iteration 0
+    survivor = next(w for name, w in stack.workers.items() if name.startswith("train")
+                    and name != victim)  # fmt: skip
+    log = survivor.log.read_text()
+    assert f"restored from {STORAGE}/cells/scaleout-kill/1_4/gta/seed0" in log
+    resumed = re.findall(r"resumed from runs/1_4/gta/seed0/checkpoints/last.pt at iteration "
+                         r"(\d+)/18", log)  # fmt: skip
+    assert resumed and int(resumed[-1]) >= 3, log[-3000:]
+    runs = cell_mlflow_runs(stack, "scaleout-kill")
+    assert set(runs) == {"parent", "pretrain", "gta"} and runs["gta"].info.status == "FINISHED"
+    straight = cell_mlflow_runs(stack, "scaleout")["gta"]  # test 1's uninterrupted run of this cell
+    for key in ("best_val_miou_student", "val_miou_student", "val_miou_teacher", "pseudo_miou"):
+        assert runs["gta"].data.metrics[key] == straight.data.metrics[key], key
+
+
+def _state(flow_run_id):
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state
+
+
+def _kill_at_first_checkpoint(stack: Stack, sweep_id, key: str) -> tuple[str, object]:
+    """Once the cell's first checkpoint is in S3, SIGKILL the worker running it and the flow
+    run process under it (its machine dying); which worker, and the killed flow run's id."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        running = [r for r in train_runs(sweep_id) if r.state.is_running()]
+        if running and stack.keys("gtaseg-runs", key):
+            (run,) = running
+            pid = int(str(run.infrastructure_pid).rsplit(":", 1)[-1])
+            worker_pid = psutil.Process(pid).ppid()
+            name = next(n for n, w in stack.workers.items() if w.process.pid == worker_pid)
+            kill_tree(worker_pid)
+            return name, run.id
+        time.sleep(0.5)
+    pytest.fail(f"no checkpoint at s3://gtaseg-runs/{key} within 600 s")
