@@ -292,6 +292,7 @@ PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 LONG_TOKEN = re.compile(  # 32+ base64 characters mixing upper, lower and digits (not a hex hash)
     r"(?<![\w+/=-])(?=[\w+/]*[a-z])(?=[\w+/]*[A-Z])(?=[\w+/]*\d)[A-Za-z0-9+/]{32,}={0,2}(?![\w+/=-])"
 )
+FILE_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,5}\b")
 SECRET_NAME = r"[\w.-]*(?:secret|passw(?:or)?d|token|access[_-]?key|api[_-]?key)[\w.-]*"
 CONFIG_ASSIGNMENT = re.compile(rf"(?i){SECRET_NAME}['\"]?\s*[:=]\s*['\"]?([^\s'\"#,}})]+)")
 # raw strings (r"...") are left out: they hold this file's own patterns, not credentials
@@ -315,7 +316,11 @@ def repository_files() -> list[str]:
 def credential_findings(name: str, text: str) -> list[str]:
     found = [f"AWS key id {m}" for m in AWS_KEY_ID.findall(text) if not PLACEHOLDER.search(m)]
     found += ["a private key"] * bool(PRIVATE_KEY.search(text))
-    found += [f"long token {m[:12]}..." for m in LONG_TOKEN.findall(text)]
+    found += [
+        f"long token {m.group()[:12]}..."
+        for m in LONG_TOKEN.finditer(text)
+        if not FILE_SUFFIX.match(text, m.end())  # a file path such as a/B/c1/train.txt
+    ]
     assignment = CODE_LITERAL if name.endswith(".py") else CONFIG_ASSIGNMENT
     found += [
         f"secret-named value {value[:4]}..."
@@ -329,6 +334,9 @@ def test_scanner_flags_real_looking_credentials() -> None:
     key_id, token = "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
     assert credential_findings("x.yaml", f"aws_secret_access_key: {token}\nid: {key_id}\n")
     assert credential_findings("x.py", f'PASSWORD = "{token}"')
+    assert credential_findings("x.yaml", "key: Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MEFCQ0RFRkdI\n")
+    path = "pool: data/VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt\n"
+    assert credential_findings("x.yaml", path) == []  # a file path, not a token
     assert credential_findings("infra/.env.example", "S3_SECRET_ACCESS_KEY=change-me-x") == []
     assert (
         credential_findings("x.yaml", "AWS_SECRET_ACCESS_KEY: ${S3_SECRET_ACCESS_KEY:?set}") == []
