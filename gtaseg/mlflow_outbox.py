@@ -4,9 +4,9 @@ they cannot be, and sent from disk later (`gtaseg.mlflow_tracking.replay_jsonl`)
 `MlflowTracker` turns each call into a record (params, metrics, tags, an artifact's path, a saved
 model's folder) and hands it to its `Outbox`, which:
 - sends metrics, params and tags oldest first from a bounded buffer; on a transport error it
-  backs off (`backoff_s`, doubling up to 60 s) and tries again on a later call, so a dead server costs one
-  fast failure per interval, never a stalled step; past `max_buffered` items the oldest records
-  go to the spill file, nothing is dropped;
+  backs off (`backoff_s`, doubling up to 60 s) and tries again on a later call, so a dead server
+  costs one fast failure per interval, never a stalled step; past `max_buffered` items the
+  oldest records go to the spill file, nothing is dropped;
 - sends an artifact now, or keeps its path and retries at `finish`; a model is saved locally
   first when it cannot be logged now;
 - at `finish`, retries everything until a deadline and writes what is still unsent to a JSONL
