@@ -69,9 +69,10 @@ WRAPPED = [
     ("gtaseg.train", "make_train_data", "data set-up (list, check, cache)"),
     ("gtaseg.train", "check_samples", "val files check"),
     ("gtaseg.train", "build_state", "networks and optimisers"),
-    ("gtaseg.train", "_evaluate_both", "evaluations during training"),
-    ("gtaseg.train", "_save", "checkpoints"),
-    ("gtaseg.train", "_export_student", "model export (save_pretrained)"),
+    ("gtaseg.train", "evaluate_epoch", "evaluations during training"),
+    ("gtaseg.train", "save_state", "checkpoints"),  # the loop's own; the next: after evaluations
+    ("gtaseg.epoch_end", "save_state", "checkpoints"),
+    ("gtaseg.epoch_end", "_export_student", "model export (save_pretrained)"),
     ("pipelines.tracking_run", "_log_outputs", "after training: artifacts, model, plots"),
     ("pipelines.tracking_run", "load_exported", "load the exported model"),
     ("pipelines.tracking_run", "evaluate", "final evaluation"),

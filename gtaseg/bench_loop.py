@@ -15,10 +15,8 @@ batches produced and copied to the device with no step.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +25,13 @@ from typing import Any
 import torch
 
 from gtaseg.bench import DEFAULT_RUN, BenchOptions, run_bench
+from gtaseg.bench_report import (
+    LOOP_RATIOS,
+    format_loop_report,
+    loop_ratios,
+    loop_variant_row,
+    write_loop_csv,
+)
 from gtaseg.config import Config, config_from_dict, load_config
 from gtaseg.data.embedded import SceneStyle, make_embedded
 from gtaseg.data.loaders import make_train_data
@@ -34,11 +39,6 @@ from gtaseg.data.splits import make_split, write_split
 from gtaseg.distributed import resolve_device
 
 VARIANTS = ("supervised", "gta", "gta_efficient")
-# (name, numerator, denominator); the step bench reports the same pairs under these names
-RATIOS = (
-    ("efficient_over_supervised", "gta_efficient", "supervised"),
-    ("gta_over_supervised", "gta", "supervised"),
-)
 LABEL_RATIO = 1 / 16
 
 
@@ -91,7 +91,7 @@ def cmd_bench_loop(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    write_csv(report, out.with_suffix(".csv"))
+    write_loop_csv(report, out.with_suffix(".csv"))
     print(f"wrote {out} and {out.with_suffix('.csv')}")
 
 
@@ -219,7 +219,7 @@ def run_loop_bench(base: Config, args: argparse.Namespace) -> dict[str, Any]:
             )
     data_s = {name: time_data(configs[name], device) for name in ("supervised", "gta")}
     data_s["gta_efficient"] = data_s["gta"]  # the same batches
-    variants = {name: _variant_row(base, name, loops[name], data_s[name]) for name in VARIANTS}
+    variants = {name: loop_variant_row(base, name, loops[name], data_s[name]) for name in VARIANTS}
     report: dict[str, Any] = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -227,7 +227,7 @@ def run_loop_bench(base: Config, args: argparse.Namespace) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "settings": _loop_settings(base, args, device),
         "variants": variants,
-        "loop_ratios": _loop_ratios(loops),
+        "loop_ratios": loop_ratios(loops),
     }
     if not args.no_step_bench:
         step_cfg = replace(base, train=replace(base.train, method="gta"))
@@ -235,39 +235,9 @@ def run_loop_bench(base: Config, args: argparse.Namespace) -> dict[str, Any]:
             size=args.size, batch=args.batch, steps=args.step_steps, device=args.device
         )
         step = run_bench(step_cfg, opts)
-        report["step_ratios"] = {key: step["ratios"][key]["value"] for key, _, _ in RATIOS}
+        report["step_ratios"] = {key: step["ratios"][key]["value"] for key, _, _ in LOOP_RATIOS}
         report["step_ms"] = {name: step["variants"][name]["ms_median"] for name in VARIANTS}
     return report
-
-
-def _variant_row(
-    base: Config, name: str, runs: list[dict[str, float]], data_s: float
-) -> dict[str, Any]:
-    iters = base.train.max_iters
-    loop_s = statistics.median(r["loop_s"] for r in runs)
-    images = base.train.batch_size_labeled + (
-        0 if name == "supervised" else base.train.batch_size_unlabeled
-    )
-    return {
-        "loop_s": loop_s,
-        "loop_ms_per_iter": 1000.0 * loop_s / iters,
-        "images_per_s": images * iters / loop_s,
-        "data_ms_per_iter": 1000.0 * data_s / iters,
-        "call_s": statistics.median(r["call_s"] for r in runs),
-        "iterations": [r["iterations"] for r in runs],
-        "loop_s_all": [r["loop_s"] for r in runs],
-        "call_s_all": [r["call_s"] for r in runs],
-    }
-
-
-def _loop_ratios(loops: dict[str, list[dict[str, float]]]) -> dict[str, float]:
-    """Median over rounds of the ratio of two variants' loop seconds in the same round."""
-    return {
-        key: statistics.median(
-            a["loop_s"] / b["loop_s"] for a, b in zip(loops[num], loops[den], strict=True)
-        )
-        for key, num, den in RATIOS
-    }
 
 
 def _loop_settings(base: Config, args: argparse.Namespace, device: torch.device) -> dict:
@@ -292,45 +262,3 @@ def _loop_settings(base: Config, args: argparse.Namespace, device: torch.device)
         "deterministic": base.train.deterministic,
         "optimizer": base.optim.optimizer,
     }
-
-
-def format_loop_report(report: dict[str, Any]) -> str:
-    """The report as a plain-text table: per variant the loop, then loop and step ratios."""
-    st = report["settings"]
-    lines = [
-        f"gtaseg bench-loop: {st['arch']} {st['encoder']} OS{st['output_stride']} at "
-        f"{st['size']}px, B={st['batch_labeled']}+{st['batch_unlabeled']}, {st['iters']} "
-        f"iterations x {st['rounds']} round(s), {report['device_name']} "
-        f"({report['cpu_threads']} threads), num_workers={st['num_workers']}, "
-        f"amp={st['amp']}",
-        f"{'variant':<14}{'loop s':>9}{'ms/iter':>9}{'img/s':>8}{'data ms/iter':>14}"
-        f"{'step ms':>9}{'call s':>8}",
-    ]
-    for name, v in report["variants"].items():
-        step = report.get("step_ms", {}).get(name)
-        lines.append(
-            f"{name:<14}{v['loop_s']:>9.2f}{v['loop_ms_per_iter']:>9.1f}{v['images_per_s']:>8.1f}"
-            f"{v['data_ms_per_iter']:>14.1f}{'-' if step is None else f'{step:.1f}':>9}"
-            f"{v['call_s']:>8.1f}"
-        )
-    for key, value in report["loop_ratios"].items():
-        step = report.get("step_ratios", {}).get(key)
-        beside = "" if step is None else f"   step {step:.3f}   loop / step {value / step:.3f}"
-        lines.append(f"{key:<27} loop {value:.3f}{beside}")
-    return "\n".join(lines)
-
-
-def write_csv(report: dict[str, Any], path: Path) -> None:
-    """One row per variant: loop and data figures, the step's ms, and the run's settings."""
-    fields = ["variant", "loop_s", "loop_ms_per_iter", "images_per_s", "data_ms_per_iter"]
-    fields += ["call_s", "step_ms", "device_name", "size", "iters", "rounds", "num_workers"]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for name, v in report["variants"].items():
-            step = report.get("step_ms", {}).get(name)
-            row = {"variant": name, **v, "step_ms": step, "device_name": report["device_name"]}
-            writer.writerow({**row, **report["settings"]})
-        for key, value in report["loop_ratios"].items():
-            step = report.get("step_ratios", {}).get(key)
-            writer.writerow({"variant": f"ratio {key}", "loop_s": value, "step_ms": step})

@@ -1,32 +1,26 @@
 """One typed config tree for a training run, mirroring the `run:` section of params.yaml.
 
 Parse once with `load_config` / `config_from_dict`; unknown keys and wrong types are errors
-that name the key, what was expected and what was found. Sub-configs are passed down; nothing
-here is global and nothing mutates a config it was given (use `dataclasses.replace`).
+that name the key, what was expected and what was found (the parsing itself, shared with the
+pipeline's params, is `gtaseg.config_parsing`). Each dataclass checks its own values in
+`__post_init__`. Sub-configs are passed down; nothing here is global and nothing mutates a config
+it was given (use `dataclasses.replace`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from gtaseg import IGNORE_INDEX
-from gtaseg.errors import GtasegError
+from gtaseg.config_parsing import ConfigError, dataclass_from_dict, parse_yaml, read_yaml
 
 Method = Literal["supervised", "mean_teacher", "gta"]
 DataFormat = Literal["embedded", "folder", "voc", "cityscapes"]
 MixMode = Literal["cutmix", "classmix", "cutout", "none"]
 EvalMode = Literal["center_crop", "whole", "sliding"]
-
-
-class ConfigError(GtasegError, ValueError):
-    """A config value or key is invalid; the message says where, what was expected and the fix."""
 
 
 @dataclass(frozen=True)
@@ -54,23 +48,29 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_classes >= 2, "data.num_classes", ">= 2", self.num_classes)
-        _check(self.num_classes <= 255, "data.num_classes", "<= 255 (255 is ignore)", self.num_classes)
+        _check(
+            self.num_classes <= 255, "data.num_classes", "<= 255 (255 is ignore)", self.num_classes
+        )
         _check(self.crop_size >= 8, "data.crop_size", ">= 8", self.crop_size)
         lo, hi = self.scale_range
         _check(0 < lo <= hi, "data.scale_range", "0 < low <= high", self.scale_range)
         for key in ("num_workers", "cache_mb"):
             value = getattr(self, key)
             _check(value == "auto" or value >= 0, f"data.{key}", ">= 0 or auto", value)
-        _check(0 <= self.pad_label < self.num_classes or self.pad_label == IGNORE_INDEX,
-               "data.pad_label", f"a class in [0, {self.num_classes - 1}] or {IGNORE_INDEX} "
-               f"(ignore)", self.pad_label)
+        _check(
+            0 <= self.pad_label < self.num_classes or self.pad_label == IGNORE_INDEX,
+            "data.pad_label",
+            f"a class in [0, {self.num_classes - 1}] or {IGNORE_INDEX} (ignore)",
+            self.pad_label,
+        )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "DeepLabV3Plus"  # any smp architecture name
     encoder: str = "resnet101"  # any smp encoder name (paper: ResNet-101)
-    encoder_weights: str | None = None  # local path to encoder weights (.pth/.pt/.safetensors) or null
+    encoder_weights: str | None = None  # local path to encoder weights (.pth/.pt/.safetensors)
+    # or null: random initialisation
     encoder_depth: int = 5  # encoder stages used, 3-5 (paper: 5); fewer: a smaller, faster net
     output_stride: int = 8  # DeepLabV3+ encoder output stride (paper: 8)
     atrous_rates: tuple[int, int, int] = (12, 24, 36)  # ASPP dilations (paper: 12/24/36)
@@ -81,13 +81,22 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.output_stride in (8, 16), "model.output_stride", "8 or 16", self.output_stride)
-        _check(self.encoder_depth in (3, 4, 5), "model.encoder_depth", "3, 4 or 5", self.encoder_depth)
-        _check(self.encoder_depth > 3 or self.output_stride == 8, "model.output_stride",
-               "8 with model.encoder_depth 3 (three stages reach stride 8)", self.output_stride)
+        _check(
+            self.encoder_depth in (3, 4, 5), "model.encoder_depth", "3, 4 or 5", self.encoder_depth
+        )
+        _check(
+            self.encoder_depth > 3 or self.output_stride == 8,
+            "model.output_stride",
+            "8 with model.encoder_depth 3 (three stages reach stride 8)",
+            self.output_stride,
+        )
         _check(self.decoder_channels > 0, "model.decoder_channels", "> 0", self.decoder_channels)
-        _check(self.head == "smp" or self.arch == "DeepLabV3Plus", "model.head",
-               "smp unless model.arch is DeepLabV3Plus (the original's head is a DeepLabV3+ one)",
-               self.head)
+        _check(
+            self.head == "smp" or self.arch == "DeepLabV3Plus",
+            "model.head",
+            "smp unless model.arch is DeepLabV3Plus (the original's head is a DeepLabV3+ one)",
+            self.head,
+        )
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", "> 0", self.lr)
-        _check(self.head_lr_multiplier > 0, "optim.head_lr_multiplier", "> 0", self.head_lr_multiplier)
+        _check(
+            self.head_lr_multiplier > 0, "optim.head_lr_multiplier", "> 0", self.head_lr_multiplier
+        )
         _check(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
         _check(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
 
@@ -112,7 +123,7 @@ class SemiConfig:
     """Hyper-parameters of the semi-supervised methods (mean teacher and GTA-Seg)."""
 
     sup_only_epochs: int = 1  # warm-up epochs trained on labelled data only
-    ema_decay: float = 0.999  # teacher = d * teacher + (1 - d) * student, d = min(1 - 1/(t+1), this)
+    ema_decay: float = 0.999  # teacher = d*teacher + (1-d)*student, d = min(1 - 1/(t+1), this)
     transfer_decay: float = 0.999  # student = d * student + (1 - d) * TA (except the classifier)
     transfer_scope: Literal["all_but_classifier", "encoder"] = "all_but_classifier"
     # code: everything but decoder.block2 + segmentation_head; paper text: the feature extractor
@@ -165,14 +176,31 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
-        _check(self.max_iters is None or self.max_iters >= 1, "train.max_iters", ">= 1 or null",
-               self.max_iters)
-        _check(self.batch_size_labeled >= 1, "train.batch_size_labeled", ">= 1", self.batch_size_labeled)
-        _check(self.batch_size_unlabeled >= 1, "train.batch_size_unlabeled", ">= 1",
-               self.batch_size_unlabeled)
+        _check(
+            self.max_iters is None or self.max_iters >= 1,
+            "train.max_iters",
+            ">= 1 or null",
+            self.max_iters,
+        )
+        _check(
+            self.batch_size_labeled >= 1,
+            "train.batch_size_labeled",
+            ">= 1",
+            self.batch_size_labeled,
+        )
+        _check(
+            self.batch_size_unlabeled >= 1,
+            "train.batch_size_unlabeled",
+            ">= 1",
+            self.batch_size_unlabeled,
+        )
         _check(self.eval_every >= 1, "train.eval_every", ">= 1", self.eval_every)
-        _check(self.checkpoint_every_iters >= 0, "train.checkpoint_every_iters", ">= 0",
-               self.checkpoint_every_iters)
+        _check(
+            self.checkpoint_every_iters >= 0,
+            "train.checkpoint_every_iters",
+            ">= 0",
+            self.checkpoint_every_iters,
+        )
         _check(self.seed >= 0, "train.seed", ">= 0", self.seed)
 
 
@@ -218,87 +246,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _hint_name(hint: Any) -> str:
-    if typing.get_origin(hint) is Literal:
-        return " or ".join(repr(v) for v in typing.get_args(hint))
-    return getattr(hint, "__name__", str(hint))
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against the type `hint`; convert lists to tuples and ints to floats."""
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}.")
-        return _build(hint, value, key)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value is False and "off" in allowed:
-            # YAML 1.1 (PyYAML) reads a bare `off` as false; YAML 1.2 writers such as
-            # `dvc exp run --set-param` write the string "off" bare.
-            return "off"
-        if value not in allowed:
-            raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}.")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        if len(errors) == 1:
-            raise ConfigError(errors[0])
-        expected = " or ".join(_hint_name(a) for a in args if a is not type(None))
-        raise ConfigError(
-            f"{key}: expected {expected}, got {value!r}. Fix the value in params.yaml."
-        )
-    if origin is tuple and typing.get_args(hint)[-1] is Ellipsis:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}.")
-        item = typing.get_args(hint)[0]
-        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}.")
-        k_hint, v_hint = typing.get_args(hint)
-        return {_coerce(k, k_hint, key): _coerce(v, v_hint, f"{key}.{k}") for k, v in value.items()}
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}.")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool):
-        if isinstance(value, bool) and hint is not bool or not isinstance(value, hint):
-            raise ConfigError(
-                f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}."
-            )
-        return value
-    raise TypeError(f"unsupported config type {hint!r} at {key}")  # internal: a schema bug
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown config key(s) {[where + k for k in unknown]}; expected keys of "
-            f"{prefix or 'the top level'}: {sorted(names)}. Check the spelling in params.yaml."
-        )
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
-    return cls(**kwargs)
-
-
 def config_from_dict(raw: dict[str, Any] | None) -> Config:
     """Build and validate a Config from a nested dict; missing keys take defaults."""
-    return _build(Config, dict(raw or {}), "")
+    return dataclass_from_dict(Config, dict(raw or {}))
 
 
 def load_config(path: str | Path, section: str | None = "run") -> Config:
@@ -336,30 +286,3 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"override {item!r}: unknown key {key!r}; keys here: {sorted(node)}.")
         node[leaf] = parse_yaml(text, f"override {item!r}")
     return config_from_dict(raw)
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """`yaml.safe_load(text)`; a syntax error is a one-line ConfigError naming `source` (a file,
-    an override), the line and column, and what to fix, the same wherever YAML is read."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(
-            f"{source} is not valid YAML{line}: {problem}. Fix the syntax (indentation, brackets, "
-            f"quotes, a ':' after each key)."
-        ) from None
-
-
-def read_yaml(path: str | Path) -> Any:
-    """The YAML document in the file `path` (see `parse_yaml`); text that is not UTF-8 is a
-    ConfigError too."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): expected a YAML file."
-        ) from None
-    return parse_yaml(text, str(path))

@@ -1,4 +1,6 @@
-"""MLflow adapter for the `Tracker` protocol; the only module in gtaseg that imports mlflow.
+"""MLflow adapter for the `Tracker` protocol. gtaseg imports mlflow only here and in the two
+modules beside it: `mlflow_outbox` (delivery through outages, spill files) and `mlflow_models`
+(a network as an MLflow model).
 
 Guarantees:
 - A tracking server that is down at start raises `TrackingUnavailable` before any training, or,
@@ -11,6 +13,8 @@ Guarantees:
 - All calls go through `MlflowClient` with an explicit run id, so trackers in several threads do
   not share the fluent active run. Only `log_model` touches mlflow's process-wide tracking URI,
   under a lock, and only when this tracker's URI differs from it.
+The tracker turns calls into records and opens, resumes and ends the run; `mlflow_outbox.Outbox`
+gets the records there.
 """
 
 from __future__ import annotations
@@ -18,32 +22,23 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import re
-import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from importlib.metadata import version
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import requests
-import torch
-from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
 from torch import nn
 
 from gtaseg.config import ConfigError
 from gtaseg.errors import GtasegError
-from gtaseg.tracking import flatten_params
+from gtaseg.mlflow_outbox import DEFAULT_SPILL_DIR, Outbox, configure_http_client, is_transient
+from gtaseg.tracking import flatten_params, sanitise
 
 log = logging.getLogger(__name__)
 
@@ -51,82 +46,10 @@ MAX_PARAM_CHARS = 6000  # MLflow 3 limit for a param value
 MAX_TAG_CHARS = 8000  # MLflow 3 limit for a tag value
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params and tags
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit for metrics
-DEFAULT_SPILL_DIR = Path.home() / ".cache" / "gtaseg" / "mlflow-unsent"
-REDACTED = "<redacted>"
-# Errors that may pass if retried later; anything else is the server rejecting the data itself.
-_TRANSIENT_CODES = frozenset(
-    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
-)
-_SECRET_KEY = re.compile(r"secret|passw(or)?d|token|credential|api[_-]?key|access[_-]?key", re.I)
-_FLUENT_LOCK = threading.Lock()
 
 
 class TrackingUnavailable(GtasegError, RuntimeError):
     """The MLflow tracking server cannot be reached when a run starts."""
-
-
-def configure_http_client() -> None:
-    """Fail fast on HTTP: no urllib3 retries (the tracker buffers and retries itself), 10 s timeout.
-
-    mlflow's defaults (7 retries with backoff, 120 s timeout) would stall a training step for
-    minutes while the server is down. Values already set in the environment are kept.
-    """
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
-def _looks_secret(key: str, value: str) -> bool:
-    # "*key*" alone is too broad (e.g. "keypoints"): only long single-token values count.
-    long_token = len(value) >= 16 and " " not in value
-    return bool(_SECRET_KEY.search(key)) or ("key" in key.lower() and long_token)
-
-
-def _sanitise(values: Mapping[str, str], max_chars: int) -> dict[str, str]:
-    """Redact secret-looking values and truncate to `max_chars`, marking the cut."""
-    clean: dict[str, str] = {}
-    for key, value in values.items():
-        if _looks_secret(key, value):
-            log.warning("not logging the value of %r: it looks like a secret", key)
-            value = REDACTED
-        if len(value) > max_chars:
-            marker = f"...[truncated {len(value)} chars]"
-            value = value[: max_chars - len(marker)] + marker
-        clean[key] = value
-    return clean
-
-
-def _is_transient(exc: Exception) -> bool:
-    if isinstance(exc, MlflowException):
-        return exc.error_code in _TRANSIENT_CODES
-    # Not every OSError: a deleted artifact file will not come back by retrying.
-    return isinstance(exc, requests.RequestException | ConnectionError | TimeoutError)
-
-
-def _pip_requirements() -> list[str]:
-    # Given explicitly: inferring requirements loads the model in a subprocess (slow).
-    return [
-        f"{pkg}=={version(pkg).split('+')[0]}" for pkg in ("torch", "segmentation-models-pytorch")
-    ]
-
-
-def _model_format(model: nn.Module, input_example: np.ndarray | None) -> dict[str, Any]:
-    """mlflow.pytorch save/log arguments: a pickle-free `pt2` program with a signature when an
-    example input is given, else a pickle. Requirements are given, never inferred."""
-    if input_example is None:
-        return {"pip_requirements": _pip_requirements(), "serialization_format": "pickle"}
-    with torch.no_grad():
-        output = model(torch.from_numpy(input_example)).numpy()
-    free = (-1, input_example.shape[1], -1, -1)  # batch and image size are free, channels fixed
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(input_example.dtype, free)]),
-        outputs=Schema([TensorSpec(output.dtype, (-1, output.shape[1], -1, -1))]),
-    )
-    return {
-        "pip_requirements": _pip_requirements(),
-        "serialization_format": "pt2",
-        "signature": signature,
-        "input_example": input_example,
-    }
 
 
 def _unreachable_reason(uri: str) -> str | None:
@@ -138,34 +61,6 @@ def _unreachable_reason(uri: str) -> str | None:
     except requests.RequestException as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-@contextmanager
-def _fluent_tracking_uri(uri: str) -> Iterator[None]:
-    """Point mlflow's process-wide tracking URI at `uri` for the block, serialised by a lock."""
-    with _FLUENT_LOCK:
-        previous = mlflow.get_tracking_uri()
-        if previous == uri:
-            yield
-            return
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(previous)
-
-
-def _append_jsonl(path: Path, header: dict[str, Any], records: list[dict[str, Any]]) -> None:
-    """Append `records` as JSON lines to `path`, writing `header` first when the file is new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fresh = not path.exists()
-    with open(path, "a", encoding="utf-8") as file:
-        for record in [header] * fresh + records:
-            file.write(json.dumps(record) + "\n")
-
-
-def _record_size(record: dict[str, Any]) -> int:
-    return len(record.get("items", ()))
 
 
 class MlflowTracker:
@@ -195,25 +90,14 @@ class MlflowTracker:
     ) -> None:
         configure_http_client()
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
-        self.run_id: str | None = run_id
-        self.unsent_path: Path | None = None
         self.resumed_status: str | None = None  # the status a resumed run had before
         self._client = MlflowClient(self.tracking_uri)
-        self._lock = threading.RLock()
-        self._buffer: deque[dict[str, Any]] = deque()
-        self._buffered = 0
-        self._pending: list[dict[str, Any]] = []  # artifact / model records to retry at close
         self._logged_params: dict[str, str] = {}
-        self._flush_timeout_s, self._max_buffered = flush_timeout_s, max_buffered
-        self._backoff_min_s, self._backoff_s, self._retry_at = backoff_s, backoff_s, 0.0
-        self._closed = self._terminated = False
-        self._spill_dir = Path(spill_dir or fallback_dir or DEFAULT_SPILL_DIR)
-        self._local: Path | None = None  # the offline JSONL log
-        self._experiment: str | None = None
+        self._closed = False
         run_tags = dict(tags or {})
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id
-        self._header = {
+        header = {
             "type": "run",
             "experiment": experiment,
             "run_name": run_name,
@@ -221,23 +105,43 @@ class MlflowTracker:
             "parent_run_id": parent_run_id,
             "tags": dict(tags or {}),
         }
+        self._outbox = Outbox(
+            self._client,
+            self.tracking_uri,
+            header,
+            Path(spill_dir or fallback_dir or DEFAULT_SPILL_DIR),
+            flush_timeout_s=flush_timeout_s,
+            max_buffered=max_buffered,
+            backoff_s=backoff_s,
+        )
+        self._lock = self._outbox.lock
         reason = _unreachable_reason(self.tracking_uri) if check_connection else None
         try:
             if reason is None:
                 self._open_run(experiment, run_name, run_tags)
         except Exception as exc:
-            if not _is_transient(exc):
+            if not is_transient(exc):
                 raise
             reason = f"{type(exc).__name__}: {exc}"
         if reason is not None:
             self._start_offline(reason, fallback_dir)
 
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run's id (None while logging offline to a new run)."""
+        return self._outbox.run_id
+
+    @property
+    def unsent_path(self) -> Path | None:
+        """The JSONL file holding records that could not be sent (None: everything went)."""
+        return self._outbox.unsent_path
+
     def _open_run(self, experiment: str, run_name: str, tags: dict[str, str]) -> None:
         experiment_id = self._experiment_id(experiment)
         if self.run_id is None:
             run = self._client.create_run(experiment_id, tags=tags, run_name=run_name)
-            self.run_id = run.info.run_id
-            self._experiment = experiment_id
+            self._outbox.run_id = run.info.run_id
+            self._outbox.experiment_id = experiment_id
             return
         run = self._client.get_run(self.run_id)
         if run.info.experiment_id != experiment_id:
@@ -246,7 +150,7 @@ class MlflowTracker:
                 f"expected experiment {experiment!r} (id {experiment_id}). Pass the run id of a "
                 "run in this experiment, or the experiment the run was started in."
             )
-        self._experiment = experiment_id
+        self._outbox.experiment_id = experiment_id
         self._logged_params = dict(run.data.params)
         self.resumed_status = run.info.status
         if run.info.status != "RUNNING":
@@ -276,15 +180,15 @@ class MlflowTracker:
                 "fallback (a fallback_dir) to log to a local JSONL file and replay it later."
             )
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        name = f"mlflow-offline-{self._header['run_name']}-{stamp}-{uuid.uuid4().hex[:6]}.jsonl"
-        self._local = Path(fallback_dir) / name
-        _append_jsonl(self._local, self._header, [])
+        run_name = self._outbox.header["run_name"]
+        name = f"mlflow-offline-{run_name}-{stamp}-{uuid.uuid4().hex[:6]}.jsonl"
+        self._outbox.go_offline(Path(fallback_dir) / name)
         log.warning(
             "MLflow tracking server at %s is not reachable (%s); logging to %s instead. Replay it "
             "later with gtaseg.mlflow_tracking.replay_jsonl(path, tracking_uri).",
             self.tracking_uri,
             reason,
-            self._local,
+            self._outbox.offline_path,
         )
 
     # -- Tracker protocol ------------------------------------------------------------------------
@@ -295,7 +199,7 @@ class MlflowTracker:
         Raises ConfigError (a ValueError) if a key was already logged in this run with another
         value (MLflow params are immutable). Never raises on transport errors.
         """
-        flat = _sanitise(flatten_params(params), MAX_PARAM_CHARS)
+        flat = sanitise(flatten_params(params), MAX_PARAM_CHARS)
         with self._lock:
             changed = {k: v for k, v in flat.items() if self._logged_params.get(k, v) != v}
             if changed:
@@ -308,20 +212,20 @@ class MlflowTracker:
             new = [(k, v) for k, v in flat.items() if k not in self._logged_params]
             self._logged_params.update(new)
             for i in range(0, len(new), PARAMS_PER_BATCH):
-                self._enqueue({"type": "params", "items": dict(new[i : i + PARAMS_PER_BATCH])})
+                self._outbox.put({"type": "params", "items": dict(new[i : i + PARAMS_PER_BATCH])})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log metric points at `step`, stamped now; never raises on transport errors."""
         now = int(time.time() * 1000)
         items = [[key, float(value), now, int(step)] for key, value in metrics.items()]
         for i in range(0, len(items), METRICS_PER_BATCH):
-            self._enqueue({"type": "metrics", "items": items[i : i + METRICS_PER_BATCH]})
+            self._outbox.put({"type": "metrics", "items": items[i : i + METRICS_PER_BATCH]})
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set run tags (secret-looking values redacted); never raises on transport errors."""
-        items = list(_sanitise({k: str(v) for k, v in tags.items()}, MAX_TAG_CHARS).items())
+        items = list(sanitise({k: str(v) for k, v in tags.items()}, MAX_TAG_CHARS).items())
         for i in range(0, len(items), PARAMS_PER_BATCH):
-            self._enqueue({"type": "tags", "items": dict(items[i : i + PARAMS_PER_BATCH])})
+            self._outbox.put({"type": "tags", "items": dict(items[i : i + PARAMS_PER_BATCH])})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file or directory now; on a transport failure keep its path, retry at close.
@@ -333,12 +237,9 @@ class MlflowTracker:
             raise FileNotFoundError(
                 f"log_artifact: expected an existing file or directory, got {str(path)!r}."
             )
-        record = {"type": "artifact", "path": str(local), "artifact_path": artifact_path}
-        with self._lock:
-            if self._local is not None:
-                _append_jsonl(self._local, self._header, [record])
-            elif not self._attempt(lambda: self._send(record), record):
-                self._pending.append(record)
+        self._outbox.send_or_keep(
+            {"type": "artifact", "path": str(local), "artifact_path": artifact_path}
+        )
 
     def log_model(
         self, model: nn.Module, name: str, input_example: np.ndarray | None = None
@@ -353,25 +254,7 @@ class MlflowTracker:
         saved locally now and uploaded at close. Other errors (e.g. an untraceable model) raise.
         """
         snapshot = copy.deepcopy(model).cpu().eval()
-        with self._lock:
-            if self._local is None:
-                try:
-                    self._log_model_now(snapshot, name, input_example)
-                    return
-                except Exception as exc:
-                    if not _is_transient(exc):
-                        raise
-                    self._note_failure(exc)
-            owner = self.run_id or self._header["run_name"]
-            folder = self._spill_dir / "models" / f"{owner}-{name}-{uuid.uuid4().hex[:8]}"
-            mlflow.pytorch.save_model(
-                snapshot, str(folder), **_model_format(snapshot, input_example)
-            )
-            record = {"type": "model", "path": str(folder), "name": name}
-            if self._local is not None:
-                _append_jsonl(self._local, self._header, [record])
-            else:
-                self._pending.append(record)
+        self._outbox.log_model(snapshot, name, input_example)
 
     def close(self, status: str | None = "FINISHED") -> None:
         """Flush everything (retrying up to `flush_timeout_s`) and end the run with `status`.
@@ -383,143 +266,7 @@ class MlflowTracker:
             if self._closed:
                 return
             self._closed = True
-            if self._local is not None:
-                _append_jsonl(self._local, self._header, [{"type": "end", "status": status}])
-                return
-            deadline = time.monotonic() + self._flush_timeout_s
-            while not self._deliver_all(status) and time.monotonic() < deadline:
-                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-            unsent = [*self._buffer, *self._pending]
-            if status is not None and not self._terminated:
-                unsent.append({"type": "end", "status": status})
-            if unsent:
-                self._write_unsent(unsent)
-            if self.unsent_path is not None:
-                log.warning(
-                    "MLflow at %s: records of run %s could not be sent and are in %s. When the "
-                    'server is back, replay them: python -c "from gtaseg.mlflow_tracking import '
-                    "replay_jsonl; replay_jsonl('%s', '%s')\"",
-                    self.tracking_uri,
-                    self.run_id,
-                    self.unsent_path,
-                    self.unsent_path,
-                    self.tracking_uri,
-                )
-
-    # -- delivery --------------------------------------------------------------------------------
-
-    def _enqueue(self, record: dict[str, Any]) -> None:
-        with self._lock:
-            if self._local is not None:
-                _append_jsonl(self._local, self._header, [record])
-                return
-            self._buffer.append(record)
-            self._buffered += _record_size(record)
-            overflow = []
-            while self._buffered > self._max_buffered and len(self._buffer) > 1:
-                overflow.append(self._buffer.popleft())
-                self._buffered -= _record_size(overflow[-1])
-            if overflow:  # bounded memory: the oldest records go to disk, nothing is dropped
-                self._write_unsent(overflow)
-                log.warning(
-                    "MLflow buffer full: moved %d records to %s", len(overflow), self.unsent_path
-                )
-            self._flush(force=False)
-
-    def _flush(self, force: bool) -> bool:
-        """Send buffered records oldest first; True when the buffer is empty."""
-        if not force and time.monotonic() < self._retry_at:
-            return False
-        while self._buffer:
-            if not self._attempt(lambda: self._send(self._buffer[0]), self._buffer[0]):
-                return False
-            self._buffered -= _record_size(self._buffer.popleft())
-        self._backoff_s, self._retry_at = self._backoff_min_s, 0.0
-        return True
-
-    def _attempt(self, action: Callable[[], object], what: object) -> bool:
-        """Run `action`. False on a transport error (then back off); True on success, or when
-        the server rejected the data (retrying cannot help: warn and drop it)."""
-        try:
-            action()
-        except Exception as exc:
-            if _is_transient(exc):
-                self._note_failure(exc)
-                return False
-            log.warning("MLflow rejected %s for run %s; dropped it: %s", what, self.run_id, exc)
-        return True
-
-    def _send(self, record: dict[str, Any]) -> None:
-        kind, items = record["type"], record.get("items")
-        if kind == "metrics":
-            metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in items]
-            self._client.log_batch(self.run_id, metrics=metrics, synchronous=True)
-        elif kind == "params":
-            params = [Param(key, value) for key, value in items.items()]
-            self._client.log_batch(self.run_id, params=params, synchronous=True)
-        elif kind == "tags":
-            tags = [RunTag(key, value) for key, value in items.items()]
-            self._client.log_batch(self.run_id, tags=tags, synchronous=True)
-        elif kind == "artifact" and Path(record["path"]).is_dir():
-            self._client.log_artifacts(self.run_id, record["path"], record["artifact_path"])
-        elif kind == "artifact":
-            self._client.log_artifact(self.run_id, record["path"], record["artifact_path"])
-        elif kind == "model":
-            example = Model.load(record["path"]).load_input_example(record["path"])
-            model = mlflow.pytorch.load_model(record["path"])
-            self._log_model_now(model, record["name"], example)
-        else:
-            raise ValueError(
-                f"unknown record type {kind!r}; expected metrics, params, tags, artifact or model"
-            )
-
-    def _log_model_now(
-        self, model: nn.Module, name: str, input_example: np.ndarray | None
-    ) -> None:
-        # Created here so the LoggedModel lands in this run's experiment: mlflow would otherwise
-        # use the process-wide active experiment.
-        logged = self._client.create_logged_model(
-            self._experiment, name=name, source_run_id=self.run_id
-        )
-        with _fluent_tracking_uri(self.tracking_uri):
-            mlflow.pytorch.log_model(
-                model,
-                name=name,
-                model_id=logged.model_id,
-                run_id=self.run_id,
-                **_model_format(model, input_example),
-            )
-
-    def _note_failure(self, exc: Exception) -> None:
-        if self._retry_at == 0.0:
-            log.warning(
-                "MLflow at %s failed (%s); buffering (%d items) and retrying on later calls",
-                self.tracking_uri,
-                exc,
-                self._buffered,
-            )
-        # Back off so a dead server costs one fast failure per interval, not one per step.
-        self._retry_at = time.monotonic() + self._backoff_s
-        self._backoff_s = min(self._backoff_s * 2, 60.0)
-
-    def _deliver_all(self, status: str | None) -> bool:
-        if not self._flush(force=True):
-            return False
-        while self._pending:
-            if not self._attempt(lambda: self._send(self._pending[0]), self._pending[0]):
-                return False
-            self._pending.pop(0)
-        if status is not None and not self._terminated:
-            if not self._attempt(lambda: self._client.set_terminated(self.run_id, status), status):
-                return False
-            self._terminated = True
-        return True
-
-    def _write_unsent(self, records: list[dict[str, Any]]) -> None:
-        if self.unsent_path is None:
-            stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-            self.unsent_path = self._spill_dir / f"mlflow-unsent-{self.run_id}-{stamp}.jsonl"
-        _append_jsonl(self.unsent_path, {**self._header, "run_id": self.run_id}, records)
+            self._outbox.finish(status)
 
 
 def replay_jsonl(path: str | Path, tracking_uri: str | None = None) -> str:
@@ -547,9 +294,9 @@ def replay_jsonl(path: str | Path, tracking_uri: str | None = None) -> str:
         if record["type"] == "end":
             status = record["status"]
         elif record["type"] in ("metrics", "params", "tags"):
-            tracker._enqueue(record)
-        elif not tracker._attempt(lambda: tracker._send(record), record):  # noqa: B023
-            tracker._pending.append(record)
+            tracker._outbox.put(record)
+        else:
+            tracker._outbox.send_or_keep(record)
     if status is None and tracker.resumed_status != "RUNNING":
         status = tracker.resumed_status  # leave a finished run finished
     tracker.close(status)

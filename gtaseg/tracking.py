@@ -2,18 +2,26 @@
 
 The loop always holds some `Tracker`; `NullTracker` is the do-nothing default, so the loop never
 asks "is logging on?". `JsonlTracker` records every call as one JSON line (tests, offline runs);
-`MultiTracker` fans out to several. The MLflow adapter lives in `gtaseg.mlflow_tracking`.
+`MultiTracker` fans out to several. `flatten_params` and `sanitise` turn params and tags into what
+a tracker may log. The MLflow adapter lives in `gtaseg.mlflow_tracking`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+REDACTED = "<redacted>"  # logged instead of a value that looks like a secret
+_SECRET_KEY = re.compile(r"secret|passw(or)?d|token|credential|api[_-]?key|access[_-]?key", re.I)
 
 
 @runtime_checkable
@@ -76,6 +84,28 @@ def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = json.dumps(value, default=str)
     return flat
+
+
+def _looks_secret(key: str, value: str) -> bool:
+    # "*key*" alone is too broad (e.g. "keypoints"): only long single-token values count.
+    long_token = len(value) >= 16 and " " not in value
+    return bool(_SECRET_KEY.search(key)) or ("key" in key.lower() and long_token)
+
+
+def sanitise(values: Mapping[str, str], max_chars: int) -> dict[str, str]:
+    """Values safe to log: secret-looking ones (by key, or a long single token under a key that
+    says "key") replaced by REDACTED with a warning, and each cut to `max_chars`, marking the
+    cut."""
+    clean: dict[str, str] = {}
+    for key, value in values.items():
+        if _looks_secret(key, value):
+            log.warning("not logging the value of %r: it looks like a secret", key)
+            value = REDACTED
+        if len(value) > max_chars:
+            marker = f"...[truncated {len(value)} chars]"
+            value = value[: max_chars - len(marker)] + marker
+        clean[key] = value
+    return clean
 
 
 class JsonlTracker:

@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gtaseg.config import Config, ConfigError, _build, config_from_dict, read_yaml
+from gtaseg.config import Config, ConfigError, config_from_dict, read_yaml
+from gtaseg.config_parsing import dataclass_from_dict
 from gtaseg.data.embedded import SceneStyle
 from gtaseg.data.splits import parse_amount
 
@@ -151,7 +152,7 @@ def load_params(path: str | Path = "params.yaml") -> PipelineParams:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top, got {type(raw).__name__}.")
     run = config_from_dict(raw.pop("run", {}))
-    params = _build(_PipelineRaw, raw, "")
+    params = dataclass_from_dict(_PipelineRaw, raw)
     params = PipelineParams(params.data_prep, params.pretrain, params.sweep, params.tracking, run)
     _check_names(params)
     _check_overlap(params)

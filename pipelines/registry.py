@@ -12,8 +12,9 @@ register a run's model and move an alias only if it is better.
 Guarantee of `promote_if_better`: concurrent calls for one model name end with the alias on the
 best of all candidates (strictly higher metric wins; ties keep the earlier champion). MLflow has no
 compare-and-set for aliases, so each read-compare-set runs under an exclusive `fcntl.flock` on
-`<lock_dir>/<model>.lock`, and the alias is read back after setting it: moved by someone else to
-a better version -> leave it; to a worse one -> compare and set again.
+`<lock_dir>/<model>.lock` (`pipelines.registry_lock`), and the alias is read back after setting
+it: moved by someone else to a better version -> leave it; to a worse one -> compare and set
+again.
 
 Limit: the lock only serialises processes that see the same lock file (one machine, or one shared
 file system that honours flock). Promotions from several machines must go through a single
@@ -22,13 +23,8 @@ registering task (the sweep flow's final step); the read-back then only narrows 
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import math
-import re
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,21 +34,15 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from gtaseg.errors import GtasegError
+from pipelines.registry_lock import RegistryError, exclusive, lock_path
 
 if TYPE_CHECKING:
     from torch import nn
 
-DEFAULT_LOCK_DIR = Path.home() / ".cache" / "gtaseg" / "registry-locks"
-LOCK_TIMEOUT_S = 300.0
 METRIC_NAME_TAG = "gtaseg.metric"  # version tag: the metric name its promotion compared
 CHAMPION = "champion"  # the best student over all label ratios
 RATIO_ALIAS_PREFIX = "best-"  # best-<ratio>: the best student of one label ratio
 _MAX_ROUNDS = 10  # read-compare-set rounds before giving up on a registry that keeps moving
-
-
-class RegistryError(GtasegError, ValueError):
-    """A model cannot be registered or promoted; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -138,10 +128,10 @@ def promote_if_better(
     """
     if not math.isfinite(metric_value):
         raise RegistryError(f"{metric_name}: expected a finite number, got {metric_value!r}.")
-    lock_path = (lock_dir or _default_lock_dir(client.tracking_uri)) / _lock_name(model_name)
+    lock = lock_path(client.tracking_uri, model_name, lock_dir)
     version_tags = {**(tags or {}), metric_name: repr(float(metric_value))}
     version_tags[METRIC_NAME_TAG] = metric_name
-    with _exclusive(lock_path):
+    with exclusive(lock):
         version = _register(client, model_name, run_id, artifact_path, version_tags)
         current = champion(client, model_name, alias, metric_name)
         previous = (current["version"], current["metric"]) if current else (None, None)
@@ -156,7 +146,7 @@ def promote_if_better(
             # Moved by a promoter outside the lock meanwhile: compare again (a better one stays).
     raise RegistryError(
         f"alias {alias!r} of {model_name!r} kept moving to worse versions during {_MAX_ROUNDS} "
-        f"rounds; another promoter is not using the lock {lock_path}. Promote from one place."
+        f"rounds; another promoter is not using the lock {lock}. Promote from one place."
     )
 
 
@@ -192,13 +182,15 @@ def point_aliases(
         raise ValueError("point_aliases: expected at least one candidate run, got none.")
     for cand in candidates:
         if not math.isfinite(cand.metric):
-            raise ValueError(f"{metric_name} of run {cand.run_id}: expected a finite number, "
-                             f"got {cand.metric!r}.")
+            raise ValueError(
+                f"{metric_name} of run {cand.run_id}: expected a finite number, "
+                f"got {cand.metric!r}."
+            )
     chosen = {CHAMPION: _best(candidates)}
     for ratio in dict.fromkeys(c.ratio for c in candidates):
         chosen[ratio_alias(ratio)] = _best([c for c in candidates if c.ratio == ratio])
-    lock_path = (lock_dir or _default_lock_dir(client.tracking_uri)) / _lock_name(model_name)
-    with _exclusive(lock_path):
+    lock = lock_path(client.tracking_uri, model_name, lock_dir)
+    with exclusive(lock):
         versions, registered = _versions_of(client, model_name, chosen.values(), metric_name,
                                             artifact_path)  # fmt: skip
         aliases = {a: str(v) for a, v in client.get_registered_model(model_name).aliases.items()}
@@ -209,8 +201,14 @@ def point_aliases(
         for alias in removed:
             client.delete_registered_model_alias(model_name, alias)
     described = {
-        alias: {"version": versions[c.run_id], "run_id": c.run_id, "ratio": c.ratio,
-                "method": c.method, "seed": c.seed, "metric": c.metric}
+        alias: {
+            "version": versions[c.run_id],
+            "run_id": c.run_id,
+            "ratio": c.ratio,
+            "method": c.method,
+            "seed": c.seed,
+            "metric": c.metric,
+        }
         for alias, c in chosen.items()
     }
     return {"aliases": described, "registered": registered, "removed": removed}
@@ -232,8 +230,13 @@ def _versions_of(
             continue
         version = _version_of_run(client, model_name, cand.run_id)
         if version is None:
-            tags = {"ratio": cand.ratio, "method": cand.method, "seed": str(cand.seed),
-                    metric_name: repr(float(cand.metric)), METRIC_NAME_TAG: metric_name}
+            tags = {
+                "ratio": cand.ratio,
+                "method": cand.method,
+                "seed": str(cand.seed),
+                metric_name: repr(float(cand.metric)),
+                METRIC_NAME_TAG: metric_name,
+            }
             version = _register(client, model_name, cand.run_id, artifact_path, tags)
             registered.append(version)
         versions[cand.run_id] = version
@@ -287,43 +290,3 @@ def _register(
         model_name, source=f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id
     )
     return str(created.version)
-
-
-def _default_lock_dir(tracking_uri: str) -> Path:
-    """Next to a local store (so every process using it shares the lock), else the user cache."""
-    if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "registry-locks"
-    if tracking_uri.startswith("file://"):
-        return Path(tracking_uri.removeprefix("file://")).resolve() / "registry-locks"
-    if "://" not in tracking_uri:
-        return Path(tracking_uri).resolve() / "registry-locks"
-    return DEFAULT_LOCK_DIR
-
-
-def _lock_name(model_name: str) -> str:
-    # Registered model names may hold characters a file name cannot; the hash keeps them apart.
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
-    return f"{safe}-{hashlib.sha256(model_name.encode()).hexdigest()[:8]}.lock"
-
-
-@contextmanager
-def _exclusive(lock_path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold an exclusive flock on `lock_path` (released by the OS if the process dies)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-    with open(lock_path, "a") as file:
-        while True:
-            try:
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RegistryError(
-                        f"registry lock {lock_path} still held after {timeout_s:.0f} s; expected "
-                        "another promotion to finish. Check for a hung process holding it."
-                    ) from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(file.fileno(), fcntl.LOCK_UN)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from gtaseg.bench import HostSyncCounter, count_host_syncs, count_units
+from gtaseg.bench_probes import HostSyncCounter, count_host_syncs, count_units
 from gtaseg.cli import main
 from gtaseg.config import config_from_dict
 from gtaseg.data.loaders import make_train_data

@@ -63,3 +63,32 @@ def test_no_import_circles(package):
     graph = import_graph(package)
     assert "gtaseg.data.id_lists" in graph or package != "gtaseg"  # the graph was read
     assert circles(graph) == []
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level names of the packages `path` imports (absolute imports, anywhere in the file)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+    return names
+
+
+def test_the_library_imports_no_orchestration_and_mlflow_only_in_its_adapter():
+    """gtaseg/ runs without the pipeline's services: never prefect, dvc or boto3; mlflow only in
+    the adapter modules gtaseg/mlflow_*.py."""
+    found = {
+        path.relative_to(ROOT).as_posix(): imported_packages(path)
+        for path in (ROOT / "gtaseg").rglob("*.py")
+    }
+    assert found["gtaseg/mlflow_tracking.py"] >= {"mlflow"}  # the check sees imports
+    forbidden = {"prefect", "dvc", "boto3", "botocore"}
+    assert {p: sorted(n & forbidden) for p, n in found.items() if n & forbidden} == {}
+    with_mlflow = {p for p, names in found.items() if "mlflow" in names}
+    assert with_mlflow == {
+        "gtaseg/mlflow_tracking.py",
+        "gtaseg/mlflow_outbox.py",
+        "gtaseg/mlflow_models.py",
+    }

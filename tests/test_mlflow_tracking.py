@@ -20,13 +20,12 @@ from servers import MlflowServer, free_port
 
 from gtaseg.mlflow_tracking import (
     MAX_PARAM_CHARS,
-    REDACTED,
     MlflowTracker,
     TrackingUnavailable,
     configure_http_client,
     replay_jsonl,
 )
-from gtaseg.tracking import Tracker
+from gtaseg.tracking import REDACTED, Tracker
 
 
 @pytest.fixture(autouse=True)
@@ -222,7 +221,7 @@ def test_buffer_is_bounded_and_overflow_is_replayable(
     monkeypatch.setattr(tracker._client, "log_batch", refused)
     for step in range(25):
         tracker.log_metrics({"loss": float(step)}, step=step)
-    assert tracker._buffered <= 10
+    assert tracker._outbox.buffered <= 10
     spilled = tracker.unsent_path.read_text().splitlines()
     assert json.loads(spilled[0])["run_id"] == tracker.run_id
     assert [json.loads(line)["items"][0][3] for line in spilled[1:]] == list(range(15))

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from servers import MlflowServer, free_port
 from snapshots import folder_state
 
+import gtaseg.epoch_end as epoch_end
 import gtaseg.train as train_mod
 import pipelines.tracking_run as tracking_run
 from gtaseg.checkpoint import CheckpointWarning, load_checkpoint, prev_path
@@ -224,17 +225,17 @@ def test_kill_between_last_and_best_checkpoint_still_ends_with_best(
     from gtaseg.config import config_from_dict
 
     cfg = config_from_dict(cfg_raw)
-    real_save = train_mod.save_checkpoint
+    real_save = epoch_end.save_checkpoint
 
     def dies_on_best(path, payload):
         if Path(path).name == "best.pt":
             raise Killed
         real_save(path, payload)
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", dies_on_best)
+    monkeypatch.setattr(epoch_end, "save_checkpoint", dies_on_best)
     with pytest.raises(Killed):
         train_mod.train(cfg, tmp_path / "run", progress=False)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(epoch_end, "save_checkpoint", real_save)
     train_mod.train(cfg, tmp_path / "run", progress=False)
 
     checkpoints = tmp_path / "run" / "checkpoints"
