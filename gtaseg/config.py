@@ -125,6 +125,8 @@ class SemiConfig:
     sup_only_epochs: int = 1  # warm-up epochs trained on labelled data only
     ema_decay: float = 0.999  # teacher = d*teacher + (1-d)*student, d = min(1 - 1/(t+1), this)
     transfer_decay: float = 0.999  # student = d * student + (1 - d) * TA (except the classifier)
+    transfer_ramp: bool = True  # d = min(1 - 1/(t+1), transfer_decay), the original's ramp from a
+    # full copy at the switch; false: d = transfer_decay from the first step (gentle throughout)
     transfer_scope: Literal["all_but_classifier", "encoder"] = "all_but_classifier"
     # code: everything but decoder.block2 + segmentation_head; paper text: the feature extractor
     warmup_copy: Literal["alias", "once"] = "alias"

@@ -48,7 +48,8 @@ def train_step(state: TrainState, batch: Batch) -> StepOutput:
     elif tied:
         copy_classifier(state, unwrap(state.assistant), unwrap(state.student))
     student, assistant = unwrap(state.student), unwrap(state.assistant)
-    decay = ema_decay(state.semi_step, semi.transfer_decay)
+    ramp = semi.transfer_ramp
+    decay = ema_decay(state.semi_step, semi.transfer_decay) if ramp else semi.transfer_decay
     ema_update(student, assistant, decay, exclude=student_classifier(state))
     loss_sup = student_update(state, batch.x_l, batch.y_l, x_u)
     if aliasing:
