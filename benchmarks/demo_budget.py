@@ -29,21 +29,35 @@ from itertools import product
 from pathlib import Path
 
 STYLES = {  # name: (scene side, make-data style flags)
-    "d10_s32": (32, "--digits 0 1 2 3 4 5 6 7 8 9 --per-scene 1 3 --digit-size 0.45 0.7 "
-                    "--distractors 1 3 --vivid-distractors 0.1"),
-    "d5_s32": (32, "--digits 0 1 2 3 4 --per-scene 1 3 --digit-size 0.45 0.7 "
-                   "--distractors 1 3 --vivid-distractors 0.1"),
-    "d10_s48": (48, "--digits 0 1 2 3 4 5 6 7 8 9 --per-scene 2 4 --digit-size 0.3 0.5 "
-                    "--distractors 1 4 --vivid-distractors 0.15"),
+    "d10_s32": (
+        32,
+        "--digits 0 1 2 3 4 5 6 7 8 9 --per-scene 1 3 --digit-size 0.45 0.7 "
+        "--distractors 1 3 --vivid-distractors 0.1",
+    ),
+    "d5_s32": (
+        32,
+        "--digits 0 1 2 3 4 --per-scene 1 3 --digit-size 0.45 0.7 "
+        "--distractors 1 3 --vivid-distractors 0.1",
+    ),
+    "d10_s48": (
+        48,
+        "--digits 0 1 2 3 4 5 6 7 8 9 --per-scene 2 4 --digit-size 0.3 0.5 "
+        "--distractors 1 4 --vivid-distractors 0.15",
+    ),
 }
 ENCODERS = ["resnet18", "mobilenet_v2"]  # timm-regnetx_002 failed to build with a dilated stride
-OPTIMS = {"adamw1e-3": "optim.optimizer=adamw optim.lr=0.001 optim.head_lr_multiplier=1",
-          "adamw2e-3": "optim.optimizer=adamw optim.lr=0.002 optim.head_lr_multiplier=1",
-          "adamw3e-3": "optim.optimizer=adamw optim.lr=0.003 optim.head_lr_multiplier=1"}
-SEMI_METHODS = {"supervised": "train.method=supervised",
-                "mean_teacher": "train.method=mean_teacher",
-                "gta": "train.method=gta", "gta_efficient": "train.method=gta semi.efficient=true",
-                "gta_warmup1": "train.method=gta semi.sup_only_epochs=1"}
+OPTIMS = {
+    "adamw1e-3": "optim.optimizer=adamw optim.lr=0.001 optim.head_lr_multiplier=1",
+    "adamw2e-3": "optim.optimizer=adamw optim.lr=0.002 optim.head_lr_multiplier=1",
+    "adamw3e-3": "optim.optimizer=adamw optim.lr=0.003 optim.head_lr_multiplier=1",
+}
+SEMI_METHODS = {
+    "supervised": "train.method=supervised",
+    "mean_teacher": "train.method=mean_teacher",
+    "gta": "train.method=gta",
+    "gta_efficient": "train.method=gta semi.efficient=true",
+    "gta_warmup1": "train.method=gta semi.sup_only_epochs=1",
+}
 
 
 def n_classes(style: str) -> int:
@@ -59,12 +73,37 @@ def make_data(root: Path, style: str, n_train: int, n_val: int) -> None:
     size, flags = STYLES[style]
     data = root / "data" / style
     cli = [sys.executable, "-m", "gtaseg.cli"]
-    sh(cli + ["make-data", "--root", str(data), "--n-train", str(n_train), "--n-val", str(n_val),
-              "--size", str(size), *flags.split()], root / f"make_{style}.log")
+    sh(
+        cli
+        + [
+            "make-data",
+            "--root",
+            str(data),
+            "--n-train",
+            str(n_train),
+            "--n-val",
+            str(n_val),
+            "--size",
+            str(size),
+            *flags.split(),
+        ],
+        root / f"make_{style}.log",
+    )
     for amount, name in (("full", "full"), ("1/16", "1_16")):
-        sh(cli + ["split", "--set", f"data.root={data}", f"data.num_classes={n_classes(style)}",
-                  "--amount", amount,
-                  "--out", str(root / "splits" / style / name)], root / f"split_{style}_{name}.log")
+        sh(
+            cli
+            + [
+                "split",
+                "--set",
+                f"data.root={data}",
+                f"data.num_classes={n_classes(style)}",
+                "--amount",
+                amount,
+                "--out",
+                str(root / "splits" / style / name),
+            ],
+            root / f"split_{style}_{name}.log",
+        )
 
 
 _LOCK = threading.Lock()
@@ -73,22 +112,48 @@ _LOCK = threading.Lock()
 def run(root: Path, job: dict, device: str, extra: list[str]) -> dict:
     size, flags = STYLES[job["style"]]
     out = root / "runs" / job["name"]
-    sets = [f"data.root={root / 'data' / job['style']}",
-            f"data.split_dir={root / 'splits' / job['style'] / job['split']}",
-            f"data.num_classes={n_classes(job['style'])}",
-            f"data.crop_size={size}", f"eval.crop_size={size}",
-            "data.flip=false", f"model.encoder={job['encoder']}", f"train.epochs={job['epochs']}",
-            f"train.seed={job['seed']}", f"train.device={device}", "train.deterministic=false",
-            "train.checkpoint_every_iters=0", *extra, *job["sets"].split()]
+    sets = [
+        f"data.root={root / 'data' / job['style']}",
+        f"data.split_dir={root / 'splits' / job['style'] / job['split']}",
+        f"data.num_classes={n_classes(job['style'])}",
+        f"data.crop_size={size}",
+        f"eval.crop_size={size}",
+        "data.flip=false",
+        f"model.encoder={job['encoder']}",
+        f"train.epochs={job['epochs']}",
+        f"train.seed={job['seed']}",
+        f"train.device={device}",
+        "train.deterministic=false",
+        "train.checkpoint_every_iters=0",
+        *extra,
+        *job["sets"].split(),
+    ]
     start = time.perf_counter()
-    rc = sh([sys.executable, "-m", "gtaseg.cli", "train", "--no-progress", "--out", str(out),
-             "--set", *sets], root / "runs" / f"{job['name']}.log")
-    row = {k: v for k, v in job.items() if k != "sets"} | {"rc": rc,
-                                                           "wall_s": time.perf_counter() - start}
+    rc = sh(
+        [
+            sys.executable,
+            "-m",
+            "gtaseg.cli",
+            "train",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--set",
+            *sets,
+        ],
+        root / "runs" / f"{job['name']}.log",
+    )
+    row = {k: v for k, v in job.items() if k != "sets"} | {
+        "rc": rc,
+        "wall_s": time.perf_counter() - start,
+    }
     if rc == 0:
         metrics = json.loads((out / "metrics.json").read_text())
-        row |= {"best": metrics["best_val_miou_student"], "final": metrics["val_miou_student"],
-                "iterations": metrics["iterations"]}
+        row |= {
+            "best": metrics["best_val_miou_student"],
+            "final": metrics["val_miou_student"],
+            "iterations": metrics["iterations"],
+        }
         with (out / "history.csv").open() as f:
             curve = [float(r["val_miou_student"]) for r in csv.DictReader(f)]
             row["curve"] = " ".join(f"{v:.3f}" for v in curve)
@@ -111,10 +176,19 @@ def main() -> None:
     ap.add_argument("--encoders", nargs="+", default=ENCODERS)
     ap.add_argument("--styles", nargs="+", default=list(STYLES), choices=list(STYLES))
     ap.add_argument("--optim", default="adamw1e-3", choices=list(OPTIMS), help="phase 2's")
-    ap.add_argument("--methods", nargs="+", default=["supervised", "mean_teacher", "gta",
-                                                      "gta_efficient"], choices=list(SEMI_METHODS))
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="config overrides for every run (a run's own settings win)")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["supervised", "mean_teacher", "gta", "gta_efficient"],
+        choices=list(SEMI_METHODS),
+    )
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every run (a run's own settings win)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny data and one cell per phase")
     args = ap.parse_args()
     root = Path(args.out).resolve()
@@ -129,20 +203,45 @@ def main() -> None:
     jobs = []
     if "learn" in args.phases:
         for style, enc, opt in product(styles, encoders, OPTIMS):
-            jobs.append({"phase": "learn", "style": style, "encoder": enc, "optim": opt,
-                         "method": "supervised", "seed": 0, "split": "full",
-                         "epochs": args.learn_epochs, "name": f"learn_{style}_{enc}_{opt}",
-                         "sets": OPTIMS[opt] + " train.method=supervised"})
+            jobs.append(
+                {
+                    "phase": "learn",
+                    "style": style,
+                    "encoder": enc,
+                    "optim": opt,
+                    "method": "supervised",
+                    "seed": 0,
+                    "split": "full",
+                    "epochs": args.learn_epochs,
+                    "name": f"learn_{style}_{enc}_{opt}",
+                    "sets": OPTIMS[opt] + " train.method=supervised",
+                }
+            )
     if "semi" in args.phases:
         for style, enc, method, seed in product(styles, encoders, args.methods, args.seeds):
-            jobs.append({"phase": "semi", "style": style, "encoder": enc, "optim": args.optim,
-                         "method": method, "seed": seed, "split": "1_16",
-                         "epochs": args.semi_epochs, "name": f"semi_{style}_{enc}_{method}_{seed}",
-                         "sets": OPTIMS[args.optim] + " " + SEMI_METHODS[method]})
+            jobs.append(
+                {
+                    "phase": "semi",
+                    "style": style,
+                    "encoder": enc,
+                    "optim": args.optim,
+                    "method": method,
+                    "seed": seed,
+                    "split": "1_16",
+                    "epochs": args.semi_epochs,
+                    "name": f"semi_{style}_{enc}_{method}_{seed}",
+                    "sets": OPTIMS[args.optim] + " " + SEMI_METHODS[method],
+                }
+            )
     # seed 0 of every semi cell first (GTA, the longest, leading), then other seeds, then phase 1
     order = list(SEMI_METHODS)
-    jobs.sort(key=lambda j: (j["phase"] != "semi", j["seed"], order.index(j["method"])
-                             if j["phase"] == "semi" else 0))
+    jobs.sort(
+        key=lambda j: (
+            j["phase"] != "semi",
+            j["seed"],
+            order.index(j["method"]) if j["phase"] == "semi" else 0,
+        )
+    )
     with ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(lambda j: run(root, j, args.device, args.set), jobs))
     keys = sorted({k for r in rows for k in r})

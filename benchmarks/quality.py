@@ -66,10 +66,23 @@ def prepare(out: Path, params_path: Path, quick: bool) -> dict[str, dict]:
     params = load_params(params_path)
     p = params.data_prep[params.dataset_entry()]
     n_train, n_val = (48, 8) if quick else (p.n_train, p.n_val)
-    digits = make_embedded(out / "data" / "digits", n_train=n_train, n_val=n_val, size=p.size,
-                           seed=p.seed, overwrite=True, style=p.style())
-    shapes = make_shapes(out / "data" / "shapes", n_train=n_train, n_val=n_val, size=p.size,
-                         seed=p.seed, overwrite=True)
+    digits = make_embedded(
+        out / "data" / "digits",
+        n_train=n_train,
+        n_val=n_val,
+        size=p.size,
+        seed=p.seed,
+        overwrite=True,
+        style=p.style(),
+    )
+    shapes = make_shapes(
+        out / "data" / "shapes",
+        n_train=n_train,
+        n_val=n_val,
+        size=p.size,
+        seed=p.seed,
+        overwrite=True,
+    )
     encoder = pretrain(out, params, quick)
     return {
         "digits": {"format": "embedded", "root": digits, "classes": len(p.digits) + 1},
@@ -94,14 +107,17 @@ def pretrain(out: Path, params, quick: bool) -> Path:
     style = replace(prep.style(), digits=tuple(p.digits))
     data = out / "pretrained" / "data"
     n_train, n_val, epochs = (16, 4, 1) if quick else (p.n_train, p.n_val, p.epochs)
-    make_embedded(data, n_train=n_train, n_val=n_val, size=prep.size, seed=p.seed,
-                  overwrite=True, style=style)
+    make_embedded(
+        data, n_train=n_train, n_val=n_val, size=prep.size, seed=p.seed, overwrite=True, style=style
+    )
     ids = (data / "train.txt").read_text().split()
     write_split(out / "pretrained" / "split", *make_split(ids, 1.0, p.seed))
     cfg = pretrain_config(params, name)
-    cfg = replace(cfg, data=replace(cfg.data, root=str(data),
-                                    split_dir=str(out / "pretrained" / "split")),
-                  train=replace(cfg.train, epochs=epochs))
+    cfg = replace(
+        cfg,
+        data=replace(cfg.data, root=str(data), split_dir=str(out / "pretrained" / "split")),
+        train=replace(cfg.train, epochs=epochs),
+    )
     train(cfg, out / "pretrained" / "run", progress=False)
     export_encoder(out / "pretrained" / "run" / "model", encoder)
     return encoder
@@ -124,28 +140,57 @@ def run(out: Path, job: dict, params_path: Path, threads: int) -> dict:
     run_dir = out / "runs" / job["name"]
     data = job["data"]
     split = out / "splits" / job["dataset"] / job["ratio"] / f"seed{job['seed']}"
-    sets = [f"data.format={data['format']}", f"data.root={data['root']}",
-            f"data.num_classes={data['classes']}", f"data.split_dir={split}",
-            f"model.encoder_weights={job['encoder']}", f"train.method={method_of(job['method'])}",
-            f"train.seed={job['seed']}", f"train.epochs={job['epochs']}",
-            "train.checkpoint_every_iters=0", *job["sets"].split()]
+    sets = [
+        f"data.format={data['format']}",
+        f"data.root={data['root']}",
+        f"data.num_classes={data['classes']}",
+        f"data.split_dir={split}",
+        f"model.encoder_weights={job['encoder']}",
+        f"train.method={method_of(job['method'])}",
+        f"train.seed={job['seed']}",
+        f"train.epochs={job['epochs']}",
+        "train.checkpoint_every_iters=0",
+        *job["sets"].split(),
+    ]
     rc, wall = 0, 0.0
     if not (run_dir / "metrics.json").is_file():
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         start = time.perf_counter()
         with (out / "runs" / f"{job['name']}.log").open("w") as log:
             rc = subprocess.call(
-                [sys.executable, "-m", "gtaseg.cli", "train", "--config", str(params_path),
-                 "--no-progress", "--no-resume", "--out", str(run_dir), "--set", *sets],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                [
+                    sys.executable,
+                    "-m",
+                    "gtaseg.cli",
+                    "train",
+                    "--config",
+                    str(params_path),
+                    "--no-progress",
+                    "--no-resume",
+                    "--out",
+                    str(run_dir),
+                    "--set",
+                    *sets,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            )
         wall = time.perf_counter() - start
-    row = {k: job[k] for k in ("dataset", "ratio", "method", "seed")} | {"sets": job["sets"],
-                                                                        "rc": rc}
+    row = {k: job[k] for k in ("dataset", "ratio", "method", "seed")} | {
+        "sets": job["sets"],
+        "rc": rc,
+    }
     if rc == 0:
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        row |= {"best": metrics["best_val_miou_student"], "final": metrics["val_miou_student"],
-                "iterations": metrics["iterations"], "train_s": metrics["wall_time_s"],
-                "wall_s": round(wall, 1) if wall else ""}
+        row |= {
+            "best": metrics["best_val_miou_student"],
+            "final": metrics["val_miou_student"],
+            "iterations": metrics["iterations"],
+            "train_s": metrics["wall_time_s"],
+            "wall_s": round(wall, 1) if wall else "",
+        }
     with _LOCK:
         print(json.dumps(row), flush=True)
     return row
@@ -156,8 +201,10 @@ def history(out: Path, name: str) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     with path.open() as fh:
-        return [{k: float(v) for k, v in r.items() if v and not k.startswith("val_iou")}
-                for r in csv.DictReader(fh)]
+        return [
+            {k: float(v) for k, v in r.items() if v and not k.startswith("val_iou")}
+            for r in csv.DictReader(fh)
+        ]
 
 
 def job_name(dataset: str, ratio: str, method: str, seed: int) -> str:
@@ -174,12 +221,21 @@ def epochs_table(out: Path, jobs: list[dict]) -> list[dict]:
         sup = history(out, job_name(job["dataset"], job["ratio"], "supervised", job["seed"]))
         for k, h in enumerate(history(out, job["name"])):
             row = {k2: job[k2] for k2 in ("dataset", "ratio", "method", "seed")}
-            row |= {key: round(h[key], 4) for key in ("epoch", "val_miou_student",
-                                                       "val_miou_teacher", "pseudo_miou",
-                                                       "pseudo_kept_frac") if key in h}
+            row |= {
+                key: round(h[key], 4)
+                for key in (
+                    "epoch",
+                    "val_miou_student",
+                    "val_miou_teacher",
+                    "pseudo_miou",
+                    "pseudo_kept_frac",
+                )
+                if key in h
+            }
             if k < len(sup):
-                row["gain_over_supervised"] = round(h["val_miou_student"]
-                                                    - sup[k]["val_miou_student"], 4)
+                row["gain_over_supervised"] = round(
+                    h["val_miou_student"] - sup[k]["val_miou_student"], 4
+                )
             rows.append(row)
     return rows
 
@@ -198,15 +254,24 @@ def summary_table(rows: list[dict], methods: list[str], ratios: list[str], seeds
     lines = []
     ok = [r for r in rows if r["rc"] == 0 and r["seed"] in seeds]
     for dataset in sorted({r["dataset"] for r in ok}):
+
         def values(method, ratio, key, dataset=dataset):
-            return [r[key] for r in ok if (r["dataset"], r["method"], r["ratio"])
-                    == (dataset, method, ratio)]
+            return [
+                r[key]
+                for r in ok
+                if (r["dataset"], r["method"], r["ratio"]) == (dataset, method, ratio)
+            ]
 
         full = values("supervised", "full", "best")
         low = ratios[0]
         sup_low = values("supervised", low, "best")
-        lines += [f"### {dataset}", "", "best student mIoU (%), mean ± half the range over seeds "
-                  f"{seeds}; full labels (supervised): {_stats(full)}", ""]
+        lines += [
+            f"### {dataset}",
+            "",
+            "best student mIoU (%), mean ± half the range over seeds "
+            f"{seeds}; full labels (supervised): {_stats(full)}",
+            "",
+        ]
         header = ["method"] + [f"{r} best" for r in ratios] + [f"{r} final" for r in ratios]
         header.append(f"gap closed at {low}")
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -232,9 +297,11 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("--out", default="benchmarks/results/quality")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--datasets", nargs="+", default=["digits", "shapes"])
@@ -261,10 +328,19 @@ def main() -> None:
     for dataset in args.datasets:
         for seed in args.seeds:
             for ratio, method in cells:
-                jobs.append({"dataset": dataset, "ratio": ratio, "method": method, "seed": seed,
-                             "sets": variants[method], "data": setup[dataset],
-                             "encoder": setup["encoder"], "epochs": args.epochs,
-                             "name": job_name(dataset, ratio, method, seed)})
+                jobs.append(
+                    {
+                        "dataset": dataset,
+                        "ratio": ratio,
+                        "method": method,
+                        "seed": seed,
+                        "sets": variants[method],
+                        "data": setup[dataset],
+                        "encoder": setup["encoder"],
+                        "epochs": args.epochs,
+                        "name": job_name(dataset, ratio, method, seed),
+                    }
+                )
     jobs.sort(key=lambda j: (j["seed"], -len(j["method"])))  # long GTA runs first
     with ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(lambda j: run(out, j, params_path, args.threads), jobs))
@@ -273,10 +349,21 @@ def main() -> None:
     import torch
 
     command = " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])
-    (out / "environment.json").write_text(json.dumps({
-        "command": command, "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "cpus": os.cpu_count(), "threads_per_run": args.threads,
-        "parallel_runs": args.parallel}, indent=2) + "\n")
+    (out / "environment.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+                "threads_per_run": args.threads,
+                "parallel_runs": args.parallel,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     table = summary_table(rows, list(variants), args.ratios, args.seeds)
     (out / "table.md").write_text(f"Command: `{command}`\n\n{table}")
     print(table)

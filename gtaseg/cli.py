@@ -16,10 +16,17 @@ from gtaseg.errors import GtasegError
 # Subcommands whose parser lives in a module that imports torch and smp (seconds): registered in
 # full only when invoked; otherwise a one-line entry keeps them in `gtaseg --help`.
 LAZY_PARSERS = {
-    "bench": ("gtaseg.bench", "add_bench_parser", "time supervised, GTA-Seg (faithful, "
-              "efficient) and the original's step"),
-    "bench-loop": ("gtaseg.bench_loop", "add_bench_loop_parser", "time the whole training "
-                   "loop (data included) of supervised and GTA-Seg, beside the step bench"),
+    "bench": (
+        "gtaseg.bench",
+        "add_bench_parser",
+        "time supervised, GTA-Seg (faithful, efficient) and the original's step",
+    ),
+    "bench-loop": (
+        "gtaseg.bench_loop",
+        "add_bench_loop_parser",
+        "time the whole training "
+        "loop (data included) of supervised and GTA-Seg, beside the step bench",
+    ),
 }
 
 EPILOG = """examples:
@@ -38,10 +45,18 @@ class CommandError(GtasegError, RuntimeError):
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="params.yaml", help="YAML config; its `run:` section is "
-                   "used when present (default: params.yaml)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override config values, e.g. train.method=supervised data.crop_size=64")
+    p.add_argument(
+        "--config",
+        default="params.yaml",
+        help="YAML config; its `run:` section is used when present (default: params.yaml)",
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config values, e.g. train.method=supervised data.crop_size=64",
+    )
 
 
 def _config(args: argparse.Namespace):
@@ -52,16 +67,34 @@ def cmd_make_data(args: argparse.Namespace) -> None:
     if args.kind == "shapes":
         from gtaseg.data.shapes import make_shapes
 
-        root = make_shapes(Path(args.root), n_train=args.n_train, n_val=args.n_val,
-                           size=args.size, seed=args.seed, overwrite=args.overwrite)
+        root = make_shapes(
+            Path(args.root),
+            n_train=args.n_train,
+            n_val=args.n_val,
+            size=args.size,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
         print(f"shapes dataset written to {root} (data.format: folder, data.num_classes: 6)")
         return
     from gtaseg.data.embedded import SceneStyle, make_embedded
 
-    style = SceneStyle(tuple(args.digits), tuple(args.per_scene), tuple(args.digit_size),
-                       tuple(args.distractors), args.vivid_distractors)
-    root = make_embedded(Path(args.root), n_train=args.n_train, n_val=args.n_val, size=args.size,
-                         seed=args.seed, overwrite=args.overwrite, style=style)
+    style = SceneStyle(
+        tuple(args.digits),
+        tuple(args.per_scene),
+        tuple(args.digit_size),
+        tuple(args.distractors),
+        args.vivid_distractors,
+    )
+    root = make_embedded(
+        Path(args.root),
+        n_train=args.n_train,
+        n_val=args.n_val,
+        size=args.size,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        style=style,
+    )
     print(f"embedded dataset written to {root}")
 
 
@@ -90,14 +123,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         fallback = Path(args.mlflow_fallback) if args.mlflow_fallback else None
         try:
-            tracker = MlflowTracker(experiment=args.mlflow_experiment, run_name=Path(args.out).name,
-                                    fallback_dir=fallback)
+            tracker = MlflowTracker(
+                experiment=args.mlflow_experiment,
+                run_name=Path(args.out).name,
+                fallback_dir=fallback,
+            )
         except TrackingUnavailable as exc:  # before any training: nothing written yet
             raise CommandError(f"{exc} (command line: --mlflow-fallback DIR)") from None
     status = "FAILED"
     try:
-        summary = train(cfg, args.out, tracker=tracker, resume=not args.no_resume,
-                        progress=not args.no_progress)
+        summary = train(
+            cfg, args.out, tracker=tracker, resume=not args.no_resume, progress=not args.no_progress
+        )
         status = "FINISHED"
     finally:
         if tracker is not None:  # also on failure: buffered metrics are delivered, not lost
@@ -115,8 +152,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from gtaseg.inference import predict_folder
 
-    written = predict_folder(Path(args.model), Path(args.images), Path(args.out), args.device,
-                             overlay_alpha=args.alpha)
+    written = predict_folder(
+        Path(args.model), Path(args.images), Path(args.out), args.device, overlay_alpha=args.alpha
+    )
     print(f"wrote {len(written)} masks and overlays to {args.out}")
 
 
@@ -124,9 +162,11 @@ def cmd_export_encoder(args: argparse.Namespace) -> None:
     from gtaseg.inference import export_encoder
 
     info = export_encoder(Path(args.model), Path(args.out))
-    print(f"wrote the {info['encoder']} encoder (depth {info['encoder_depth']}, "
-          f"{info['tensors']} tensors) to {info['path']}; use it with "
-          f"--set model.encoder_weights={info['path']}")
+    print(
+        f"wrote the {info['encoder']} encoder (depth {info['encoder_depth']}, "
+        f"{info['tensors']} tensors) to {info['path']}; use it with "
+        f"--set model.encoder_weights={info['path']}"
+    )
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -134,47 +174,90 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gtaseg",
         description="GTA-Seg semi-supervised semantic segmentation (Gentle Teaching Assistant).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("make-data", help="write a synthetic dataset (folder format): the "
-                       "embedded digit scenes, or textured shapes")
-    p.add_argument("--kind", choices=["digits", "shapes"], default="digits",
-                   help="digits: the embedded demo's handwritten-digit scenes (format embedded); "
-                   "shapes: 5 textured shape classes over varied backgrounds, 6 classes with "
-                   "background (format folder); the style flags apply to digits only "
-                   "(default: digits)")
+    p = sub.add_parser(
+        "make-data",
+        help="write a synthetic dataset (folder format): the "
+        "embedded digit scenes, or textured shapes",
+    )
+    p.add_argument(
+        "--kind",
+        choices=["digits", "shapes"],
+        default="digits",
+        help="digits: the embedded demo's handwritten-digit scenes (format embedded); "
+        "shapes: 5 textured shape classes over varied backgrounds, 6 classes with "
+        "background (format folder); the style flags apply to digits only "
+        "(default: digits)",
+    )
     p.add_argument("--root", default="data/embedded", help="output folder (default: data/embedded)")
     p.add_argument("--n-train", type=int, default=1024, help="training scenes (default: 1024)")
     p.add_argument("--n-val", type=int, default=256, help="validation scenes (default: 256)")
     p.add_argument("--size", type=int, default=64, help="scene side in pixels (default: 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing different dataset")
-    style = p.add_argument_group("scene style (defaults: the hardest variant; params.yaml's "
-                                 "data_prep holds the demo's)")
-    style.add_argument("--digits", type=int, nargs="+", default=list(range(10)), metavar="D",
-                       help="digit classes drawn; data.num_classes = count + 1 (default: 0-9)")
-    style.add_argument("--per-scene", type=int, nargs=2, default=[2, 5], metavar=("LO", "HI"),
-                       help="digits per scene (default: 2 5)")
-    style.add_argument("--digit-size", type=float, nargs=2, default=[0.21875, 0.46875],
-                       metavar=("LO", "HI"), help="digit side / scene side (default: 0.21875 "
-                       "0.46875, 14-30 px on 64)")
-    style.add_argument("--distractors", type=int, nargs=2, default=[2, 6], metavar=("LO", "HI"),
-                       help="background strokes and blobs per scene (default: 2 6)")
-    style.add_argument("--vivid-distractors", type=float, default=0.25, metavar="F",
-                       help="share of distractors as vivid as digits (default: 0.25)")
+    style = p.add_argument_group(
+        "scene style (defaults: the hardest variant; params.yaml's data_prep holds the demo's)"
+    )
+    style.add_argument(
+        "--digits",
+        type=int,
+        nargs="+",
+        default=list(range(10)),
+        metavar="D",
+        help="digit classes drawn; data.num_classes = count + 1 (default: 0-9)",
+    )
+    style.add_argument(
+        "--per-scene",
+        type=int,
+        nargs=2,
+        default=[2, 5],
+        metavar=("LO", "HI"),
+        help="digits per scene (default: 2 5)",
+    )
+    style.add_argument(
+        "--digit-size",
+        type=float,
+        nargs=2,
+        default=[0.21875, 0.46875],
+        metavar=("LO", "HI"),
+        help="digit side / scene side (default: 0.21875 0.46875, 14-30 px on 64)",
+    )
+    style.add_argument(
+        "--distractors",
+        type=int,
+        nargs=2,
+        default=[2, 6],
+        metavar=("LO", "HI"),
+        help="background strokes and blobs per scene (default: 2 6)",
+    )
+    style.add_argument(
+        "--vivid-distractors",
+        type=float,
+        default=0.25,
+        metavar="F",
+        help="share of distractors as vivid as digits (default: 0.25)",
+    )
     p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("split", help="write labeled.txt / unlabeled.txt for a label ratio or count")
     _add_config_args(p)
-    p.add_argument("--amount", default="1/16",
-                   help="label ratio (1/16, 0.125) or count (92, 183, ...) or 'full' (default: "
-                   "1/16); labelled ids come from data.labeled_pool when the config sets it")
+    p.add_argument(
+        "--amount",
+        default="1/16",
+        help="label ratio (1/16, 0.125) or count (92, 183, ...) or 'full' (default: "
+        "1/16); labelled ids come from data.labeled_pool when the config sets it",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder for the two lists")
-    p.add_argument("--import-from", metavar="DIR",
-                   help="import an existing canonical split (labeled.txt/unlabeled.txt) instead")
+    p.add_argument(
+        "--import-from",
+        metavar="DIR",
+        help="import an existing canonical split (labeled.txt/unlabeled.txt) instead",
+    )
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("train", help="train one run (resumes if --out holds a checkpoint)")
@@ -182,32 +265,47 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder for checkpoints, model and metrics")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--mlflow-experiment",
-                   help="also log to MLflow (MLFLOW_TRACKING_URI or ./mlruns)")
-    p.add_argument("--mlflow-fallback", metavar="DIR",
-                   help="if the MLflow server is unreachable at start, log to JSONL files in DIR "
-                   "(replay later with gtaseg.mlflow_tracking.replay_jsonl) instead of failing")
+    p.add_argument(
+        "--mlflow-experiment", help="also log to MLflow (MLFLOW_TRACKING_URI or ./mlruns)"
+    )
+    p.add_argument(
+        "--mlflow-fallback",
+        metavar="DIR",
+        help="if the MLflow server is unreachable at start, log to JSONL files in DIR "
+        "(replay later with gtaseg.mlflow_tracking.replay_jsonl) instead of failing",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint's student or teacher on the val set")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--network", choices=["student", "teacher", "assistant"], default="student")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override the checkpoint's config (e.g. eval.mode=sliding data.root=...)")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the checkpoint's config (e.g. eval.mode=sliding data.root=...)",
+    )
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict masks and colour overlays for a folder of images")
-    p.add_argument("--model", required=True, help="a run's model/ folder (smp save_pretrained; "
-                   "images are normalised with the run's data.mean/std from normalization.json)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a run's model/ folder (smp save_pretrained; "
+        "images are normalised with the run's data.mean/std from normalization.json)",
+    )
     p.add_argument("--images", required=True, help="folder of .png/.jpg images")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: 0.5)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export-encoder", help="save a trained model's encoder as pretrained "
-                       "weights for model.encoder_weights")
+    p = sub.add_parser(
+        "export-encoder",
+        help="save a trained model's encoder as pretrained weights for model.encoder_weights",
+    )
     p.add_argument("--model", required=True, help="a run's model/ folder (smp save_pretrained)")
     p.add_argument("--out", required=True, help="output .pth file (plain tensors)")
     p.set_defaults(func=cmd_export_encoder)

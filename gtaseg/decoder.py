@@ -44,8 +44,7 @@ class OriginalASPP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear",
-                               align_corners=True)
+        pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=True)
         return torch.cat([pooled, *(branch(x) for branch in self.branches)], dim=1)
 
 
@@ -70,8 +69,10 @@ class OriginalDecoder(nn.Module):
 def original_classifier(channels: int, num_classes: int) -> nn.Sequential:
     """The original's `decoder.classifier`, then the x4 upsampling of its logits."""
     return nn.Sequential(
-        *_conv_bn_relu(2 * channels, channels, 3, bias=True), nn.Dropout2d(0.1),
-        *_conv_bn_relu(channels, channels, 3, bias=True), nn.Dropout2d(0.1),
+        *_conv_bn_relu(2 * channels, channels, 3, bias=True),
+        nn.Dropout2d(0.1),
+        *_conv_bn_relu(channels, channels, 3, bias=True),
+        nn.Dropout2d(0.1),
         nn.Conv2d(channels, num_classes, 1),
         nn.UpsamplingBilinear2d(scale_factor=4),
     )

@@ -44,8 +44,9 @@ def evaluate_checkpoint(
     model = build_model(replace(cfg.model, encoder_weights=None), cfg.data.num_classes).to(dev)
     model.load_state_dict(weights)
     val = make_val_data(cfg.data, cfg.eval.max_images, device=dev)
-    result = evaluate(model, val, cfg.eval, cfg.data.num_classes, dev, progress=True,
-                      pad_label=cfg.data.pad_label)
+    result = evaluate(
+        model, val, cfg.eval, cfg.data.num_classes, dev, progress=True, pad_label=cfg.data.pad_label
+    )
     out = asdict(result)
     out["confusion"] = np.asarray(result.confusion).tolist()
     return {"checkpoint": str(path), "network": network, **out}
@@ -90,13 +91,17 @@ def load_normalization(model_dir: Path) -> tuple[tuple[float, ...], tuple[float,
         mean = tuple(float(v) for v in raw["mean"])
         std = tuple(float(v) for v in raw["std"])
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"{path}: expected {{\"mean\": [r, g, b], \"std\": [r, g, b]}}, "
-                          f"got error {exc!r}. Re-export the model with `gtaseg train`.") from None
+        raise ConfigError(
+            f'{path}: expected {{"mean": [r, g, b], "std": [r, g, b]}}, '
+            f"got error {exc!r}. Re-export the model with `gtaseg train`."
+        ) from None
     finite = all(math.isfinite(v) for v in mean + std)
     if len(mean) != 3 or len(std) != 3 or not finite or min(std) <= 0:
-        raise ConfigError(f"{path}: expected three finite means and three positive stds, got "
-                          f"mean={list(mean)} std={list(std)}. Re-export the model with "
-                          f"`gtaseg train`.")
+        raise ConfigError(
+            f"{path}: expected three finite means and three positive stds, got "
+            f"mean={list(mean)} std={list(std)}. Re-export the model with "
+            f"`gtaseg train`."
+        )
     return mean, std
 
 
@@ -145,8 +150,9 @@ def _from_export(model_class: type, model_dir: Path) -> torch.nn.Module:
     kwargs = {k: v for k, v in config.items() if not k.startswith("_")} | {"encoder_weights": None}
     model = model_class(**kwargs)
     if config.get("_gtaseg_head") == "original":
-        use_original_head(model, kwargs["decoder_channels"], kwargs["decoder_atrous_rates"],
-                          kwargs["classes"])
+        use_original_head(
+            model, kwargs["decoder_channels"], kwargs["decoder_atrous_rates"], kwargs["classes"]
+        )
     finish_model(model, int(kwargs.get("encoder_depth", 5)))
     model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
     return model
@@ -166,8 +172,12 @@ def export_encoder(model_dir: Path, out: Path) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open_atomic(out, "wb") as file:
         torch.save(state, file)
-    return {"encoder": kwargs.get("encoder_name"), "encoder_depth": kwargs.get("encoder_depth", 5),
-            "tensors": len(state), "path": str(out)}
+    return {
+        "encoder": kwargs.get("encoder_name"),
+        "encoder_depth": kwargs.get("encoder_depth", 5),
+        "tensors": len(state),
+        "path": str(out),
+    }
 
 
 def overlay(image_HW3: np.ndarray, mask_HW: np.ndarray, alpha: float) -> np.ndarray:

@@ -52,8 +52,9 @@ def conf_weighted_pseudo_loss(
     `conf_BHW` is the teacher's per-pixel confidence (the original takes the max softmax of the
     teacher's train-mode logits on the mixed batch; see `confidence`). Among non-ignored pixels,
     those at or below the (100 - drop_percent)-th percentile are dropped (label -> ignore,
-    confidence -> 0), so drop_percent=80 keeps the most confident ~80%. With N = B*H*W and K = pixels kept,
-    w = (conf + 1) / sum_N(conf + 1) * K and loss = mean_N(w * (N / K) * CE), CE = 0 where ignored.
+    confidence -> 0), so drop_percent=80 keeps the most confident ~80%. With N = B*H*W and
+    K = pixels kept, w = (conf + 1) / sum_N(conf + 1) * K and
+    loss = mean_N(w * (N / K) * CE), CE = 0 where ignored.
 
     Does not mutate its inputs. Returns (loss, kept fraction of all pixels), both 0-dim tensors.
     """

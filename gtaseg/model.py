@@ -112,7 +112,8 @@ def _stages_beyond(depth: int) -> list[str]:
 def _unused_stages(encoder: nn.Module, depth: int) -> list[str]:
     """The stages beyond `depth` that this encoder still holds."""
     return [
-        name for name in _stages_beyond(depth)
+        name
+        for name in _stages_beyond(depth)
         if isinstance(getattr(encoder, name, None), nn.Module)
     ]
 
@@ -218,8 +219,8 @@ def classifier_modules(model: nn.Module, scope: SemiConfig | str) -> list[nn.Mod
     all_but_classifier (original code): for smp's DeepLabV3+, `decoder.block2` (the conv block
     after the concat of low-level and ASPP features) and `segmentation_head` (the final 1x1
     conv); with `model.head: original`, `segmentation_head`, which is the original's whole
-    classifier; for other architectures, `segmentation_head` only. encoder (paper text, "feature extractor"):
-    everything that is not the encoder.
+    classifier; for other architectures, `segmentation_head` only. encoder (paper text,
+    "feature extractor"): everything that is not the encoder.
     """
     scope = scope.transfer_scope if isinstance(scope, SemiConfig) else scope
     if scope == "encoder":

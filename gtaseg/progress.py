@@ -41,8 +41,10 @@ class LineProgress:
         rate = (self.n - self._start_n) / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.n) / rate if rate > 0 else 0.0
         pct = 100 * self.n / max(self.total, 1)
-        text = (f"[{self.desc}] {self.n}/{self.total} it ({pct:.0f}%), {rate:.1f} it/s, "
-                f"{_duration(left)} left")
+        text = (
+            f"[{self.desc}] {self.n}/{self.total} it ({pct:.0f}%), {rate:.1f} it/s, "
+            f"{_duration(left)} left"
+        )
         return f"{text}, {self._postfix}" if self._postfix else text
 
     def set_postfix(self, values: Mapping[str, Any]) -> None:

@@ -196,8 +196,13 @@ def write_comparison(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
         f"teacher afterwards, as the original code selects checkpoints)\n\n"
         + _to_markdown(summary_table(df, SELECTION_METRIC)),
         "# Wall time per run (s)\n\n"
-        + _to_markdown(df.pivot_table(index="method", columns="ratio", values="wall_time_s",
-                                      aggfunc="mean", sort=False).round(1).reset_index()),
+        + _to_markdown(
+            df.pivot_table(
+                index="method", columns="ratio", values="wall_time_s", aggfunc="mean", sort=False
+            )
+            .round(1)
+            .reset_index()
+        ),
     ]
     write_atomic(paths["summary_md"], "\n\n".join(sections) + "\n")
     stats = summary_stats(df).round(4)

@@ -31,8 +31,10 @@ def prepare(params: PipelineParams, name: str) -> Path:
     p, out, data = params_entry(params, "data_prep", name), embedded_dir(name), params.run.data
     if params.dataset_entry() != name:
         out.mkdir(parents=True, exist_ok=True)  # the stage's output, empty
-        print(f"data_prep.{name}: run.data reads {data.format} data from {data.root}, not {out}: "
-              f"nothing generated. Remove the entry (data_prep: {{}}) to drop the stage.")
+        print(
+            f"data_prep.{name}: run.data reads {data.format} data from {data.root}, not {out}: "
+            f"nothing generated. Remove the entry (data_prep: {{}}) to drop the stage."
+        )
         return out
     if data.num_classes != len(p.digits) + 1:
         raise ConfigError(
@@ -42,8 +44,15 @@ def prepare(params: PipelineParams, name: str) -> Path:
         )
     from gtaseg.data.embedded import make_embedded
 
-    return make_embedded(out, n_train=p.n_train, n_val=p.n_val, size=p.size, seed=p.seed,
-                         overwrite=True, style=p.style())
+    return make_embedded(
+        out,
+        n_train=p.n_train,
+        n_val=p.n_val,
+        size=p.size,
+        seed=p.seed,
+        overwrite=True,
+        style=p.style(),
+    )
 
 
 def style_entry(params: PipelineParams, name: str) -> str:
@@ -78,10 +87,14 @@ def pretrain_spec(params: PipelineParams, name: str) -> dict[str, Any]:
 def generated_inputs(params: PipelineParams) -> dict[str, Any]:
     """The specs of what the runs read that the pipeline generated (part of each cell's key)."""
     dataset, encoder = params.dataset_entry(), params.pretrain_entry()
-    return json.loads(json.dumps({
-        "data_prep": dataclasses.asdict(params.data_prep[dataset]) if dataset else None,
-        "pretrain": pretrain_spec(params, encoder) if encoder else None,
-    }))
+    return json.loads(
+        json.dumps(
+            {
+                "data_prep": dataclasses.asdict(params.data_prep[dataset]) if dataset else None,
+                "pretrain": pretrain_spec(params, encoder) if encoder else None,
+            }
+        )
+    )
 
 
 def pretrain_config(params: PipelineParams, name: str) -> Config:

@@ -96,6 +96,6 @@ def pretrain(
             },
             indent=2,
         )
-        + "\n"
+        + "\n",
     )
     return out

@@ -69,15 +69,20 @@ def current_runs(params: PipelineParams) -> list[CellRun]:
         else:
             missing.append(f"{ratio}/{method}/seed{seed}")
     where = f"experiment {params.tracking.experiment!r} at {uri}"
-    advice = ("Train them (dvc repro), or replay a run folder's tracking-fallback/*.jsonl if it "
-              "trained while MLflow was down (gtaseg.mlflow_tracking.replay_jsonl).")
+    advice = (
+        "Train them (dvc repro), or replay a run folder's tracking-fallback/*.jsonl if it "
+        "trained while MLflow was down (gtaseg.mlflow_tracking.replay_jsonl)."
+    )
     if not found:
-        raise NoResults(f"no sweep cell has a finished MLflow run for its current inputs in "
-                        f"{where}. {advice}")
+        raise NoResults(
+            f"no sweep cell has a finished MLflow run for its current inputs in {where}. {advice}"
+        )
     if missing:
-        print(f"results: {len(missing)} sweep cell(s) have no finished MLflow run for their "
-              f"current inputs in {where} and are left out: {', '.join(missing)}. {advice}",
-              file=sys.stderr)
+        print(
+            f"results: {len(missing)} sweep cell(s) have no finished MLflow run for their "
+            f"current inputs in {where} and are left out: {', '.join(missing)}. {advice}",
+            file=sys.stderr,
+        )
     return found
 
 
@@ -99,8 +104,9 @@ def finished_run(
     query = f"tags.`gtaseg.cell_key` = '{key}' and attributes.status = 'FINISHED'"
     if code is not None:
         query += f" and tags.`gtaseg.code` = '{code}'"
-    runs = client.search_runs([experiment.experiment_id], query,
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+    )
     return _cell_run(runs[0], ratio, method, seed) if runs else None
 
 

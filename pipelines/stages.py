@@ -40,8 +40,21 @@ from pipelines.pretraining import pretrain
 if TYPE_CHECKING:
     from pipelines.mirror import FolderMirror
 
-__all__ = ["FULL", "prepare", "pretrain", "pretrain_config", "pretrain_spec", "run_config",
-           "run_dir", "split", "split_dir", "sweep_cells", "train", "compare", "register"]
+__all__ = [
+    "FULL",
+    "prepare",
+    "pretrain",
+    "pretrain_config",
+    "pretrain_spec",
+    "run_config",
+    "run_dir",
+    "split",
+    "split_dir",
+    "sweep_cells",
+    "train",
+    "compare",
+    "register",
+]
 RESULTS_DIR = Path("results")
 COMPARISON_FILES = ("summary.md", "results.csv", "miou_vs_ratio.png")  # kept by the parent run
 
@@ -89,13 +102,20 @@ def train(
     if mirror is None:
         return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress)
     # checkpoints upload in the background while training goes on; start and end wait for it
-    return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress,
-                            on_state=mirror.push_or_warn, on_checkpoint=mirror.push_soon)
+    return tracked_training(
+        params,
+        cfg,
+        out,
+        ratio,
+        tags,
+        parent_run_id,
+        progress,
+        on_state=mirror.push_or_warn,
+        on_checkpoint=mirror.push_soon,
+    )
 
 
-def cell_mirror(
-    params: PipelineParams, ratio: str, method: str, seed: int
-) -> FolderMirror | None:
+def cell_mirror(params: PipelineParams, ratio: str, method: str, seed: int) -> FolderMirror | None:
     """The cell's run folder mirrored in storage (`pipelines.mirror`; None
     without GTASEG_STORAGE_URI, or on a torchrun rank other than 0). A folder without a run
     record, as a new job on a work pool has, gets the stored copy first: a job restarted after
@@ -143,17 +163,24 @@ def register(params: PipelineParams) -> dict[str, Any]:
         if c.ratio != FULL  # an upper bound trained with every label, not a ratio's student
     ]
     client = MlflowClient(tracking_uri(params))
-    result = {"model_name": t.model_name, "metric_name": t.champion_metric,
-              **point_aliases(client, t.model_name, candidates, t.champion_metric)}
+    result = {
+        "model_name": t.model_name,
+        "metric_name": t.champion_metric,
+        **point_aliases(client, t.model_name, candidates, t.champion_metric),
+    }
     RESULTS_DIR.mkdir(exist_ok=True)
     record = RESULTS_DIR / "champion.json"
     record.write_text(json.dumps(result, indent=2) + "\n")
     files = [RESULTS_DIR / name for name in COMPARISON_FILES if (RESULTS_DIR / name).is_file()]
     champion = result["aliases"]["champion"]
-    result["sweep_run_id"] = end_sweep(params, [*files, record], {
-        "gtaseg.champion_version": champion["version"],
-        "gtaseg.champion_run_id": champion["run_id"],
-    })
+    result["sweep_run_id"] = end_sweep(
+        params,
+        [*files, record],
+        {
+            "gtaseg.champion_version": champion["version"],
+            "gtaseg.champion_run_id": champion["run_id"],
+        },
+    )
     return result
 
 

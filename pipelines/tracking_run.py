@@ -52,7 +52,7 @@ def tracking_uri(params: PipelineParams) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
-        uri = prefix + str(Path.cwd() / uri[len(prefix):])
+        uri = prefix + str(Path.cwd() / uri[len(prefix) :])
     return uri
 
 
@@ -144,8 +144,14 @@ def tracked_training(
     status = "FAILED"  # a killed or failed attempt must not read FINISHED; a rerun resumes it
     try:
         keep()
-        summary = train(cfg, out, tracker=tracker, resume=resume, progress=progress,
-                        on_checkpoint=lambda _: checkpointed())
+        summary = train(
+            cfg,
+            out,
+            tracker=tracker,
+            resume=resume,
+            progress=progress,
+            on_checkpoint=lambda _: checkpointed(),
+        )
         summary["run_id"] = tracker.run_id
         _log_outputs(tracker, cfg, out, params.tracking.log_checkpoints)
         status = runstate.FINISHED

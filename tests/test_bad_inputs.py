@@ -426,9 +426,11 @@ PIPELINE_CASES = {
     "pretraining classes overlap the demo's": (
         lambda params: params["pretrain"]["pretrained"].update(digits=[4, 5, 6]),
         ["pretrain"],
-        ("pretrain.pretrained.digits [4, 5, 6] overlap data_prep.embedded.digits "
-         "[0, 1, 2, 3, 4] in [4]",
-         "would leak the labels a 1/16 split hides"),
+        (
+            "pretrain.pretrained.digits [4, 5, 6] overlap data_prep.embedded.digits "
+            "[0, 1, 2, 3, 4] in [4]",
+            "would leak the labels a 1/16 split hides",
+        ),
     ),
     "YAML syntax error in params.yaml": (
         lambda params: "sweep:\n  ratios: [1_4\n  seeds: [0]\n",  # the whole file's text

@@ -38,7 +38,8 @@ def test_layout_reads_as_folder_format(tiny: Path) -> None:
     assert class_names(cfg) == ["background"] + [f"digit_{d}" for d in range(10)]
     train, val = list_samples(cfg, "train"), list_samples(cfg, "val")
     assert len(train) == 8 and len(val) == 4 and not set(train) & set(val)
-    assert "make_embedded(n_train=8, n_val=4, size=32, seed=0, style=" in (tiny / "README.txt").read_text()
+    readme = (tiny / "README.txt").read_text()
+    assert "make_embedded(n_train=8, n_val=4, size=32, seed=0, style=" in readme
     for sample in [*train.values(), *val.values()]:
         image = read_image(sample.image)
         mask = read_mask(sample, cfg, image.shape[:2])  # checks size and class range

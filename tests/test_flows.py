@@ -125,6 +125,8 @@ def test_a_sweep_on_a_work_pool_without_storage_fails_before_any_work(
     monkeypatch.delenv("GTASEG_STORAGE_URI", raising=False)
     assert main(["sweep", "--train-deployment", "gtaseg-train/train-gpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("pipelines.flows sweep: error: the sweep launches its cells on "
-                          "gtaseg-train/train-gpu: expected the storage root in GTASEG_STORAGE_URI")
+    assert err.startswith(
+        "pipelines.flows sweep: error: the sweep launches its cells on "
+        "gtaseg-train/train-gpu: expected the storage root in GTASEG_STORAGE_URI"
+    )
     assert not (scratch / "data").exists()  # nothing generated

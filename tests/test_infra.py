@@ -30,8 +30,15 @@ COMPOSE = ROOT / "infra" / "docker-compose.yaml"
 TEMPLATE = ROOT / "infra" / "k8s-job-template.json"
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|AUTH", re.IGNORECASE)
 FLOW_PARAMETERS = {
-    "train_flow": {"config_path", "ratio", "method", "seed", "overrides", "inputs",
-                   "parent_run_id"},
+    "train_flow": {
+        "config_path",
+        "ratio",
+        "method",
+        "seed",
+        "overrides",
+        "inputs",
+        "parent_run_id",
+    },
     "sweep_flow": {"config_path", "ratios", "methods", "seeds", "train_deployment", "inputs"},
 }
 

@@ -97,7 +97,9 @@ def test_original_head_has_the_original_classifier_and_round_trips_an_export(tmp
     assert head is model.segmentation_head
     convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
-        (32, 16, (3, 3)), (16, 16, (3, 3)), (16, 4, (1, 1))
+        (32, 16, (3, 3)),
+        (16, 16, (3, 3)),
+        (16, 4, (1, 1)),
     ]
     assert sum(isinstance(m, torch.nn.Dropout2d) for m in head.modules()) == 2
     assert model.decoder.head[0].in_channels == 5 * 16

@@ -69,8 +69,14 @@ def test_mlflow_unreachable_trusts_the_record(tmp_path):
 
 def test_a_fresh_attempt_clears_outputs_but_keeps_unsent_tracking_records(tmp_path):
     out = folder(tmp_path, RunRecord("r1", "key", "code", "FINISHED"))
-    for name in ("metrics.json", "history.csv", "config.yaml", "model/model.safetensors",
-                 "plots/confusion_matrix.png", "tracking-fallback/mlflow-offline-x.jsonl"):
+    for name in (
+        "metrics.json",
+        "history.csv",
+        "config.yaml",
+        "model/model.safetensors",
+        "plots/confusion_matrix.png",
+        "tracking-fallback/mlflow-offline-x.jsonl",
+    ):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("x")
     runstate.clear_outputs(out)
@@ -96,8 +102,12 @@ def test_cell_key_follows_config_split_and_generated_inputs(tmp_path, monkeypatc
     assert runstate.cell_key(params, run_config(params, "1_16", "gta", 0)) == key  # stable
     assert runstate.cell_key(params, run_config(params, "1_16", "supervised", 0)) != key
     longer = dataclasses.replace(params.sweep, epochs={**params.sweep.epochs, "1_16": 7})
-    assert runstate.cell_key(params, run_config(
-        dataclasses.replace(params, sweep=longer), "1_16", "gta", 0)) != key
+    assert (
+        runstate.cell_key(
+            params, run_config(dataclasses.replace(params, sweep=longer), "1_16", "gta", 0)
+        )
+        != key
+    )
     pretrain = {"pretrained": dataclasses.replace(params.pretrain["pretrained"], epochs=8)}
     assert runstate.cell_key(dataclasses.replace(params, pretrain=pretrain), cfg) != key
     write_split(split_dir("1_16", 0), ["a", "c"], ["b", "d", "e"])
@@ -156,7 +166,9 @@ def test_compare_without_finished_runs_says_what_to_do(tmp_path, monkeypatch, ca
         write_split(split_dir(ratio, 0), ["a"], ["b"])
     assert stages.main(["compare", "--params", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("pipelines.stages compare: error: no sweep cell has a finished MLflow "
-                          "run for its current inputs in experiment 'gtaseg-demo'"), err
+    assert err.startswith(
+        "pipelines.stages compare: error: no sweep cell has a finished MLflow "
+        "run for its current inputs in experiment 'gtaseg-demo'"
+    ), err
     assert "Train them (dvc repro)" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()

@@ -54,11 +54,17 @@ class SceneStyle:
                     f"{getattr(self, field)!r}. Fix data_prep.{field} (params.yaml)."
                 )
 
-        check(len(self.digits) >= 1 and len(set(self.digits)) == len(self.digits)
-              and all(0 <= d <= 9 for d in self.digits), "digits", "distinct digits 0-9")
+        check(
+            len(self.digits) >= 1
+            and len(set(self.digits)) == len(self.digits)
+            and all(0 <= d <= 9 for d in self.digits),
+            "digits",
+            "distinct digits 0-9",
+        )
         check(1 <= self.per_scene[0] <= self.per_scene[1], "per_scene", "1 <= low <= high")
-        check(0 < self.digit_size[0] <= self.digit_size[1] <= 1, "digit_size",
-              "0 < low <= high <= 1")
+        check(
+            0 < self.digit_size[0] <= self.digit_size[1] <= 1, "digit_size", "0 < low <= high <= 1"
+        )
         check(0 <= self.distractors[0] <= self.distractors[1], "distractors", "0 <= low <= high")
         check(0 <= self.vivid_distractors <= 1, "vivid_distractors", "in [0, 1]")
 
@@ -242,6 +248,7 @@ def make_embedded(
             f"make_embedded: expected n_train >= 1, n_val >= 1 and size >= 16, got "
             f"n_train={n_train}, n_val={n_val}, size={size}."
         )
-    publish_dataset(Path(root), lambda out: _write_dataset(out, n_train, n_val, size, seed, style),
-                    overwrite)
+    publish_dataset(
+        Path(root), lambda out: _write_dataset(out, n_train, n_val, size, seed, style), overwrite
+    )
     return Path(root)
