@@ -181,13 +181,18 @@ def set_up(work: Path, pretrain_epochs: int, ratio: str) -> None:
 
     work.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["pretrain"]["epochs"] = pretrain_epochs
+    prep, pretrained = next(iter(params["data_prep"])), next(iter(params["pretrain"]))
+    params["pretrain"][pretrained]["epochs"] = pretrain_epochs
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    steps = [["prepare"], ["split", "--ratio", ratio, "--seed", "0"], ["pretrain"]]
+    steps = [
+        ["prepare", "--name", prep],
+        ["split", "--ratio", ratio, "--seed", "0"],
+        ["pretrain", "--name", pretrained],
+    ]
     done = [
-        work / "data/embedded",
+        work / "data" / prep,
         work / f"data/splits/{ratio}/seed0",
-        work / "models/pretrained/encoder.pth",
+        work / "models" / pretrained / "encoder.pth",
     ]
     for args, output in zip(steps, done, strict=True):
         if not output.exists():

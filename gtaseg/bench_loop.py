@@ -32,7 +32,7 @@ from gtaseg.bench_report import (
     loop_variant_row,
     write_loop_csv,
 )
-from gtaseg.config import Config, config_from_dict, load_config
+from gtaseg.config import Config, ConfigError, config_from_dict, load_config
 from gtaseg.data.embedded import SceneStyle, make_embedded
 from gtaseg.data.loaders import make_train_data
 from gtaseg.data.splits import make_split, write_split
@@ -76,7 +76,7 @@ def add_bench_loop_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_bench_loop(args: argparse.Namespace) -> None:
     if min(args.iters, args.rounds, args.batch, args.step_steps) < 1:
-        raise ValueError(
+        raise ConfigError(
             f"expected --iters, --rounds, --batch and --step-steps >= 1; got {args.iters}, "
             f"{args.rounds}, {args.batch}, {args.step_steps}."
         )
@@ -143,7 +143,7 @@ def prepare_dataset(work: Path, size: int, n_train: int, num_classes: int) -> tu
     `work` and reused. Scenes draw digits 0 .. min(num_classes - 2, 9); a config with more
     classes (VOC's 21) gets unused class names, so its network and loss keep their size."""
     if num_classes < 2:
-        raise ValueError(f"bench-loop: expected data.num_classes >= 2, got {num_classes}.")
+        raise ConfigError(f"bench-loop: expected data.num_classes >= 2, got {num_classes}.")
     name = f"embedded-{size}px-{n_train}-{num_classes}c"
     root, split = work / "data" / name, work / "data" / f"{name}-split"
     if not (root / "train.txt").is_file():

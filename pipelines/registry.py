@@ -179,10 +179,10 @@ def point_aliases(
     run_id, ratio, method, seed, metric}}, "registered": [new versions], "removed": [aliases]}.
     """
     if not candidates:
-        raise ValueError("point_aliases: expected at least one candidate run, got none.")
+        raise RegistryError("point_aliases: expected at least one candidate run, got none.")
     for cand in candidates:
         if not math.isfinite(cand.metric):
-            raise ValueError(
+            raise RegistryError(
                 f"{metric_name} of run {cand.run_id}: expected a finite number, "
                 f"got {cand.metric!r}."
             )

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gtaseg.config_parsing import ConfigError
 from gtaseg.errors import GtasegError
 from pipelines.cells import (
     FULL,
@@ -215,7 +216,7 @@ def _only_entry(params: PipelineParams, section: str, name: str | None) -> str:
     if name is None and len(entries) == 1:
         return entries[0]
     if name is None:
-        raise ValueError(f"{section} has {len(entries)} entries {entries}: pass --name NAME.")
+        raise ConfigError(f"{section} has {len(entries)} entries {entries}: pass --name NAME.")
     return name
 
 
