@@ -211,9 +211,44 @@ def job_name(dataset: str, ratio: str, method: str, seed: int) -> str:
     return f"{dataset}_{ratio}_{method}_seed{seed}"
 
 
+def transfer_state(steps: int, ramp: bool, cap: float) -> tuple[float, float, float]:
+    """What the TA -> student transfer has done after `steps` semi-supervised steps, from its
+    decay schedule alone (the student's own supervised steps aside): (the decay at the last
+    step, the weight the student's warm-up parameters keep, the mean age in steps of the TA
+    iterates that make up the rest). Each step: student = d * student + (1 - d) * TA."""
+    keep, age_sum, decay = 1.0, 0.0, float("nan")
+    for k in range(steps):
+        decay = min(1.0 - 1.0 / (k + 1), cap) if ramp else cap
+        age_sum = decay * (age_sum + (1.0 - keep))
+        keep *= decay
+    return decay, keep, (age_sum / (1.0 - keep) if keep < 1.0 else float("nan"))
+
+
+def _transfer_columns(out: Path, name: str, epoch: int) -> dict[str, float]:
+    """The transfer's decay, kept warm-up weight and TA lag at the end of `epoch` (0-based)."""
+    import yaml
+
+    run = out / "runs" / name
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    semi, epochs = config["semi"], config["train"]["epochs"]
+    per_epoch = json.loads((run / "metrics.json").read_text())["iterations"] // epochs
+    steps = max(0, epoch + 1 - semi["sup_only_epochs"]) * per_epoch
+    if steps == 0:
+        return {}
+    decay, keep, lag = transfer_state(
+        steps, semi.get("transfer_ramp", True), semi["transfer_decay"]
+    )
+    return {
+        "transfer_decay": round(decay, 5),
+        "student_warmup_weight": round(keep, 4),
+        "ta_lag_steps": round(lag, 1),
+    }
+
+
 def epochs_table(out: Path, jobs: list[dict]) -> list[dict]:
-    """Per epoch of every semi-supervised run: its history, and the student's gain over the
-    supervised run of the same dataset, ratio and seed at the same epoch."""
+    """Per epoch of every semi-supervised run: its history, the student's gain over the
+    supervised run of the same dataset, ratio and seed at the same epoch, and for GTA-Seg what
+    the transfer has done by then (`transfer_state`)."""
     rows = []
     for job in jobs:
         if job["method"] == "supervised" or job["ratio"] == "full":
@@ -236,6 +271,8 @@ def epochs_table(out: Path, jobs: list[dict]) -> list[dict]:
                 row["gain_over_supervised"] = round(
                     h["val_miou_student"] - sup[k]["val_miou_student"], 4
                 )
+            if method_of(job["method"]) == "gta":
+                row |= _transfer_columns(out, job["name"], int(h["epoch"]))
             rows.append(row)
     return rows
 
@@ -312,11 +349,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6, help="per run (the demo's; default 6)")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    ap.add_argument("--quick", action="store_true", help="tiny data, 1 epoch, one seed")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a check of the script: tiny data, 2 epochs (1 warm-up), the first seed",
+    )
     args = ap.parse_args()
     out = Path(args.out).resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
     variants = {m: BASE_METHODS.get(m, "") for m in args.methods} | parse_variants(args.variant)
+    quick_sets = "semi.sup_only_epochs=1" if args.quick else ""
     if args.quick:
         args.epochs, args.seeds = 2, args.seeds[:1]
     params_path = Path(args.params).resolve()
@@ -334,7 +376,7 @@ def main() -> None:
                         "ratio": ratio,
                         "method": method,
                         "seed": seed,
-                        "sets": variants[method],
+                        "sets": " ".join(filter(None, [variants[method], quick_sets])),
                         "data": setup[dataset],
                         "encoder": setup["encoder"],
                         "epochs": args.epochs,
