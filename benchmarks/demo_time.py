@@ -72,11 +72,15 @@ def stage_times(lines: list[tuple[float, str]], total: float) -> list[dict]:
 
 
 def loop_seconds(clone: Path, stage: str) -> float | None:
-    """The training loop's own seconds for a `train@<ratio>-<method>-<seed>` stage."""
-    m = re.fullmatch(r"train@(.+)-(supervised|mean_teacher|gta)-(\d+)", stage)
-    if not m:
+    """The training loop's own seconds of a `train@<ratio>-<method>-<seed>` or `train_full@<seed>`
+    stage."""
+    if m := re.fullmatch(r"train@(.+)-(supervised|mean_teacher|gta)-(\d+)", stage):
+        ratio, method, seed = m.groups()
+    elif m := re.fullmatch(r"train_full@(\d+)", stage):
+        ratio, method, seed = "full", "supervised", m.group(1)
+    else:
         return None
-    metrics = clone / "runs" / m.group(1) / m.group(2) / f"seed{m.group(3)}" / "metrics.json"
+    metrics = clone / "runs" / ratio / method / f"seed{seed}" / "metrics.json"
     if not metrics.is_file():
         return None
     return json.loads(metrics.read_text()).get("wall_time_s")

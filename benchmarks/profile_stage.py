@@ -3,8 +3,9 @@
 Runs the demo's train stage the way DVC runs it, in a fresh process, and times its phases:
 
     python -m pipelines.stages train --ratio 1_16 --method gta --seed 0 --set train.max_iters=N
-    python -m pipelines.flows train ...   (the same stage as a Prefect flow run, against one local
-                                           Prefect server started beforehand, as the demo does)
+    python -m pipelines.flows train ...   (the same stage as a Prefect flow run, as a sweep's
+                                           cell runs, against a local `prefect server` started
+                                           beforehand on loopback)
 
 The child process imports the heavy packages one by one (torch, smp, mlflow, matplotlib, prefect)
 and times each, then runs the stage's own `main` with timers wrapped around the functions a stage
@@ -18,7 +19,7 @@ Set-up, not timed: a work folder with a copy of params.yaml (pretraining cut to 
 which only changes the encoder's quality), its dataset, split and pretrained encoder, and the
 MLflow store the pretraining creates there, as for every stage after a pipeline's first.
 
-    python benchmarks/profile_stage.py                       # 60 iterations, both launchers
+    python benchmarks/profile_stage.py                       # 120 iterations, both launchers
     python benchmarks/profile_stage.py --iters 20 --via stages --out /tmp/profile.md
 
 Writes a markdown table (--out, default benchmarks/results/profile_stage.md) and the JSON beside.
@@ -32,7 +33,9 @@ T0 = time.perf_counter()  # before any import below: the child's own clock start
 
 import argparse  # noqa: E402
 import atexit  # noqa: E402
+import contextlib  # noqa: E402
 import functools  # noqa: E402
+import gc  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -149,6 +152,7 @@ def child(via: str, stage_args: list[str], phases_out: Path) -> int:
     if via == "flows":
         timer.wrap(entry, "main", "Prefect flow run (pipelines.flows.main)")
     code = entry.main(stage_args)
+    gc.freeze()  # as the entry's `run()` does before it exits
     result = {
         "imports": imports,
         "child_start": T0,  # CLOCK_MONOTONIC on Linux: comparable with the parent's clock
@@ -173,6 +177,44 @@ def _env(work: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PREFECT_HOME"] = str(work / ".prefect")
     env.pop("GTASEG_PROGRESS", None)
     return {**env, **(extra or {})}
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path):
+    """A `prefect server start` subprocess on a free loopback port; yields its API URL."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    with (home / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            [*cmd, "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(
+                        f"prefect server did not start; see {home / 'server.log'}"
+                    ) from None
+                time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def set_up(work: Path, pretrain_epochs: int, ratio: str) -> None:
@@ -339,9 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     for via in vias:
         print(f"[profile] measuring pipelines.{via} train", flush=True)
         if via == "flows":
-            from pipelines.local_server import local_prefect_server
-
-            with local_prefect_server(work / ".prefect-server") as url:
+            with prefect_server(work / ".prefect-server") as url:
                 stages[via] = measure_stage(
                     work, via, stage_args, _env(work, {"PREFECT_API_URL": url})
                 )
