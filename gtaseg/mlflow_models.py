@@ -93,11 +93,10 @@ def log_model_to_run(
     # Created here so the LoggedModel lands in this run's experiment: mlflow would otherwise
     # use the process-wide active experiment.
     logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
+    fmt = _model_format(model, input_example)
+    if fmt["serialization_format"] == "pt2":
+        # MLflow's check would load the saved program and serve the example through pyfunc
+        # (about a second per run); tests/test_pipeline.py loads registered models and predicts.
+        fmt["validate_serving_input"] = False
     with _fluent_tracking_uri(tracking_uri):
-        mlflow.pytorch.log_model(
-            model,
-            name=name,
-            model_id=logged.model_id,
-            run_id=run_id,
-            **_model_format(model, input_example),
-        )
+        mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, run_id=run_id, **fmt)
