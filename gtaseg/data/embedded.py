@@ -24,6 +24,7 @@ from gtaseg.data.scenes import (
     publish_dataset,
     random_colour,
     upscale,
+    write_index,
     write_sample,
 )
 
@@ -214,17 +215,16 @@ def _write_dataset(
     train_pool, val_pool = train_pool[drawn[train_pool]], val_pool[drawn[val_pool]]
     (out / "images").mkdir()
     (out / "masks").mkdir()
+    ids: dict[str, list[str]] = {}
     for subset, n, pool in (("train", n_train, train_pool), ("val", n_val, val_pool)):
-        ids = []
+        ids[subset] = []
         images, labels = digits.images[pool] / 16.0, class_of_digit[digits.target[pool]]
         scenes = _scenes(subset, n, images, labels, size, seed, style)
         for scene_id, image, mask in scenes:
             write_sample(out, scene_id, image, mask)
-            ids.append(scene_id)
-        (out / f"{subset}.txt").write_text("".join(f"{i}\n" for i in ids))
-    (out / "classes.txt").write_text("".join(f"{c}\n" for c in style.class_names()))
+            ids[subset].append(scene_id)
     readme = _readme(n_train, n_val, size, seed, style, (len(train_pool), len(val_pool)))
-    (out / "README.txt").write_text(readme)
+    write_index(out, ids, style.class_names(), readme)
 
 
 def make_embedded(

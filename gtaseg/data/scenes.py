@@ -11,7 +11,7 @@ import colorsys
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,16 @@ def write_sample(out: Path, sample_id: str, image: np.ndarray, mask: np.ndarray)
     mask_png = Image.fromarray(mask)
     mask_png.putpalette(_PALETTE)
     mask_png.save(out / "masks" / f"{sample_id}.png")
+
+
+def write_index(
+    out: Path, ids: dict[str, list[str]], class_names: Iterable[str], readme: str
+) -> None:
+    """The folder layout's text files: <subset>.txt (one id per line), classes.txt, README.txt."""
+    for subset, subset_ids in ids.items():
+        (out / f"{subset}.txt").write_text("".join(f"{i}\n" for i in subset_ids))
+    (out / "classes.txt").write_text("".join(f"{c}\n" for c in class_names))
+    (out / "README.txt").write_text(readme)
 
 
 def _same_tree(a: Path, b: Path) -> bool:

@@ -20,7 +20,14 @@ import numpy as np
 
 from gtaseg import IGNORE_INDEX
 from gtaseg.data.formats import DataError
-from gtaseg.data.scenes import background, blend, publish_dataset, random_colour, write_sample
+from gtaseg.data.scenes import (
+    background,
+    blend,
+    publish_dataset,
+    random_colour,
+    write_index,
+    write_sample,
+)
 
 CLASS_NAMES = ("background", "circle", "triangle", "square", "cross", "ring")
 SHAPE_SIZE = (0.3, 0.6)  # shape diameter / scene side
@@ -147,14 +154,14 @@ def _writer(n_train: int, n_val: int, size: int, seed: int) -> Callable[[Path], 
     def write(out: Path) -> None:
         (out / "images").mkdir()
         (out / "masks").mkdir()
-        for subset, n in (("train", n_train), ("val", n_val)):
-            ids = [f"{subset}_{k:04d}" for k in range(n)]
-            for k, sample_id in enumerate(ids):
+        ids = {
+            s: [f"{s}_{k:04d}" for k in range(n)] for s, n in (("train", n_train), ("val", n_val))
+        }
+        for subset, subset_ids in ids.items():
+            for k, sample_id in enumerate(subset_ids):
                 rng = np.random.default_rng([seed, _SUBSET_CODE[subset], k, 5])
                 write_sample(out, sample_id, *render_scene(rng, size))
-            (out / f"{subset}.txt").write_text("".join(f"{i}\n" for i in ids))
-        (out / "classes.txt").write_text("".join(f"{c}\n" for c in CLASS_NAMES))
-        (out / "README.txt").write_text(_readme(n_train, n_val, size, seed))
+        write_index(out, ids, CLASS_NAMES, _readme(n_train, n_val, size, seed))
 
     return write
 
