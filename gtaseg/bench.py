@@ -39,6 +39,7 @@ from gtaseg.bench_probes import (
     peak_memory_mb,
     state_megabytes,
     timed_ms,
+    torch_threads,
 )
 from gtaseg.bench_report import format_report, step_ratios
 from gtaseg.bench_variants import STEPS, BenchOptions, make_batches, make_states, run_step
@@ -108,12 +109,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     )
     if opts.steps < 1 or opts.warmup < 0:
         raise ConfigError(f"expected --steps >= 1, --warmup >= 0; got {opts.steps}, {opts.warmup}.")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or threads)
-    try:
+    with torch_threads(args.threads):
         report = run_bench(cfg, opts)
-    finally:
-        torch.set_num_threads(threads)  # in-process callers (tests) get their setting back
     print(format_report(report))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from gtaseg.bench import DEFAULT_RUN, BenchOptions, run_bench
+from gtaseg.bench_probes import torch_threads
 from gtaseg.bench_report import (
     LOOP_RATIOS,
     format_loop_report,
@@ -37,6 +38,7 @@ from gtaseg.data.embedded import SceneStyle, make_embedded
 from gtaseg.data.loaders import make_train_data
 from gtaseg.data.splits import make_split, write_split
 from gtaseg.distributed import resolve_device
+from gtaseg.io import write_atomic
 
 VARIANTS = ("supervised", "gta", "gta_efficient")
 LABEL_RATIO = 1 / 16
@@ -81,16 +83,12 @@ def cmd_bench_loop(args: argparse.Namespace) -> None:
             f"{args.rounds}, {args.batch}, {args.step_steps}."
         )
     base = loop_config(args)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or threads)
-    try:
+    with torch_threads(args.threads):
         report = run_loop_bench(base, args)
-    finally:
-        torch.set_num_threads(threads)  # in-process callers (tests) get their setting back
     print(format_loop_report(report))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(out, json.dumps(report, indent=2) + "\n")
     write_loop_csv(report, out.with_suffix(".csv"))
     print(f"wrote {out} and {out.with_suffix('.csv')}")
 

@@ -12,13 +12,27 @@ import resource
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gtaseg.methods.state import TrainState, unwrap
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `threads` (None: unchanged) for the block, then restored, so
+    in-process callers (tests) get their setting back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 ROLES = ("teacher", "assistant", "student")  # the networks a state may hold
 

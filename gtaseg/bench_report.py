@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gtaseg.config import Config
+from gtaseg.io import open_atomic
 
 # (name, numerator, denominator, target or None); the unit ratio is what the method needs.
 STEP_RATIOS = (
@@ -143,7 +144,7 @@ def write_loop_csv(report: dict[str, Any], path: Path) -> None:
     """One row per variant: loop and data figures, the step's ms, and the run's settings."""
     fields = ["variant", "loop_s", "loop_ms_per_iter", "images_per_s", "data_ms_per_iter"]
     fields += ["call_s", "step_ms", "device_name", "size", "iters", "rounds", "num_workers"]
-    with open(path, "w", newline="") as fh:
+    with open_atomic(path) as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for name, v in report["variants"].items():
