@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -224,25 +225,30 @@ def transfer_state(steps: int, ramp: bool, cap: float) -> tuple[float, float, fl
     return decay, keep, (age_sum / (1.0 - keep) if keep < 1.0 else float("nan"))
 
 
-def _transfer_columns(out: Path, name: str, epoch: int) -> dict[str, float]:
-    """The transfer's decay, kept warm-up weight and TA lag at the end of `epoch` (0-based)."""
+def _transfer_columns(out: Path, name: str) -> Callable[[int], dict[str, float]]:
+    """For run `name`: epoch (0-based) -> the transfer's decay, kept warm-up weight and TA lag
+    at that epoch's end (nothing during the warm-up). Reads the run's files once."""
     import yaml
 
     run = out / "runs" / name
     config = yaml.safe_load((run / "config.yaml").read_text())
     semi, epochs = config["semi"], config["train"]["epochs"]
     per_epoch = json.loads((run / "metrics.json").read_text())["iterations"] // epochs
-    steps = max(0, epoch + 1 - semi["sup_only_epochs"]) * per_epoch
-    if steps == 0:
-        return {}
-    decay, keep, lag = transfer_state(
-        steps, semi.get("transfer_ramp", True), semi["transfer_decay"]
-    )
-    return {
-        "transfer_decay": round(decay, 5),
-        "student_warmup_weight": round(keep, 4),
-        "ta_lag_steps": round(lag, 1),
-    }
+
+    def at(epoch: int) -> dict[str, float]:
+        steps = max(0, epoch + 1 - semi["sup_only_epochs"]) * per_epoch
+        if steps == 0:
+            return {}
+        decay, keep, lag = transfer_state(
+            steps, semi.get("transfer_ramp", True), semi["transfer_decay"]
+        )
+        return {
+            "transfer_decay": round(decay, 5),
+            "student_warmup_weight": round(keep, 4),
+            "ta_lag_steps": round(lag, 1),
+        }
+
+    return at
 
 
 def epochs_table(out: Path, jobs: list[dict]) -> list[dict]:
@@ -254,7 +260,10 @@ def epochs_table(out: Path, jobs: list[dict]) -> list[dict]:
         if job["method"] == "supervised" or job["ratio"] == "full":
             continue
         sup = history(out, job_name(job["dataset"], job["ratio"], "supervised", job["seed"]))
-        for k, h in enumerate(history(out, job["name"])):
+        epochs = history(out, job["name"])
+        gta = method_of(job["method"]) == "gta" and epochs
+        transfer = _transfer_columns(out, job["name"]) if gta else None
+        for k, h in enumerate(epochs):
             row = {k2: job[k2] for k2 in ("dataset", "ratio", "method", "seed")}
             row |= {
                 key: round(h[key], 4)
@@ -271,8 +280,8 @@ def epochs_table(out: Path, jobs: list[dict]) -> list[dict]:
                 row["gain_over_supervised"] = round(
                     h["val_miou_student"] - sup[k]["val_miou_student"], 4
                 )
-            if method_of(job["method"]) == "gta":
-                row |= _transfer_columns(out, job["name"], int(h["epoch"]))
+            if transfer is not None:
+                row |= transfer(int(h["epoch"]))
             rows.append(row)
     return rows
 
