@@ -35,7 +35,6 @@ from gtaseg.bench_report import (
 )
 from gtaseg.config import Config, ConfigError, config_from_dict, load_config
 from gtaseg.data.embedded import SceneStyle, make_embedded
-from gtaseg.data.loaders import make_train_data
 from gtaseg.data.splits import make_split, write_split
 from gtaseg.distributed import resolve_device
 from gtaseg.io import write_atomic
@@ -180,14 +179,9 @@ def time_loop(cfg: Config, run_dir: Path) -> dict[str, float]:
 
 def time_data(cfg: Config, device: torch.device) -> float:
     """Seconds to produce the run's N batches and copy them to `device`, with no step."""
-    data = make_train_data(
-        cfg.data,
-        cfg.train.batch_size_labeled,
-        cfg.train.batch_size_unlabeled,
-        cfg.train.seed,
-        need_unlabeled=cfg.train.method != "supervised",
-        device=device,
-    )
+    from gtaseg.train import run_data
+
+    data = run_data(cfg, device)
     start, done = time.perf_counter(), 0
     for epoch in range(10**6):
         for batch in data.epoch(epoch):

@@ -69,6 +69,20 @@ def seed_everything(seed: int, deterministic: bool, device: torch.device) -> Non
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def run_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> TrainData:
+    """The batches a run of `cfg` trains on (a supervised run reads only the labelled images)."""
+    return make_train_data(
+        cfg.data,
+        cfg.train.batch_size_labeled,
+        cfg.train.batch_size_unlabeled,
+        cfg.train.seed,
+        need_unlabeled=cfg.train.method != "supervised",
+        rank=rank,
+        world_size=world_size,
+        device=device,
+    )
+
+
 def train(
     cfg: Config,
     out_dir: str | Path,
@@ -85,16 +99,7 @@ def train(
     info, device = init_from_env(cfg.train.device)
     tracker = tracker if (tracker is not None and info.is_main) else NullTracker()
     seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic, device)
-    data = make_train_data(
-        cfg.data,
-        cfg.train.batch_size_labeled,
-        cfg.train.batch_size_unlabeled,
-        cfg.train.seed,
-        need_unlabeled=cfg.train.method != "supervised",
-        rank=info.rank,
-        world_size=info.world_size,
-        device=device,
-    )
+    data = run_data(cfg, device, info.rank, info.world_size)
     # The val files are first read at the end of an epoch: check them before anything is written.
     check_samples(list(list_samples(cfg.data, "val").values())[: cfg.eval.max_images], cfg.data)
     state = build_state(cfg, device, data.iters_per_epoch)
