@@ -191,12 +191,27 @@ def train_runs(sweep_run_id=None) -> list:
 
 
 def sweep_log(run_id) -> str:
+    """Every log line of the flow run, oldest first. The API returns at most a page per call
+    (PREFECT_API_DEFAULT_LIMIT, 200), so read page after page."""
     from prefect import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+    messages: list[str] = []
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-    return "\n".join(log.message for log in logs)
+        while page := client.read_logs(log_filter, limit=200, offset=len(messages)):
+            messages += [log.message for log in page]
+    return "\n".join(messages)
+
+
+def cell_costs(run_id, cells: int, wait_s: float = 60) -> list[tuple[str, ...]]:
+    """The sweep's per-cell cost lines. Its process ships log lines in the background, so the
+    last may reach the server after the flow run is reported complete: read until all `cells`
+    are there or `wait_s` has passed."""
+    deadline = time.monotonic() + wait_s
+    while len(costs := OVERHEAD.findall(sweep_log(run_id))) < cells and time.monotonic() < deadline:
+        time.sleep(2)
+    return costs
 
 
 def max_overlap(runs: list) -> int:
@@ -271,7 +286,7 @@ def test_sweep_deployment_fans_cells_out_over_workers_without_shared_disk(stack)
     model_id = champion.source.removeprefix("models:/")  # the logged model, stored in S3 too
     assert any(f"/models/{model_id}/artifacts/" in k for k in stored), champion.source
     # the cost of each cell beyond its training loop, as the sweep measured it
-    costs = OVERHEAD.findall(sweep_log(sweep.id))
+    costs = cell_costs(sweep.id, 3)
     assert sorted(c[0] for c in costs) == [f"1_4/{m}/seed0" for m in
                                            ("gta", "mean_teacher", "supervised")]  # fmt: skip
     report = "\n".join(f"| {cell} | {t} | {o} | {s} |" for cell, t, o, s in costs)
