@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gtaseg.config import apply_overrides, load_config
 from gtaseg.errors import GtasegError
+from gtaseg.startup import import_without_gc
 
 # Subcommands whose parser lives in a module that imports torch and smp (seconds): registered in
 # full only when invoked; otherwise a one-line entry keeps them in `gtaseg --help`.
@@ -27,6 +28,14 @@ LAZY_PARSERS = {
         "time the whole training "
         "loop (data included) of supervised and GTA-Seg, beside the step bench",
     ),
+}
+
+# What a subcommand imports, loaded with the garbage collector off (gtaseg.startup).
+COMMAND_MODULES = {
+    "train": ("gtaseg.train",),
+    "evaluate": ("gtaseg.inference",),
+    "predict": ("gtaseg.inference",),
+    "export-encoder": ("gtaseg.inference",),
 }
 
 EPILOG = """examples:
@@ -312,6 +321,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     for name, (module, adder, summary) in LAZY_PARSERS.items():
         if command == name:
+            import_without_gc(module)
             getattr(importlib.import_module(module), adder)(sub)
         else:
             sub.add_parser(name, help=summary)
@@ -322,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
+    modules = COMMAND_MODULES.get(args.command, ())
+    if getattr(args, "mlflow_experiment", None):
+        modules += ("gtaseg.mlflow_tracking",)
+    import_without_gc(*modules)
     try:
         args.func(args)
     except GtasegError as exc:  # anything else is a bug: its traceback stays

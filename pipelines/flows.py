@@ -44,6 +44,7 @@ def prepare_task(params_path: str, name: str) -> str:
 @task(name="pretrain-encoder")
 def pretrain_task(params_path: str, name: str) -> str:
     """The demo's pretrained encoder; an up-to-date one is reused (DVC decides that itself)."""
+    stages.import_stage_modules("pretrain", load_params(params_path))
     progress = os.environ.get("GTASEG_PROGRESS") == "1"
     return str(stages.pretrain(load_params(params_path), name, reuse=True, progress=progress))
 
@@ -87,6 +88,7 @@ def train_task(
         return launch_distributed(
             launcher, params_path, ratio, method, seed, overrides or [], parent_run_id
         )
+    stages.import_stage_modules("train", load_params(params_path))
     progress = os.environ.get("GTASEG_PROGRESS") == "1"
     return stages.train(
         params_path, ratio, method, seed, overrides or [], parent_run_id, progress=progress

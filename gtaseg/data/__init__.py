@@ -4,52 +4,48 @@
 checks; `splits` makes, imports and loads labelled / unlabelled id lists; `transforms` builds weak
 training views and evaluation views; `loaders` pairs labelled and unlabelled batches with exact
 resume; `embedded` writes the deterministic demo dataset.
+
+The names below are imported on first use (PEP 562), so that `gtaseg.data.formats`, `splits` or
+`embedded` can be imported without loading torch through `loaders`.
 """
 
-from gtaseg.data.formats import (
-    DataError,
-    Sample,
-    class_names,
-    color_palette,
-    list_samples,
-    read_image,
-    read_mask,
-)
-from gtaseg.data.loaders import (
-    Batch,
-    TrainData,
-    ValBatch,
-    make_predict_images,
-    make_train_data,
-    make_val_data,
-)
-from gtaseg.data.splits import (
-    import_split,
-    load_split,
-    make_split,
-    parse_amount,
-    parse_id_list,
-    write_split,
-)
+from __future__ import annotations
 
-__all__ = [
-    "Batch",
-    "DataError",
-    "Sample",
-    "TrainData",
-    "ValBatch",
-    "class_names",
-    "color_palette",
-    "import_split",
-    "list_samples",
-    "load_split",
-    "make_predict_images",
-    "make_split",
-    "make_train_data",
-    "make_val_data",
-    "parse_amount",
-    "parse_id_list",
-    "read_image",
-    "read_mask",
-    "write_split",
-]
+import importlib
+from typing import Any
+
+_SOURCES = {
+    "gtaseg.data.formats": (
+        "DataError",
+        "Sample",
+        "class_names",
+        "color_palette",
+        "list_samples",
+        "read_image",
+        "read_mask",
+    ),
+    "gtaseg.data.loaders": (
+        "Batch",
+        "TrainData",
+        "ValBatch",
+        "make_predict_images",
+        "make_train_data",
+        "make_val_data",
+    ),
+    "gtaseg.data.splits": (
+        "import_split",
+        "load_split",
+        "make_split",
+        "parse_amount",
+        "parse_id_list",
+        "write_split",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULE_OF[name]), name)
