@@ -7,13 +7,15 @@ Runs the demo's train stage the way DVC runs it, in a fresh process, and times i
                                            cell runs, against a local `prefect server` started
                                            beforehand on loopback)
 
-The child process imports the heavy packages one by one (torch, smp, mlflow, matplotlib, prefect)
-and times each, then runs the stage's own `main` with timers wrapped around the functions a stage
-passes through (MLflow run set-up, data set-up, network build, the loop, evaluations,
-checkpoints, model export, artifact and model logging, the final evaluation and plots, closing
-the run). Wrappers add microseconds; nothing is sampled. Interpreter start-up is the parent's
-wall time of the child less the child's own. Also timed: process start and `--help` of the entry
-points (median of 3).
+The child process imports the heavy packages one by one (prefect for a flow run, with the
+collector on as `pipelines.flows` imports it; then torch, smp, mlflow with it off, as the stage
+imports them) and times each, then runs the stage's own `main` with timers wrapped around the
+functions a stage passes through (MLflow run set-up, data set-up, network build, the loop,
+evaluations, checkpoints, model export, artifact and model logging, the final evaluation and
+plots, closing the run), and counts the garbage collector's time. Wrappers add microseconds;
+nothing is sampled. Interpreter start-up is the parent's wall time of the child less the child's
+own. Also timed: process start and `--help` of the entry points, and importing torch, smp and
+mlflow with the garbage collector on and off (medians of 3).
 
 Set-up, not timed: a work folder with a copy of params.yaml (pretraining cut to --pretrain-epochs,
 which only changes the encoder's quality), its dataset, split and pretrained encoder, and the
@@ -21,6 +23,8 @@ MLflow store the pretraining creates there, as for every stage after a pipeline'
 
     python benchmarks/profile_stage.py                       # 120 iterations, both launchers
     python benchmarks/profile_stage.py --iters 20 --via stages --out /tmp/profile.md
+    python benchmarks/profile_stage.py --via stages --log-models every_run \
+        --out benchmarks/results/profile_stage_every_run.md  # with every run's MLflow model
 
 Writes a markdown table (--out, default benchmarks/results/profile_stage.md) and the JSON beside.
 """
@@ -47,7 +51,7 @@ import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ["torch", "segmentation_models_pytorch", "mlflow", "matplotlib.pyplot", "prefect"]
+HEAVY = ["torch", "segmentation_models_pytorch", "mlflow"]
 STARTUP = {
     "python -c pass": ["-c", "pass"],
     "python -c 'import torch'": ["-c", "import torch"],
@@ -60,6 +64,7 @@ LOOP = "training loop (its wall_time_s)"
 OVERLAP = "MLflow: log metrics (mostly inside the loop's time)"
 # (module, attribute, label): wrapped in the child; a label nests under the wrapped call it runs in
 WRAPPED = [
+    ("pipelines.stages", "import_without_gc", "import the stage's other modules (MLflow's store)"),
     ("pipelines.stages", "train", "stage work (pipelines.stages.train)"),
     ("pipelines.tracking_run", "sweep_parent_or_none", "MLflow: find the sweep's parent run"),
     ("gtaseg.mlflow_tracking:MlflowTracker", "__init__", "MLflow: open the run"),
@@ -78,6 +83,7 @@ WRAPPED = [
     ("gtaseg.epoch_end", "_export_student", "model export (save_pretrained)"),
     ("pipelines.tracking_run", "_log_outputs", "after training: artifacts, model, plots"),
     ("pipelines.tracking_run", "load_exported", "load the exported model"),
+    ("pipelines.tracking_run", "make_val_data", "val data"),
     ("pipelines.tracking_run", "evaluate", "final evaluation"),
     ("pipelines.tracking_run", "confusion_plot", "confusion plot"),
     ("pipelines.tracking_run", "predict_val_overlays", "val overlays"),
@@ -128,6 +134,25 @@ def _resolve(owner: str) -> object:
     return getattr(found, name) if name else found
 
 
+class GcTimer:
+    """Seconds the cyclic garbage collector runs, counted inside whatever phase it interrupts."""
+
+    def __init__(self) -> None:
+        self.seconds, self.collections, self.full, self._start = 0.0, 0, 0, 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self._start
+        self.collections += 1
+        self.full += info["generation"] == 2
+
+    def summary(self) -> dict:
+        return {"s": self.seconds, "collections": self.collections, "full": self.full}
+
+
 def _stamp_exit(path: Path) -> None:
     path.write_text(repr(time.perf_counter()))
 
@@ -136,17 +161,26 @@ def child(via: str, stage_args: list[str], phases_out: Path) -> int:
     """Inside the measured process: timed imports, wrappers, then the stage's own main."""
     # Registered first, so it runs after every other exit handler (mlflow's, prefect's, ...).
     atexit.register(_stamp_exit, phases_out.with_suffix(".exit"))
-    timer = PhaseTimer()
+    from gtaseg.startup import imports_without_gc
+
+    timer, collector = PhaseTimer(), GcTimer()
     imports = {}
-    for name in HEAVY if via == "flows" else HEAVY[:-1]:
+    if via == "flows":  # imported with pipelines.flows itself, the collector on
         start = time.perf_counter()
-        importlib.import_module(name)
-        imports[f"import {name}"] = time.perf_counter() - start
-    start = time.perf_counter()
-    entry = importlib.import_module(f"pipelines.{via}")
-    for module in ("pipelines.tracking_run", "gtaseg.train", "gtaseg.mlflow_tracking"):
-        importlib.import_module(module)
-    imports["import pipelines, gtaseg (rest)"] = time.perf_counter() - start
+        importlib.import_module("prefect")
+        imports["import prefect"] = time.perf_counter() - start
+    # As the stage imports what it uses (pipelines.stages.import_stage_modules): with the
+    # collector off, then everything frozen.
+    with imports_without_gc():
+        for name in HEAVY:
+            start = time.perf_counter()
+            importlib.import_module(name)
+            imports[f"import {name}"] = time.perf_counter() - start
+        start = time.perf_counter()
+        entry = importlib.import_module(f"pipelines.{via}")
+        for module in ("pipelines.tracking_run", "gtaseg.train", "gtaseg.mlflow_tracking"):
+            importlib.import_module(module)
+        imports["import pipelines, gtaseg (rest)"] = time.perf_counter() - start
     for owner, attr, label in WRAPPED:
         timer.wrap(_resolve(owner), attr, label)
     if via == "flows":
@@ -158,6 +192,7 @@ def child(via: str, stage_args: list[str], phases_out: Path) -> int:
         "child_start": T0,  # CLOCK_MONOTONIC on Linux: comparable with the parent's clock
         "child_s": time.perf_counter() - T0,
         "phases": [{"path": list(p), "s": s, "calls": n} for p, (s, n) in timer.records.items()],
+        "gc": collector.summary(),
     }
     phases_out.write_text(json.dumps(result, indent=2) + "\n")
     return code
@@ -217,7 +252,7 @@ def prefect_server(home: Path):
             server.kill()
 
 
-def set_up(work: Path, pretrain_epochs: int, ratio: str) -> None:
+def set_up(work: Path, pretrain_epochs: int, ratio: str, log_models: str) -> None:
     """params.yaml copy, dataset, split and pretrained encoder in `work` (skipped when present)."""
     import yaml
 
@@ -225,6 +260,7 @@ def set_up(work: Path, pretrain_epochs: int, ratio: str) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     prep, pretrained = next(iter(params["data_prep"])), next(iter(params["pretrain"]))
     params["pretrain"][pretrained]["epochs"] = pretrain_epochs
+    params["tracking"]["log_models"] = log_models
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     steps = [
         ["prepare", "--name", prep],
@@ -260,6 +296,51 @@ def startup_times(work: Path, repeats: int = 3) -> dict[str, float]:
             runs.append(time.perf_counter() - start)
         times[name] = statistics.median(runs)
     return times
+
+
+GC_IMPORTS = (
+    "torch",
+    "segmentation_models_pytorch",
+    "mlflow",
+    "mlflow.store.tracking.sqlalchemy_store",
+)
+_GC_PROBE = """
+import sys, time
+start = time.perf_counter()
+if sys.argv[1] == "off":
+    from gtaseg.startup import import_without_gc
+    import_without_gc(*sys.argv[2:])
+else:
+    import importlib
+    for name in sys.argv[2:]:
+        importlib.import_module(name)
+seconds = time.perf_counter() - start
+rss = int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+print(seconds, rss)
+"""
+
+
+def gc_import_costs(work: Path, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Median seconds and resident MiB of importing GC_IMPORTS with the collector on (Python's
+    default) and off (gtaseg.startup, as the entry points import), in fresh processes."""
+    costs = {}
+    for mode in ("on", "off"):
+        runs = []
+        for _ in range(repeats):
+            out = subprocess.run(
+                [sys.executable, "-c", _GC_PROBE, mode, *GC_IMPORTS],
+                cwd=work,
+                env=_env(work),
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.split()
+            runs.append((float(out[0]), float(out[1])))
+        costs[mode] = {
+            "s": statistics.median(r[0] for r in runs),
+            "rss_mib": statistics.median(r[1] for r in runs),
+        }
+    return costs
 
 
 def measure_stage(work: Path, via: str, stage_args: list[str], env: dict[str, str]) -> dict:
@@ -307,7 +388,8 @@ def format_markdown(report: dict) -> str:
     lines = [
         "# Where a training stage's seconds go",
         "",
-        f"`python benchmarks/profile_stage.py --iters {s['iters']} --via {s['via']}` "
+        f"`python benchmarks/profile_stage.py --iters {s['iters']} --via {s['via']} "
+        f"--log-models {s['log_models']}` "
         f"({s['stage']}; {s['cpus']} CPUs, torch threads {s['torch_threads']}).",
         "",
     ]
@@ -333,8 +415,25 @@ def format_markdown(report: dict) -> str:
             lines.append(f"| {name} | {sec:.2f} | {calls or ''} | {per} |")
         rest = result["child_s"] - sum(result["imports"].values()) - top
         lines += [f"| other (argument parsing, params) | {rest:.2f} | | |", *exits, ""]
+        collected = result["gc"]
+        lines += [
+            f"Garbage collection, inside the phases above: {collected['s']:.2f} s in "
+            f"{collected['collections']} collections, {collected['full']} of them full.",
+            "",
+        ]
     lines += ["## Process start and `--help` (median of 3)", "", "| command | s |", "|---|---:|"]
     lines += [f"| `{cmd}` | {sec:.2f} |" for cmd, sec in report["startup"].items()]
+    costs = report["gc_imports"]
+    lines += [
+        "",
+        f"## Importing {', '.join(GC_IMPORTS)} (median of 3)",
+        "",
+        "| garbage collector | s | resident MiB after |",
+        "|---|---:|---:|",
+        f"| on (Python's default) | {costs['on']['s']:.2f} | {costs['on']['rss_mib']:.0f} |",
+        f"| off, then frozen (gtaseg.startup, as the entry points import) | "
+        f"{costs['off']['s']:.2f} | {costs['off']['rss_mib']:.0f} |",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -352,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio", default="1_16")
     parser.add_argument("--method", default="gta")
     parser.add_argument("--pretrain-epochs", type=int, default=1)
+    parser.add_argument(
+        "--log-models",
+        choices=["promoted", "every_run"],
+        default="promoted",
+        help="tracking.log_models (every_run: the stage traces and logs the MLflow model too)",
+    )
     parser.add_argument("--work", default="results/profile_stage", help="set-up and run folder")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/profile_stage.md"))
     parser.add_argument("--child", choices=["stages", "flows"], help=argparse.SUPPRESS)
@@ -361,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             args.child, [a for a in rest if a != "--"], Path.cwd() / f"phases-{args.child}.json"
         )
     work = Path(args.work).resolve()
-    set_up(work, args.pretrain_epochs, args.ratio)
+    set_up(work, args.pretrain_epochs, args.ratio, args.log_models)
     stage_args = [
         "train",
         "--ratio",
@@ -393,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "settings": {
             "iters": args.iters,
+            "log_models": args.log_models,
             "via": args.via,
             "stage": " ".join(stage_args),
             "cpus": os.cpu_count(),
@@ -400,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "stages": stages,
         "startup": startup_times(work),
+        "gc_imports": gc_import_costs(work),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

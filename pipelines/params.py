@@ -15,6 +15,7 @@ stage per entry (`foreach`), and none for an empty mapping.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,15 @@ class Tracking:
     champion_metric: str = "best_val_miou_student"  # picks `champion` and each `best-<ratio>`
     sweep_name: str = "demo-sweep"  # name of the parent run of each sweep invocation
     log_checkpoints: bool = True  # upload last/best checkpoints as artifacts
+    # the MLflow model of a run (pipelines.run_models): promoted = logged by the register stage for
+    # the runs it points an alias at; every_run = also by each training stage as it ends
+    log_models: str = "promoted"
+
+    def __post_init__(self) -> None:
+        if self.log_models not in ("promoted", "every_run"):
+            raise ConfigError(
+                f"tracking.log_models: expected promoted or every_run, got {self.log_models!r}."
+            )
 
 
 MODELS_DIR = Path("models")  # encoder weights the runs start from; the train stages depend on it
@@ -201,3 +211,17 @@ class _PipelineRaw:
     pretrain: dict[str, Pretrain] = field(default_factory=dict)
     sweep: Sweep = field(default_factory=Sweep)
     tracking: Tracking = field(default_factory=Tracking)
+
+
+def tracking_uri(params: PipelineParams) -> str:
+    """MLFLOW_TRACKING_URI wins; else the params' local store (sqlite, nothing to start).
+
+    A relative sqlite path is made absolute against the current folder: mlflow caches one store
+    per URI string for the life of the process, so `sqlite:///mlflow.db` would otherwise keep
+    writing to the folder the first run started in.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        uri = prefix + str(Path.cwd() / uri[len(prefix) :])
+    return uri

@@ -24,7 +24,7 @@ registering task (the sweep flow's final step); the read-back then only narrows 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,11 +172,14 @@ def point_aliases(
     metric_name: str,
     artifact_path: str = "student",
     lock_dir: Path | None = None,
+    ensure_model: Callable[[str], object] | None = None,
 ) -> dict[str, Any]:
     """Point `champion` at the best of `candidates` and `best-<ratio>` at the best of each ratio
     (ties: the earlier candidate); register a version only for a run that has none; drop the
     `best-<ratio>` aliases of ratios no candidate has. Returns {"aliases": {alias: {version,
     run_id, ratio, method, seed, metric}}, "registered": [new versions], "removed": [aliases]}.
+    `ensure_model(run_id)`, when given, is called before a run's model is registered (to log the
+    model `artifact_path` into a run that has none yet: `pipelines.run_models`).
     """
     if not candidates:
         raise RegistryError("point_aliases: expected at least one candidate run, got none.")
@@ -192,7 +195,7 @@ def point_aliases(
     lock = lock_path(client.tracking_uri, model_name, lock_dir)
     with exclusive(lock):
         versions, registered = _versions_of(client, model_name, chosen.values(), metric_name,
-                                            artifact_path)  # fmt: skip
+                                            artifact_path, ensure_model)  # fmt: skip
         aliases = {a: str(v) for a, v in client.get_registered_model(model_name).aliases.items()}
         for alias, cand in chosen.items():
             if aliases.get(alias) != versions[cand.run_id]:
@@ -220,6 +223,7 @@ def _versions_of(
     candidates: Iterable[Candidate],
     metric_name: str,
     artifact_path: str,
+    ensure_model: Callable[[str], object] | None,
 ) -> tuple[dict[str, str], list[str]]:
     """run id -> model version for each candidate, registering a version only for a run that
     has none; and the versions registered now."""
@@ -237,6 +241,8 @@ def _versions_of(
                 metric_name: repr(float(cand.metric)),
                 METRIC_NAME_TAG: metric_name,
             }
+            if ensure_model is not None:
+                ensure_model(cand.run_id)
             version = _register(client, model_name, cand.run_id, artifact_path, tags)
             registered.append(version)
         versions[cand.run_id] = version

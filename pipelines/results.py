@@ -15,8 +15,7 @@ from mlflow.tracking import MlflowClient
 from gtaseg.errors import GtasegError
 from pipelines import runstate
 from pipelines.cells import run_config, sweep_cells
-from pipelines.params import PipelineParams
-from pipelines.tracking_run import tracking_uri
+from pipelines.params import PipelineParams, tracking_uri
 
 # Metrics a training run logs at its end (gtaseg.train's summary) that the comparison reads.
 METRICS = (

@@ -19,11 +19,13 @@ import gc
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gtaseg.config_parsing import ConfigError
 from gtaseg.errors import GtasegError
+from gtaseg.startup import import_without_gc
 from pipelines.cells import (
     FULL,
     base_tags,
@@ -36,7 +38,7 @@ from pipelines.cells import (
     sweep_cells,
 )
 from pipelines.generate import prepare, pretrain_config, pretrain_spec
-from pipelines.params import PipelineParams, load_params
+from pipelines.params import PipelineParams, load_params, tracking_uri
 from pipelines.pretraining import pretrain
 
 if TYPE_CHECKING:
@@ -156,7 +158,8 @@ def register(params: PipelineParams) -> dict[str, Any]:
 
     from pipelines.registry import Candidate, point_aliases
     from pipelines.results import current_runs
-    from pipelines.tracking_run import end_sweep, tracking_uri
+    from pipelines.run_models import ensure_logged_model
+    from pipelines.tracking_run import end_sweep
 
     t = params.tracking
     candidates = [
@@ -165,11 +168,14 @@ def register(params: PipelineParams) -> dict[str, Any]:
         if c.ratio != FULL  # an upper bound trained with every label, not a ratio's student
     ]
     client = MlflowClient(tracking_uri(params))
-    result = {
-        "model_name": t.model_name,
-        "metric_name": t.champion_metric,
-        **point_aliases(client, t.model_name, candidates, t.champion_metric),
-    }
+    aliases = point_aliases(
+        client,
+        t.model_name,
+        candidates,
+        t.champion_metric,
+        ensure_model=partial(ensure_logged_model, client),  # tracking.log_models: promoted
+    )
+    result = {"model_name": t.model_name, "metric_name": t.champion_metric, **aliases}
     RESULTS_DIR.mkdir(exist_ok=True)
     record = RESULTS_DIR / "champion.json"
     record.write_text(json.dumps(result, indent=2) + "\n")
@@ -221,8 +227,37 @@ def _only_entry(params: PipelineParams, section: str, name: str | None) -> str:
     return name
 
 
+# What each stage imports, loaded up front with the garbage collector off (gtaseg.startup); with
+# the local sqlite store, also its modules (which a store's first call would load).
+_STAGE_MODULES = {
+    "pretrain": ["pipelines.tracking_run", "matplotlib.figure"],
+    "train": ["pipelines.tracking_run", "matplotlib.figure"],
+    "compare": ["pipelines.compare", "pipelines.results"],
+    "register": ["pipelines.registry", "pipelines.results", "pipelines.run_models"],
+}
+_SQLITE_STORES = {
+    "pretrain": ["mlflow.store.tracking.sqlalchemy_store"],
+    "train": ["mlflow.store.tracking.sqlalchemy_store"],
+    "compare": ["mlflow.store.tracking.sqlalchemy_store"],
+    "register": [
+        "mlflow.store.tracking.sqlalchemy_store",
+        "mlflow.store.model_registry.sqlalchemy_store",
+    ],
+}
+
+
+def import_stage_modules(stage: str, params: PipelineParams) -> None:
+    """Import what `stage` uses with the garbage collector off (gtaseg.startup; what it saves:
+    benchmarks/results/profile_stage.md)."""
+    modules = _STAGE_MODULES.get(stage, [])
+    if tracking_uri(params).startswith("sqlite:"):
+        modules = modules + _SQLITE_STORES.get(stage, [])
+    import_without_gc(*modules)
+
+
 def _run_stage(args: argparse.Namespace) -> int:
     params = load_params(args.params)
+    import_stage_modules(args.stage, params)
     progress = os.environ.get("GTASEG_PROGRESS", "1") != "0"
     if args.stage == "prepare":
         out = prepare(params, _only_entry(params, "data_prep", args.name))

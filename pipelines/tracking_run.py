@@ -16,44 +16,27 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import requests
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import requests  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from gtaseg.config import Config  # noqa: E402
-from gtaseg.data.formats import class_names  # noqa: E402
-from gtaseg.data.loaders import make_val_data  # noqa: E402
-from gtaseg.distributed import resolve_device  # noqa: E402
-from gtaseg.evaluate import evaluate  # noqa: E402
-from gtaseg.inference import load_exported, predict_val_overlays  # noqa: E402
-from gtaseg.mlflow_tracking import MlflowTracker, configure_http_client  # noqa: E402
-from gtaseg.model import exportable  # noqa: E402
-from gtaseg.train import train  # noqa: E402
-from pipelines import runstate  # noqa: E402
-from pipelines.cells import labeled_counts  # noqa: E402
-from pipelines.params import PipelineParams  # noqa: E402
+from gtaseg.config import Config
+from gtaseg.data.formats import class_names
+from gtaseg.data.loaders import make_val_data
+from gtaseg.distributed import resolve_device
+from gtaseg.evaluate import evaluate
+from gtaseg.inference import load_exported, predict_val_overlays
+from gtaseg.mlflow_tracking import MlflowTracker, configure_http_client
+from gtaseg.model import exportable
+from gtaseg.train import train
+from pipelines import runstate
+from pipelines.cells import labeled_counts
+from pipelines.params import PipelineParams, Tracking, tracking_uri
+from pipelines.run_models import EXPORT_ARTIFACTS, MODEL_NAME, input_example
 
 SWEEP_TAG = "gtaseg.sweep"  # on parent runs: tracking.sweep_name
 log = logging.getLogger(__name__)
-
-
-def tracking_uri(params: PipelineParams) -> str:
-    """MLFLOW_TRACKING_URI wins; else the params' local store (sqlite, nothing to start).
-
-    A relative sqlite path is made absolute against the current folder: mlflow caches one store
-    per URI string for the life of the process, so `sqlite:///mlflow.db` would otherwise keep
-    writing to the folder the first run started in.
-    """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.tracking_uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
-        uri = prefix + str(Path.cwd() / uri[len(prefix) :])
-    return uri
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
@@ -153,7 +136,7 @@ def tracked_training(
             on_checkpoint=lambda _: checkpointed(),
         )
         summary["run_id"] = tracker.run_id
-        _log_outputs(tracker, cfg, out, params.tracking.log_checkpoints)
+        _log_outputs(tracker, cfg, out, params.tracking)
         status = runstate.FINISHED
     finally:
         tracker.close(status)
@@ -212,19 +195,20 @@ def sweep_parent_or_none(params: PipelineParams) -> str | None:
         return None
 
 
-def _log_outputs(tracker: MlflowTracker, cfg: Config, out: Path, checkpoints: bool) -> None:
+def _log_outputs(tracker: MlflowTracker, cfg: Config, out: Path, settings: Tracking) -> None:
     tracker.log_artifact(out / "config.yaml")
     tracker.log_artifact(out / "metrics.json")
     if (out / "history.csv").is_file():
         tracker.log_artifact(out / "history.csv")
-    if checkpoints:
+    if settings.log_checkpoints:
         for name in ("last.pt", "best.pt"):
             if (out / "checkpoints" / name).is_file():
                 tracker.log_artifact(out / "checkpoints" / name, "checkpoints")
     device = resolve_device(cfg.train.device)
     student = load_exported(out / "model", device)
-    tracker.log_model(exportable(student), "student", input_example=input_example(student))
-    tracker.log_artifact(out / "model", "student_smp")
+    tracker.log_artifact(out / "model", EXPORT_ARTIFACTS)
+    if settings.log_models == "every_run":  # else the register stage logs the promoted ones
+        tracker.log_model(exportable(student), MODEL_NAME, input_example=input_example(student))
     result = evaluate(
         student,
         make_val_data(cfg.data, cfg.eval.max_images),
@@ -242,12 +226,16 @@ def _log_outputs(tracker: MlflowTracker, cfg: Config, out: Path, checkpoints: bo
 
 
 def confusion_plot(confusion: np.ndarray, names: list[str], path: Path) -> Path:
-    """Row-normalised confusion matrix (ground truth rows, prediction columns) as a PNG."""
+    """Row-normalised confusion matrix (ground truth rows, prediction columns) as a PNG.
+    matplotlib's object API (no pyplot, no backend state), imported only here."""
+    from matplotlib.figure import Figure
+
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = confusion.sum(axis=1, keepdims=True)
     norm = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
     size = max(4.0, 0.45 * len(names))
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.subplots()
     im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
@@ -257,13 +245,4 @@ def confusion_plot(confusion: np.ndarray, names: list[str], path: Path) -> Path:
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
-
-
-def input_example(model: Any) -> np.ndarray:
-    """Two normalised RGB images, non-square, of a size the network takes without padding:
-    what the registered model shows as its example (its signature leaves N, H, W free)."""
-    side = int(getattr(model.encoder, "output_stride", 32))
-    rng = np.random.default_rng(0)
-    return rng.standard_normal((2, 3, 2 * side, 3 * side)).astype(np.float32)

@@ -60,6 +60,16 @@ def cell_runs(work: Path, ratio: str) -> list:
     return [r for r in mlflow_runs(work, EXPERIMENT) if r.data.tags.get("gtaseg.ratio") == ratio]
 
 
+def model_runs(work: Path) -> list[str]:
+    """The source run of every MLflow model `student` logged in the experiment (one per model)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    logged = client.search_logged_models([experiment.experiment_id], "name = 'student'")
+    return sorted(m.source_run_id for m in logged)
+
+
 def test_repro_produces_every_output(workspace):
     log = (workspace / "repro.log").read_text()
     for cell in ("1_4", "1_2"):
@@ -95,6 +105,10 @@ def test_mlflow_runs_nested_with_params_metrics_artifacts(workspace):
         "summary.md", "results.csv", "miou_vs_ratio.png", "champion.json"}  # fmt: skip
     assert sorted(r.data.tags["gtaseg.ratio"] for r in children) == ["1_2", "1_4", "pretrain"]
     assert {r.info.status for r in children} == {"FINISHED"}
+    # tracking.log_models: promoted: the register stage traced the MLflow model of each run an
+    # alias points at (both cells here), and of no other (the pretraining run)
+    promoted = json.loads((workspace / "results/champion.json").read_text())["aliases"]
+    assert model_runs(workspace) == sorted({a["run_id"] for a in promoted.values()})
     # 1_4 trains 2 epochs (warm-up + one semi-supervised epoch); 1_2 only its warm-up epoch
     child = next(r for r in children if r.data.tags["gtaseg.ratio"] == "1_4")
     assert child.data.params["train.method"] == "gta"
@@ -176,10 +190,15 @@ def test_second_repro_is_a_noop_and_a_changed_key_retrains_only_its_cells(worksp
     parents = [r for r in mlflow_runs(workspace, EXPERIMENT) if "gtaseg.sweep" in r.data.tags]
     assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}
     assert new.data.tags["mlflow.parentRunId"] == parents[-1].info.run_id
-    # registering again with the same current runs changes nothing
+    # the new 1_2 run got its model when it was registered; the earlier runs keep theirs
+    promoted = {a["run_id"] for a in (*old_champion["aliases"].values(),
+                                      *champion["aliases"].values())}  # fmt: skip
+    assert model_runs(workspace) == sorted(promoted)
+    # registering again with the same current runs changes nothing, and traces nothing
     again = json.loads(run([sys.executable, "-m", "pipelines.stages", "register"],
                            workspace).stdout)  # fmt: skip
     assert again["registered"] == [] and again["aliases"] == champion["aliases"]
+    assert model_runs(workspace) == sorted(promoted)
 
 
 def test_dvc_experiments_are_listed_and_diffed(workspace):
