@@ -283,8 +283,10 @@ def _register(
     if not ready:
         raise RegistryError(
             f"run {run_id} has no READY logged model named {artifact_path!r} (found "
-            f"{len(logged)} in any state). Log it with mlflow.pytorch.log_model(model, "
-            f"name={artifact_path!r}) in that run (MlflowTracker.log_model does) before promoting."
+            f"{len(logged)} in any state). Before promoting, log it: for a run the pipeline "
+            f"trained, pipelines.run_models.ensure_logged_model(client, run_id) traces it from "
+            f"the run's student_smp/ export; otherwise mlflow.pytorch.log_model(model, "
+            f"name={artifact_path!r}) in that run."
         )
     model_id = max(ready, key=lambda m: m.creation_timestamp).model_id
     try:
