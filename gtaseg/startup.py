@@ -32,12 +32,15 @@ def imports_without_gc() -> Iterator[None]:
 
 
 def import_without_gc(*modules: str) -> None:
-    """Import `modules` (dotted names) inside `imports_without_gc()`; nothing at all (no
-    freezing) when they are all imported already: a long-lived process that trains in between
-    must not freeze the garbage its runs left."""
-    missing = [name for name in modules if name not in sys.modules]
-    if not missing:
+    """Import `modules` (dotted names) inside `imports_without_gc()` when none of them is
+    imported yet: a process at its start. When some already are, the rest are imported plainly,
+    with the collector as it is and nothing frozen: a long-lived process (a Prefect sweep that
+    trains cells in threads) must neither pause collection for the others nor freeze the garbage
+    its runs left."""
+    if any(name in sys.modules for name in modules):
+        for name in modules:
+            importlib.import_module(name)
         return
     with imports_without_gc():
-        for name in missing:
+        for name in modules:
             importlib.import_module(name)

@@ -5,7 +5,7 @@ normalization.json, what `gtaseg predict` reads). The MLflow model `student` (th
 its signature and an input example, what the registry versions) is made from that folder:
 - `tracking.log_models: promoted` (default): by the register stage, for the runs it points an
   alias at and only when the run has none yet. Tracing the network costs a training stage seconds
-  (about 3 s on 2 CPU cores, `benchmarks/results/profile_stage.md`), for models nobody loads.
+  (`benchmarks/results/profile_stage_every_run.md`, the `log_model` row), for models nobody loads.
 - `every_run`: by each training stage as it ends, as well.
 """
 
@@ -23,7 +23,6 @@ from pipelines.registry_lock import RegistryError
 
 MODEL_NAME = "student"  # the MLflow model of each run (registered versions point at it)
 EXPORT_ARTIFACTS = "student_smp"  # the run's artifact folder holding the smp export
-LOG_MODELS = ("promoted", "every_run")  # tracking.log_models
 
 
 def input_example(model: Any) -> np.ndarray:

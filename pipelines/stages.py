@@ -153,7 +153,8 @@ def compare(params: PipelineParams) -> dict[str, Path]:
 
 def register(params: PipelineParams) -> dict[str, Any]:
     """Point the registry's aliases at the best current students (`champion` overall,
-    `best-<ratio>` per label ratio), then end the sweep's parent run with the comparison."""
+    `best-<ratio>` per label ratio), tracing the MLflow model of each run they point at that has
+    none yet (pipelines.run_models), then end the sweep's parent run with the comparison."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.registry import Candidate, point_aliases

@@ -113,7 +113,8 @@ def tracked_training(
     on_state: Callable[[], None] | None = None,
     on_checkpoint: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Train `cfg` into `out` with an MLflow run; log checkpoints, model, plots; return metrics.
+    """Train `cfg` into `out` with an MLflow run; log checkpoints, the smp export, plots (and
+    the MLflow model with `tracking.log_models: every_run`); return metrics.
     Resumes an unfinished attempt of the same inputs and code, else starts fresh (see module
     docstring). Under torchrun only rank 0 decides and opens the MLflow run; the other ranks
     wait for it in the process group's start, then train. The run folder is worth keeping
@@ -227,7 +228,7 @@ def _log_outputs(tracker: MlflowTracker, cfg: Config, out: Path, settings: Track
 
 def confusion_plot(confusion: np.ndarray, names: list[str], path: Path) -> Path:
     """Row-normalised confusion matrix (ground truth rows, prediction columns) as a PNG.
-    matplotlib's object API (no pyplot, no backend state), imported only here."""
+    matplotlib's object API (no pyplot, no backend state), imported when first drawn."""
     from matplotlib.figure import Figure
 
     path.parent.mkdir(parents=True, exist_ok=True)

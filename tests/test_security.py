@@ -263,6 +263,7 @@ def test_a_tracked_run_writes_no_credential_anywhere(
     run["model"].update(encoder=ENCODER, decoder_channels=16, encoder_weights=None)
     run["train"].update(batch_size_labeled=2, batch_size_unlabeled=2, max_iters=3)
     run["eval"]["max_images"] = 2
+    params["tracking"]["log_models"] = "every_run"  # the MLflow model's files are scanned too
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     caplog.set_level(logging.DEBUG)
     stages.split(load_params("params.yaml"), "1_4", 0)
@@ -273,6 +274,7 @@ def test_a_tracked_run_writes_no_credential_anywhere(
     assert (work / "mlflow.db").is_file() and summary["run_id"]
     assert b"train.method" in (work / "mlflow.db").read_bytes()  # the store holds the run
     assert any(p.name == "metrics.json" and "runs" not in p.parts for p in produced)  # artifacts
+    assert any(p.name == "MLmodel" for p in produced)  # every_run: the stage logged the model
     out, err = capfd.readouterr()
     leaks = {
         str(p.relative_to(work)): found
