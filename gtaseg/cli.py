@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gtaseg.config import apply_overrides, load_config
 from gtaseg.errors import GtasegError
-from gtaseg.startup import import_without_gc
+from gtaseg.startup import import_without_gc, tune_malloc
 
 # Subcommands whose parser lives in a module that imports torch and smp (seconds): registered in
 # full only when invoked; otherwise a one-line entry keeps them in `gtaseg --help`.
@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
+    tune_malloc()
     modules = COMMAND_MODULES.get(args.command, ())
     if getattr(args, "mlflow_experiment", None):
         modules += ("gtaseg.mlflow_tracking",)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from gtaseg.config_parsing import ConfigError
 from gtaseg.errors import GtasegError
-from gtaseg.startup import import_without_gc
+from gtaseg.startup import import_without_gc, tune_malloc
 from pipelines.cells import (
     FULL,
     base_tags,
@@ -248,8 +248,9 @@ _SQLITE_STORES = {
 
 
 def import_stage_modules(stage: str, params: PipelineParams) -> None:
-    """Import what `stage` uses with the garbage collector off (gtaseg.startup; what it saves:
-    benchmarks/results/profile_stage.md)."""
+    """Import what `stage` uses with the garbage collector off, and keep a training step's
+    memory in the heap (gtaseg.startup; what they save: benchmarks/README.md)."""
+    tune_malloc()
     modules = _STAGE_MODULES.get(stage, [])
     if tracking_uri(params).startswith("sqlite:"):
         modules = modules + _SQLITE_STORES.get(stage, [])
