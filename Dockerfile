@@ -24,7 +24,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MPLBACKEND=Agg \
     GIT_PYTHON_REFRESH=quiet \
     GTASEG_GIT_COMMIT=$GIT_COMMIT \
-    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180 \
+    MALLOC_MMAP_THRESHOLD_=33554432 \
+    MALLOC_TRIM_THRESHOLD_=268435456 \
+    MALLOC_TOP_PAD_=67108864
 
 # tini as PID 1 forwards signals and reaps children, so cancelling a flow run stops every torchrun
 # worker. The job's user (uid 1000, the Kubernetes template's runAsUser) owns /app: the jobs write

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gtaseg.config import apply_overrides, load_config
 from gtaseg.errors import GtasegError
-from gtaseg.startup import import_without_gc, tune_malloc
+from gtaseg.startup import import_without_gc, restart_with_malloc_settings
 
 # Subcommands whose parser lives in a module that imports torch and smp (seconds): registered in
 # full only when invoked; otherwise a one-line entry keeps them in `gtaseg --help`.
@@ -332,7 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    tune_malloc()
     modules = COMMAND_MODULES.get(args.command, ())
     if getattr(args, "mlflow_experiment", None):
         modules += ("gtaseg.mlflow_tracking",)
@@ -346,9 +345,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The `gtaseg` console script: `main`, then exit. gc.freeze() first spares the interpreter's
-    final collection a scan of every object torch, smp and timm created (seconds at exit); the
-    exit handlers still run."""
+    """The `gtaseg` console script: glibc's malloc settings (restarting with them if needed,
+    gtaseg.startup), `main`, then exit. gc.freeze() first spares the interpreter's final
+    collection a scan of every object torch, smp and timm created (seconds at exit); the exit
+    handlers still run."""
+    restart_with_malloc_settings()
     code = main()
     gc.freeze()
     sys.exit(code)

@@ -12,7 +12,6 @@ importing leaves behind as garbage are kept (the same table reports the resident
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import importlib
 import os
@@ -49,29 +48,31 @@ def import_without_gc(*modules: str) -> None:
             importlib.import_module(name)
 
 
-# mallopt parameters (glibc's malloc.h) and the values `tune_malloc` sets
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MALLOC_SETTINGS = (
-    (_M_MMAP_THRESHOLD, 32 << 20),  # blocks below 32 MiB (glibc's maximum) come from the heap
-    (_M_TRIM_THRESHOLD, 256 << 20),  # the heap's free top is returned to the OS above 256 MiB
-    (_M_TOP_PAD, 64 << 20),  # and grown 64 MiB at a time
-)
-_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+# glibc's malloc settings for a CPU training process, read by glibc at process start only
+MALLOC_SETTINGS = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),  # blocks below 32 MiB (its maximum) from the heap
+    "MALLOC_TRIM_THRESHOLD_": str(256 << 20),  # its free top returned to the OS above 256 MiB
+    "MALLOC_TOP_PAD_": str(64 << 20),  # and grown 64 MiB at a time
+}
 
 
-def tune_malloc() -> bool:
-    """Keep a CPU training step's tensors in the heap: glibc maps blocks from 128 KiB up afresh
-    and unmaps them when freed, so every step page-faults its activations in again (thousands of
-    faults a step); `benchmarks/results/bench_loop_cpu.json` times the loop with this. Costs up
-    to 256 MiB of freed memory kept per process. Skipped (False) where the C library is not
-    glibc, when any of MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_ is set
-    (your settings win), or with GTASEG_MALLOC=system. Process-wide; idempotent."""
-    if os.environ.get("GTASEG_MALLOC") == "system" or any(k in os.environ for k in _MALLOC_ENV):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 (glibc only: AttributeError elsewhere)
-        mallopt = libc.mallopt
-    except (AttributeError, OSError):
-        return False
-    return all(mallopt(param, value) == 1 for param, value in _MALLOC_SETTINGS)
+def restart_with_malloc_settings() -> None:
+    """Re-execute this process (same arguments, same PID) with MALLOC_SETTINGS in its
+    environment, unless they are set. glibc maps blocks from 128 KiB up afresh and unmaps them
+    when freed, so a CPU training step page-faults its tensors in again every step; with these
+    settings they stay in the heap (`benchmarks/results/bench_loop_cpu*.json` time the loop both
+    ways), for up to 256 MiB of freed memory kept per process. glibc reads them only at start,
+    hence the restart, before anything heavy is imported (one interpreter start). Nothing happens
+    off Linux, when any MALLOC_*_ setting of glibc's is already in the environment (yours win),
+    or with GTASEG_MALLOC=system. `scripts/run.sh` (.env.defaults) and the image set them."""
+    env = os.environ
+    if (
+        not sys.platform.startswith("linux")
+        or env.get("GTASEG_MALLOC") == "system"
+        or any(key in env for key in MALLOC_SETTINGS)
+        or not getattr(sys, "orig_argv", None)
+    ):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, {**env, **MALLOC_SETTINGS})

@@ -32,6 +32,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from gtaseg.errors import GtasegError
+from gtaseg.startup import restart_with_malloc_settings
 from pipelines import fanout, jobs, stages
 from pipelines.params import load_params
 
@@ -322,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """`python -m` entry: `main`, then exit. gc.freeze() first spares the interpreter's final
+    """`python -m` entry: glibc's malloc settings (restarting with them if needed,
+    gtaseg.startup), `main`, then exit. gc.freeze() first spares the interpreter's final
     collection a scan of every object torch, smp and mlflow created (seconds at exit)."""
+    restart_with_malloc_settings()
     code = main()
     gc.freeze()
     sys.exit(code)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from gtaseg.config_parsing import ConfigError
 from gtaseg.errors import GtasegError
-from gtaseg.startup import import_without_gc, tune_malloc
+from gtaseg.startup import import_without_gc, restart_with_malloc_settings
 from pipelines.cells import (
     FULL,
     base_tags,
@@ -248,9 +248,8 @@ _SQLITE_STORES = {
 
 
 def import_stage_modules(stage: str, params: PipelineParams) -> None:
-    """Import what `stage` uses with the garbage collector off, and keep a training step's
-    memory in the heap (gtaseg.startup; what they save: benchmarks/README.md)."""
-    tune_malloc()
+    """Import what `stage` uses with the garbage collector off (gtaseg.startup; what it saves:
+    benchmarks/results/profile_stage.md)."""
     modules = _STAGE_MODULES.get(stage, [])
     if tracking_uri(params).startswith("sqlite:"):
         modules = modules + _SQLITE_STORES.get(stage, [])
@@ -290,8 +289,10 @@ def _run_stage(args: argparse.Namespace) -> int:
 
 
 def run() -> None:
-    """`python -m` entry: `main`, then exit. gc.freeze() first spares the interpreter's final
+    """`python -m` entry: glibc's malloc settings (restarting with them if needed,
+    gtaseg.startup), `main`, then exit. gc.freeze() first spares the interpreter's final
     collection a scan of every object torch, smp and mlflow created (seconds at exit)."""
+    restart_with_malloc_settings()
     code = main()
     gc.freeze()
     sys.exit(code)

@@ -1,6 +1,7 @@
 """gtaseg.startup: imports with the garbage collector off, then frozen; plain imports, nothing
 frozen, once any of the modules is imported (a long-lived process must not freeze its runs'
-garbage); and glibc's malloc tuned so that a training step stops page-faulting its memory in."""
+garbage); and glibc's malloc settings, which stop a training step page-faulting its memory in, and
+the restart that puts them in place."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gtaseg.startup import import_without_gc
+from gtaseg.startup import MALLOC_SETTINGS, import_without_gc
 
 
 @pytest.fixture
@@ -57,9 +58,7 @@ def test_a_disabled_collector_stays_disabled(probe_modules):
 
 
 _STEPS = """
-import resource, sys, torch
-from gtaseg.startup import tune_malloc
-tuned = tune_malloc()
+import resource, torch
 torch.manual_seed(0)
 torch.set_num_threads(1)
 block = lambda: torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU())
@@ -75,25 +74,58 @@ for _ in range(3):
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
     step()
-print(tuned, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+_RESTART = """
+import os
+from gtaseg.startup import restart_with_malloc_settings
+print("started", os.getpid(), os.environ.get("MALLOC_TOP_PAD_"), flush=True)
+restart_with_malloc_settings()
+print("running", os.getpid(), os.environ.get("MALLOC_TOP_PAD_"))
 """
 
 
-def _faults_per_step(**env: str) -> tuple[bool, float]:
+def _python(code: str, **env: str) -> str:
+    """Run `code` in a fresh interpreter with no MALLOC_* or GTASEG_MALLOC setting but `env`."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GTASEG_MALLOC"))}
     out = subprocess.run(
-        [sys.executable, "-c", _STEPS], env={**clean, **env}, capture_output=True, text=True
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    tuned, faults = out.stdout.split()
-    return tuned == "True", float(faults)
+    return out.stdout
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux)")
-def test_tuned_malloc_stops_a_training_step_from_page_faulting_its_memory_in_again():
-    tuned, faults = _faults_per_step()
-    untuned, baseline = _faults_per_step(GTASEG_MALLOC="system")
-    assert tuned and not untuned  # GTASEG_MALLOC=system leaves glibc's defaults
-    assert faults * 4 < baseline, (faults, baseline)  # in practice an order of magnitude fewer
-    yours, _ = _faults_per_step(MALLOC_TRIM_THRESHOLD_="1000000")
-    assert not yours  # the user's own MALLOC_* settings win
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+
+
+@linux_only
+def test_the_malloc_settings_stop_a_training_step_from_page_faulting_its_memory_in_again():
+    tuned = float(_python(_STEPS, **MALLOC_SETTINGS))
+    default = float(_python(_STEPS))
+    assert tuned * 4 < default, (tuned, default)  # in practice an order of magnitude fewer
+
+
+@linux_only
+def test_an_entry_point_restarts_itself_once_with_the_malloc_settings():
+    lines = _python(_RESTART).splitlines()
+    pid = lines[0].split()[1]
+    # the first start, then the same process (same PID) started again with the settings
+    assert lines == [f"started {pid} None", f"started {pid} {MALLOC_SETTINGS['MALLOC_TOP_PAD_']}",
+                     f"running {pid} {MALLOC_SETTINGS['MALLOC_TOP_PAD_']}"]  # fmt: skip
+    for env in ({"GTASEG_MALLOC": "system"}, {"MALLOC_TRIM_THRESHOLD_": "1000000"}):
+        lines = _python(_RESTART, **env).splitlines()  # opted out, or your own settings: as is
+        assert [line.split()[0] for line in lines] == ["started", "running"], env
+        assert lines[1].endswith("None"), env
+
+
+def test_the_image_and_the_project_defaults_carry_the_same_malloc_settings():
+    root = Path(__file__).resolve().parents[1]
+    defaults = dict(
+        line.split("=", 1)
+        for line in (root / ".env.defaults").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    dockerfile = (root / "Dockerfile").read_text()
+    for key, value in MALLOC_SETTINGS.items():
+        assert defaults[key] == value, key
+        assert f"{key}={value}" in dockerfile, key
