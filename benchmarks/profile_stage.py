@@ -169,18 +169,22 @@ def child(via: str, stage_args: list[str], phases_out: Path) -> int:
         start = time.perf_counter()
         importlib.import_module("prefect")
         imports["import prefect"] = time.perf_counter() - start
-    # As the stage imports what it uses (pipelines.stages.import_stage_modules): with the
-    # collector off, then everything frozen.
+    # As the stage imports what it uses (pipelines.stages.import_stage_modules, which then finds
+    # them all imported): with the collector off, then everything frozen.
     with imports_without_gc():
         for name in HEAVY:
             start = time.perf_counter()
             importlib.import_module(name)
             imports[f"import {name}"] = time.perf_counter() - start
         start = time.perf_counter()
+        importlib.import_module("mlflow.store.tracking.sqlalchemy_store")
+        imports["import MLflow's sqlite store"] = time.perf_counter() - start
+        start = time.perf_counter()
         entry = importlib.import_module(f"pipelines.{via}")
         for module in ("pipelines.tracking_run", "gtaseg.train", "gtaseg.mlflow_tracking"):
             importlib.import_module(module)
-        imports["import pipelines, gtaseg (rest)"] = time.perf_counter() - start
+        importlib.import_module("matplotlib.figure")
+        imports["import pipelines, gtaseg, matplotlib.figure"] = time.perf_counter() - start
     for owner, attr, label in WRAPPED:
         timer.wrap(_resolve(owner), attr, label)
     if via == "flows":
