@@ -4,7 +4,6 @@ export an encoder, bench."""
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import json
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from gtaseg.config import apply_overrides, load_config
 from gtaseg.errors import GtasegError
-from gtaseg.startup import import_without_gc, restart_with_malloc_settings
+from gtaseg.startup import import_without_gc, run_entry
 
 # Subcommands whose parser lives in a module that imports torch and smp (seconds): registered in
 # full only when invoked; otherwise a one-line entry keeps them in `gtaseg --help`.
@@ -345,14 +344,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The `gtaseg` console script: glibc's malloc settings (restarting with them if needed,
-    gtaseg.startup), `main`, then exit. gc.freeze() first spares the interpreter's final
-    collection a scan of every object torch, smp and timm created (seconds at exit); the exit
-    handlers still run."""
-    restart_with_malloc_settings()
-    code = main()
-    gc.freeze()
-    sys.exit(code)
+    """The entry point: `main` under gtaseg.startup.run_entry."""
+    run_entry(main)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ inputs and code is not launched again; retries are only for I/O and for crashed 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shlex
@@ -32,7 +31,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from gtaseg.errors import GtasegError
-from gtaseg.startup import restart_with_malloc_settings
+from gtaseg.startup import run_entry
 from pipelines import fanout, jobs, stages
 from pipelines.params import load_params
 
@@ -323,13 +322,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """`python -m` entry: glibc's malloc settings (restarting with them if needed,
-    gtaseg.startup), `main`, then exit. gc.freeze() first spares the interpreter's final
-    collection a scan of every object torch, smp and mlflow created (seconds at exit)."""
-    restart_with_malloc_settings()
-    code = main()
-    gc.freeze()
-    sys.exit(code)
+    """The entry point: `main` under gtaseg.startup.run_entry."""
+    run_entry(main)
 
 
 if __name__ == "__main__":

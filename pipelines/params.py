@@ -19,6 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from gtaseg.config import Config, ConfigError, config_from_dict, read_yaml
 from gtaseg.config_parsing import dataclass_from_dict
@@ -109,13 +110,7 @@ class Tracking:
     log_checkpoints: bool = True  # upload last/best checkpoints as artifacts
     # the MLflow model of a run (pipelines.run_models): promoted = logged by the register stage for
     # the runs it points an alias at; every_run = also by each training stage as it ends
-    log_models: str = "promoted"
-
-    def __post_init__(self) -> None:
-        if self.log_models not in ("promoted", "every_run"):
-            raise ConfigError(
-                f"tracking.log_models: expected promoted or every_run, got {self.log_models!r}."
-            )
+    log_models: Literal["promoted", "every_run"] = "promoted"
 
 
 MODELS_DIR = Path("models")  # encoder weights the runs start from; the train stages depend on it

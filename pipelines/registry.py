@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
-from mlflow.entities import LoggedModelStatus
+from mlflow.entities import LoggedModel, LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -269,17 +269,24 @@ def _beats(metric_value: float, current: Mapping[str, Any], metric_name: str) ->
     return metric_value > current["metric"]
 
 
+def logged_models(
+    client: MlflowClient, experiment_id: str, run_id: str, name: str
+) -> tuple[list[LoggedModel], list[LoggedModel]]:
+    """(the READY logged models `name` of run `run_id`, all of them in any state)."""
+    logged = client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+    )
+    return [m for m in logged if m.status == LoggedModelStatus.READY], logged
+
+
 def _register(
     client: MlflowClient, model_name: str, run_id: str, artifact_path: str, tags: dict[str, str]
 ) -> str:
     """Create a version of `model_name` from the latest READY logged model `artifact_path` of
     `run_id`; returns the version number as a string."""
     experiment_id = client.get_run(run_id).info.experiment_id
-    logged = client.search_logged_models(
-        experiment_ids=[experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND name = '{artifact_path}'",
-    )
-    ready = [m for m in logged if m.status == LoggedModelStatus.READY]
+    ready, logged = logged_models(client, experiment_id, run_id, artifact_path)
     if not ready:
         raise RegistryError(
             f"run {run_id} has no READY logged model named {artifact_path!r} (found "

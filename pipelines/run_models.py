@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
+from pipelines.registry import logged_models
 from pipelines.registry_lock import RegistryError
 
 MODEL_NAME = "student"  # the MLflow model of each run (registered versions point at it)
@@ -36,17 +36,14 @@ def input_example(model: Any) -> np.ndarray:
 def has_logged_model(client: MlflowClient, run_id: str, name: str = MODEL_NAME) -> bool:
     """Whether run `run_id` has a READY logged model `name`."""
     experiment_id = client.get_run(run_id).info.experiment_id
-    logged = client.search_logged_models(
-        experiment_ids=[experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
-    )
-    return any(m.status == LoggedModelStatus.READY for m in logged)
+    return bool(logged_models(client, experiment_id, run_id, name)[0])
 
 
 def ensure_logged_model(client: MlflowClient, run_id: str, name: str = MODEL_NAME) -> bool:
     """Log run `run_id`'s MLflow model `name` from its `student_smp` artifacts unless it has
     one; True when it was logged now. The run may be finished (its status is not changed)."""
-    if has_logged_model(client, run_id, name):
+    experiment_id = client.get_run(run_id).info.experiment_id
+    if logged_models(client, experiment_id, run_id, name)[0]:
         return False
     import torch
 
@@ -61,7 +58,6 @@ def ensure_logged_model(client: MlflowClient, run_id: str, name: str = MODEL_NAM
             f"pipeline's train stage finished; retrain that cell, or log the model into the run "
             f"with mlflow.pytorch.log_model(model, name={name!r})."
         )
-    experiment_id = client.get_run(run_id).info.experiment_id
     with tempfile.TemporaryDirectory(prefix="gtaseg-model-") as tmp:
         local = client.download_artifacts(run_id, EXPORT_ARTIFACTS, tmp)
         student = load_exported(Path(local), torch.device("cpu"))

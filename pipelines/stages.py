@@ -15,7 +15,6 @@ MLflow. Progress lines go to stderr; GTASEG_PROGRESS=0 silences them.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from gtaseg.config_parsing import ConfigError
 from gtaseg.errors import GtasegError
-from gtaseg.startup import import_without_gc, restart_with_malloc_settings
+from gtaseg.startup import import_without_gc, run_entry
 from pipelines.cells import (
     FULL,
     base_tags,
@@ -229,30 +228,28 @@ def _only_entry(params: PipelineParams, section: str, name: str | None) -> str:
 
 
 # What each stage imports, loaded up front with the garbage collector off (gtaseg.startup); with
-# the local sqlite store, also its modules (which a store's first call would load).
+# the local sqlite store, also its modules (which a store's first call would load): every stage
+# here uses the tracking store, register the model registry's too.
 _STAGE_MODULES = {
     "pretrain": ["pipelines.tracking_run", "matplotlib.figure"],
     "train": ["pipelines.tracking_run", "matplotlib.figure"],
     "compare": ["pipelines.compare", "pipelines.results"],
     "register": ["pipelines.registry", "pipelines.results", "pipelines.run_models"],
 }
-_SQLITE_STORES = {
-    "pretrain": ["mlflow.store.tracking.sqlalchemy_store"],
-    "train": ["mlflow.store.tracking.sqlalchemy_store"],
-    "compare": ["mlflow.store.tracking.sqlalchemy_store"],
-    "register": [
-        "mlflow.store.tracking.sqlalchemy_store",
-        "mlflow.store.model_registry.sqlalchemy_store",
-    ],
-}
+_SQLITE_TRACKING, _SQLITE_REGISTRY = (
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+)
 
 
 def import_stage_modules(stage: str, params: PipelineParams) -> None:
     """Import what `stage` uses with the garbage collector off (gtaseg.startup; what it saves:
     benchmarks/results/profile_stage.md)."""
     modules = _STAGE_MODULES.get(stage, [])
-    if tracking_uri(params).startswith("sqlite:"):
-        modules = modules + _SQLITE_STORES.get(stage, [])
+    if modules and tracking_uri(params).startswith("sqlite:"):
+        modules = [*modules, _SQLITE_TRACKING]
+        if stage == "register":
+            modules.append(_SQLITE_REGISTRY)
     import_without_gc(*modules)
 
 
@@ -289,13 +286,8 @@ def _run_stage(args: argparse.Namespace) -> int:
 
 
 def run() -> None:
-    """`python -m` entry: glibc's malloc settings (restarting with them if needed,
-    gtaseg.startup), `main`, then exit. gc.freeze() first spares the interpreter's final
-    collection a scan of every object torch, smp and mlflow created (seconds at exit)."""
-    restart_with_malloc_settings()
-    code = main()
-    gc.freeze()
-    sys.exit(code)
+    """The entry point: `main` under gtaseg.startup.run_entry."""
+    run_entry(main)
 
 
 if __name__ == "__main__":
