@@ -8,11 +8,13 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
-venv="${GTASEG_VENV:-$HOME/.cache/gtaseg/venv}"
+# One virtual environment per checkout (.venv beside the code, as uv and poetry make it): two
+# clones on one machine never import each other's code.
+venv="${GTASEG_VENV:-$here/.venv}"
 lock="requirements/lock.txt"
 stamp="$venv/.gtaseg-lock"
-# The stamp covers the lock, pyproject and this checkout's path: another clone re-points the
-# editable install at itself (seconds); a changed lock reinstalls.
+# The stamp covers the lock, pyproject and this checkout's path: a changed lock reinstalls, and a
+# moved checkout re-points its editable install (seconds).
 want="$( (sha256sum "$lock" pyproject.toml; echo "$here") | sha256sum | cut -c1-16)"
 
 ensure_env() {
