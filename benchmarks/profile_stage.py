@@ -67,20 +67,24 @@ WRAPPED = [
     ("pipelines.stages", "import_without_gc", "import the stage's other modules (MLflow's store)"),
     ("pipelines.stages", "train", "stage work (pipelines.stages.train)"),
     ("pipelines.tracking_run", "sweep_parent_or_none", "MLflow: find the sweep's parent run"),
-    ("gtaseg.mlflow_tracking:MlflowTracker", "__init__", "MLflow: open the run"),
-    ("gtaseg.mlflow_tracking:MlflowTracker", "log_params", "MLflow: log params"),
-    ("gtaseg.mlflow_tracking:MlflowTracker", "log_metrics", OVERLAP),
-    ("gtaseg.mlflow_tracking:MlflowTracker", "log_artifact", "MLflow: log artifacts"),
-    ("gtaseg.mlflow_tracking:MlflowTracker", "log_model", "MLflow: log_model"),
-    ("gtaseg.mlflow_tracking:MlflowTracker", "close", "MLflow: close the run"),
-    ("pipelines.tracking_run", "train", "gtaseg.train.train"),
-    ("gtaseg.train", "make_train_data", "data set-up (list, check, cache)"),
-    ("gtaseg.train", "check_samples", "val files check"),
-    ("gtaseg.train", "build_state", "networks and optimisers"),
-    ("gtaseg.train", "evaluate_epoch", "evaluations during training"),
-    ("gtaseg.train", "save_state", "checkpoints"),  # the loop's own; the next: after evaluations
-    ("gtaseg.epoch_end", "save_state", "checkpoints"),
-    ("gtaseg.epoch_end", "_export_student", "model export (save_pretrained)"),
+    ("gtaseg.tracking.mlflow_tracker:MlflowTracker", "__init__", "MLflow: open the run"),
+    ("gtaseg.tracking.mlflow_tracker:MlflowTracker", "log_params", "MLflow: log params"),
+    ("gtaseg.tracking.mlflow_tracker:MlflowTracker", "log_metrics", OVERLAP),
+    ("gtaseg.tracking.mlflow_tracker:MlflowTracker", "log_artifact", "MLflow: log artifacts"),
+    ("gtaseg.tracking.mlflow_tracker:MlflowTracker", "log_model", "MLflow: log_model"),
+    ("gtaseg.tracking.mlflow_tracker:MlflowTracker", "close", "MLflow: close the run"),
+    ("pipelines.tracking_run", "train", "gtaseg.training.loop.train"),
+    ("gtaseg.training.loop", "make_train_data", "data set-up (list, check, cache)"),
+    ("gtaseg.training.loop", "check_samples", "val files check"),
+    ("gtaseg.training.loop", "build_state", "networks and optimisers"),
+    ("gtaseg.training.loop", "evaluate_epoch", "evaluations during training"),
+    (
+        "gtaseg.training.loop",
+        "save_state",
+        "checkpoints",
+    ),  # the loop's own; the next: after evaluations
+    ("gtaseg.training.epoch_end", "save_state", "checkpoints"),
+    ("gtaseg.training.epoch_end", "_export_student", "model export (save_pretrained)"),
     ("pipelines.tracking_run", "_log_outputs", "after training: artifacts, model, plots"),
     ("pipelines.tracking_run", "load_exported", "load the exported model"),
     ("pipelines.tracking_run", "make_val_data", "val data"),
@@ -120,7 +124,7 @@ class PhaseTimer:
             finally:
                 self.add(path, time.perf_counter() - start)
                 stack.pop()
-            if label == "gtaseg.train.train":  # the loop's own time, from the run's summary
+            if label == "gtaseg.training.loop.train":  # the loop's own time, from the run's summary
                 self.add((*path, LOOP), float(result["wall_time_s"]))
             return result
 
@@ -181,7 +185,11 @@ def child(via: str, stage_args: list[str], phases_out: Path) -> int:
         imports["import MLflow's sqlite store"] = time.perf_counter() - start
         start = time.perf_counter()
         entry = importlib.import_module(f"pipelines.{via}")
-        for module in ("pipelines.tracking_run", "gtaseg.train", "gtaseg.mlflow_tracking"):
+        for module in (
+            "pipelines.tracking_run",
+            "gtaseg.training.loop",
+            "gtaseg.tracking.mlflow_tracker",
+        ):
             importlib.import_module(module)
         importlib.import_module("matplotlib.figure")
         imports["import pipelines, gtaseg, matplotlib.figure"] = time.perf_counter() - start

@@ -96,8 +96,8 @@ def pretrain(out: Path, params, quick: bool) -> Path:
     """The demo's pretrained encoder (params.yaml `pretrain`), trained once, untracked."""
     from gtaseg.data.embedded import make_embedded
     from gtaseg.data.splits import make_split, write_split
-    from gtaseg.inference import export_encoder
-    from gtaseg.train import train
+    from gtaseg.evaluation.inference import export_encoder
+    from gtaseg.training.loop import train
     from pipelines.generate import pretrain_config
 
     encoder = out / "pretrained" / "encoder.pth"

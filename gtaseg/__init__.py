@@ -1,8 +1,8 @@
 """gtaseg: GTA-Seg (Gentle Teaching Assistant) semi-supervised semantic segmentation.
 
 Importing gtaseg has no side effects. The library never imports prefect, dvc or boto3; mlflow is
-imported only in the MLflow adapter: `gtaseg.mlflow_tracking` and its two helpers,
-`gtaseg.mlflow_outbox` and `gtaseg.mlflow_models`.
+imported only in the MLflow adapter: `gtaseg.tracking.mlflow_tracker` and its two helpers,
+`gtaseg.tracking.outbox` and `gtaseg.tracking.model_format`.
 """
 
 IGNORE_INDEX = 255  # label value that no loss or metric counts

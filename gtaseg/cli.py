@@ -17,12 +17,12 @@ from gtaseg.startup import import_without_gc, run_entry
 # full only when invoked; otherwise a one-line entry keeps them in `gtaseg --help`.
 LAZY_PARSERS = {
     "bench": (
-        "gtaseg.bench",
+        "gtaseg.bench.step",
         "add_bench_parser",
         "time supervised, GTA-Seg (faithful, efficient) and the original's step",
     ),
     "bench-loop": (
-        "gtaseg.bench_loop",
+        "gtaseg.bench.loop",
         "add_bench_loop_parser",
         "time the whole training "
         "loop (data included) of supervised and GTA-Seg, beside the step bench",
@@ -31,10 +31,10 @@ LAZY_PARSERS = {
 
 # What a subcommand imports, loaded with the garbage collector off (gtaseg.startup).
 COMMAND_MODULES = {
-    "train": ("gtaseg.train",),
-    "evaluate": ("gtaseg.inference",),
-    "predict": ("gtaseg.inference",),
-    "export-encoder": ("gtaseg.inference",),
+    "train": ("gtaseg.training.loop",),
+    "evaluate": ("gtaseg.evaluation.inference",),
+    "predict": ("gtaseg.evaluation.inference",),
+    "export-encoder": ("gtaseg.evaluation.inference",),
 }
 
 EPILOG = """examples:
@@ -122,12 +122,12 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from gtaseg.train import train
+    from gtaseg.training.loop import train
 
     cfg = _config(args)
     tracker = None
     if args.mlflow_experiment:
-        from gtaseg.mlflow_tracking import MlflowTracker, TrackingUnavailable
+        from gtaseg.tracking.mlflow_tracker import MlflowTracker, TrackingUnavailable
 
         fallback = Path(args.mlflow_fallback) if args.mlflow_fallback else None
         try:
@@ -151,14 +151,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from gtaseg.inference import evaluate_checkpoint
+    from gtaseg.evaluation.inference import evaluate_checkpoint
 
     result = evaluate_checkpoint(Path(args.checkpoint), args.network, args.set, args.device)
     print(json.dumps(result, indent=2))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from gtaseg.inference import predict_folder
+    from gtaseg.evaluation.inference import predict_folder
 
     written = predict_folder(
         Path(args.model), Path(args.images), Path(args.out), args.device, overlay_alpha=args.alpha
@@ -167,7 +167,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_export_encoder(args: argparse.Namespace) -> None:
-    from gtaseg.inference import export_encoder
+    from gtaseg.evaluation.inference import export_encoder
 
     info = export_encoder(Path(args.model), Path(args.out))
     print(
@@ -280,7 +280,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--mlflow-fallback",
         metavar="DIR",
         help="if the MLflow server is unreachable at start, log to JSONL files in DIR "
-        "(replay later with gtaseg.mlflow_tracking.replay_jsonl) instead of failing",
+        "(replay later with gtaseg.tracking.mlflow_tracker.replay_jsonl) instead of failing",
     )
     p.set_defaults(func=cmd_train)
 
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     modules = COMMAND_MODULES.get(args.command, ())
     if getattr(args, "mlflow_experiment", None):
-        modules += ("gtaseg.mlflow_tracking",)
+        modules += ("gtaseg.tracking.mlflow_tracker",)
     import_without_gc(*modules)
     try:
         args.func(args)

@@ -27,7 +27,8 @@ def run_dir(ratio: str, method: str, seed: int) -> Path:
 
 
 def storage_name(experiment: str, ratio: str, method: str, seed: int) -> str:
-    """Where the cell's run folder is mirrored under the storage root (pipelines.storage)."""
+    """Where the cell's run folder is mirrored under the storage root
+    (pipelines.cluster.storage)."""
     return f"cells/{experiment}/{ratio}/{method}/seed{seed}"
 
 

@@ -2,7 +2,7 @@
 
 Thin wrappers over `pipelines.stages`, the entry points the DVC stages call. The sweep launches
 each cell as its own flow run of `train_flow`, at most `sweep.max_parallel` at once (a Prefect
-concurrency limit, `pipelines.fanout`):
+concurrency limit, `pipelines.cluster.fanout`):
 - with `train_deployment` (e.g. "gtaseg-train/train-gpu"), on that deployment's work pool, one
   job per cell. A job starts in an empty folder: the sweep publishes each cell's inputs to storage
   (GTASEG_STORAGE_URI) and the job fetches them; the job's run folder is mirrored there as it
@@ -32,7 +32,8 @@ from prefect import flow, get_run_logger, task
 
 from gtaseg.errors import GtasegError
 from gtaseg.startup import run_entry
-from pipelines import fanout, jobs, stages
+from pipelines import stages
+from pipelines.cluster import fanout, jobs
 from pipelines.params import load_params
 
 
@@ -251,7 +252,8 @@ def sweep_flow(
     """Generate the data_prep and pretrain entries, make splits, run every cell (module
     docstring), compare the label ratios, point the registry's aliases and end the sweep's
     parent run. `config_path` may be s3://...; `inputs` ({path: storage digest}, e.g. a dataset
-    published once with `python -m pipelines.storage publish data/VOC`) are fetched first."""
+    published once with `python -m pipelines.cluster.storage publish data/VOC`) are fetched
+    first."""
     if train_deployment:  # before any work: its cells will need the storage
         jobs.require_storage(f"the sweep launches its cells on {train_deployment}")
     if inputs:

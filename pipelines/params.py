@@ -108,8 +108,8 @@ class Tracking:
     champion_metric: str = "best_val_miou_student"  # picks `champion` and each `best-<ratio>`
     sweep_name: str = "demo-sweep"  # name of the parent run of each sweep invocation
     log_checkpoints: bool = True  # upload last/best checkpoints as artifacts
-    # the MLflow model of a run (pipelines.run_models): promoted = logged by the register stage for
-    # the runs it points an alias at; every_run = also by each training stage as it ends
+    # the MLflow model of a run (pipelines.registry.run_models): promoted = logged by the register
+    # stage for the runs it points an alias at; every_run = also by each training stage as it ends
     log_models: Literal["promoted", "every_run"] = "promoted"
 
 

@@ -75,7 +75,7 @@ def pretrain(
         if json.loads(record.read_text()).get("spec") == spec:
             print(f"pretrained encoder {out} is up to date")
             return out
-    from gtaseg.inference import export_encoder
+    from gtaseg.evaluation.inference import export_encoder
     from pipelines.tracking_run import tracked_training
 
     cfg = _pretrain_scenes(params, name)

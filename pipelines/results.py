@@ -17,7 +17,7 @@ from pipelines import runstate
 from pipelines.cells import run_config, sweep_cells
 from pipelines.params import PipelineParams, tracking_uri
 
-# Metrics a training run logs at its end (gtaseg.train's summary) that the comparison reads.
+# Metrics a training run logs at its end (gtaseg.training.loop's summary) that the comparison reads.
 METRICS = (
     "val_miou_student",
     "best_val_miou_student",
@@ -70,7 +70,7 @@ def current_runs(params: PipelineParams) -> list[CellRun]:
     where = f"experiment {params.tracking.experiment!r} at {uri}"
     advice = (
         "Train them (dvc repro), or replay a run folder's tracking-fallback/*.jsonl if it "
-        "trained while MLflow was down (gtaseg.mlflow_tracking.replay_jsonl)."
+        "trained while MLflow was down (gtaseg.tracking.mlflow_tracker.replay_jsonl)."
     )
     if not found:
         raise NoResults(

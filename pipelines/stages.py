@@ -41,7 +41,7 @@ from pipelines.params import PipelineParams, load_params, tracking_uri
 from pipelines.pretraining import pretrain
 
 if TYPE_CHECKING:
-    from pipelines.mirror import FolderMirror
+    from pipelines.cluster.mirror import FolderMirror
 
 __all__ = [
     "FULL",
@@ -119,16 +119,16 @@ def train(
 
 
 def cell_mirror(params: PipelineParams, ratio: str, method: str, seed: int) -> FolderMirror | None:
-    """The cell's run folder mirrored in storage (`pipelines.mirror`; None
+    """The cell's run folder mirrored in storage (`pipelines.cluster.mirror`; None
     without GTASEG_STORAGE_URI, or on a torchrun rank other than 0). A folder without a run
     record, as a new job on a work pool has, gets the stored copy first: a job restarted after
     pre-emption resumes from the last checkpoint pushed. Rank 0 pulls before it opens the process
     group, so the other ranks (waiting there) read the pulled checkpoints."""
     if int(os.environ.get("RANK", "0")) != 0:
         return None
-    from pipelines.mirror import FolderMirror
+    from pipelines.cluster.mirror import FolderMirror
+    from pipelines.cluster.storage import Storage
     from pipelines.runstate import RECORD
-    from pipelines.storage import Storage
 
     storage = Storage.from_env()
     if storage is None:
@@ -153,12 +153,13 @@ def compare(params: PipelineParams) -> dict[str, Path]:
 def register(params: PipelineParams) -> dict[str, Any]:
     """Point the registry's aliases at the best current students (`champion` overall,
     `best-<ratio>` per label ratio), tracing the MLflow model of each run they point at that has
-    none yet (pipelines.run_models), then end the sweep's parent run with the comparison."""
+    none yet (pipelines.registry.run_models), then end the sweep's parent run with the
+    comparison."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.registry import Candidate, point_aliases
+    from pipelines.registry.aliases import Candidate, point_aliases
+    from pipelines.registry.run_models import ensure_logged_model
     from pipelines.results import current_runs
-    from pipelines.run_models import ensure_logged_model
     from pipelines.tracking_run import end_sweep
 
     t = params.tracking
@@ -234,7 +235,11 @@ _STAGE_MODULES = {
     "pretrain": ["pipelines.tracking_run", "matplotlib.figure"],
     "train": ["pipelines.tracking_run", "matplotlib.figure"],
     "compare": ["pipelines.compare", "pipelines.results"],
-    "register": ["pipelines.registry", "pipelines.results", "pipelines.run_models"],
+    "register": [
+        "pipelines.registry.aliases",
+        "pipelines.results",
+        "pipelines.registry.run_models",
+    ],
 }
 _SQLITE_TRACKING, _SQLITE_REGISTRY = (
     "mlflow.store.tracking.sqlalchemy_store",

@@ -1,4 +1,4 @@
-"""One tracked training run, and the sweep's parent run: MLflow around `gtaseg.train.train`.
+"""One tracked training run, and the sweep's parent run: MLflow around `gtaseg.training.loop.train`.
 
 A training run is one MLflow run nested under the running parent run of its sweep invocation.
 Before a run is opened, `pipelines.runstate` decides from the run folder's record whether the
@@ -24,16 +24,16 @@ from mlflow.tracking import MlflowClient
 from gtaseg.config import Config
 from gtaseg.data.formats import class_names
 from gtaseg.data.loaders import make_val_data
-from gtaseg.distributed import resolve_device
-from gtaseg.evaluate import evaluate
-from gtaseg.inference import load_exported, predict_val_overlays
-from gtaseg.mlflow_tracking import MlflowTracker, configure_http_client
-from gtaseg.model import exportable
-from gtaseg.train import train
+from gtaseg.evaluation.evaluate import evaluate
+from gtaseg.evaluation.inference import load_exported, predict_val_overlays
+from gtaseg.model.build import exportable
+from gtaseg.tracking.mlflow_tracker import MlflowTracker, configure_http_client
+from gtaseg.training.distributed import resolve_device
+from gtaseg.training.loop import train
 from pipelines import runstate
 from pipelines.cells import labeled_counts
 from pipelines.params import PipelineParams, Tracking, tracking_uri
-from pipelines.run_models import EXPORT_ARTIFACTS, MODEL_NAME, input_example
+from pipelines.registry.run_models import EXPORT_ARTIFACTS, MODEL_NAME, input_example
 
 SWEEP_TAG = "gtaseg.sweep"  # on parent runs: tracking.sweep_name
 log = logging.getLogger(__name__)
@@ -118,8 +118,8 @@ def tracked_training(
     Resumes an unfinished attempt of the same inputs and code, else starts fresh (see module
     docstring). Under torchrun only rank 0 decides and opens the MLflow run; the other ranks
     wait for it in the process group's start, then train. The run folder is worth keeping
-    elsewhere (pipelines.mirror) at the attempt's start and end, `on_state()`, and after each
-    checkpoint, `on_checkpoint()` (default: `on_state`)."""
+    elsewhere (pipelines.cluster.mirror) at the attempt's start and end, `on_state()`, and after
+    each checkpoint, `on_checkpoint()` (default: `on_state`)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return train(cfg, out, tracker=None, resume=True, progress=False)
     tracker, record, resume = _start_attempt(params, cfg, out, ratio, tags, parent_run_id)

@@ -18,7 +18,7 @@ import torch
 
 from gtaseg.config import config_from_dict
 from gtaseg.methods.state import TrainState, make_optimizer
-from gtaseg.model import build_model
+from gtaseg.model.build import build_model
 
 # Times the scaler's 2**16 this overflows float32 (max ~3.4e38): the first step is skipped.
 OVERFLOWING = 1e36

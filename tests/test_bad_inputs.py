@@ -54,7 +54,7 @@ def template(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     """The workspace every case copies, with its earlier run trained once."""
     from gtaseg.config import config_from_dict
     from gtaseg.data.splits import make_split, write_split
-    from gtaseg.train import train
+    from gtaseg.training.loop import train
 
     work = tmp_path_factory.mktemp("bad_inputs") / "ws"
     shutil.copytree(tiny_dataset, work / "ds")

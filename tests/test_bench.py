@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from gtaseg.bench_probes import HostSyncCounter, count_host_syncs, count_units
+from gtaseg.bench.probes import HostSyncCounter, count_host_syncs, count_units
 from gtaseg.cli import main
 from gtaseg.config import config_from_dict
 from gtaseg.data.loaders import make_train_data
@@ -338,7 +338,7 @@ def test_bench_loop_dataset_fits_a_config_with_more_classes_than_digits(tmp_path
     """VOC's 21 classes on 10 digit classes: the dataset lists 21 names, so the config loads."""
     from dataclasses import replace
 
-    from gtaseg.bench_loop import prepare_dataset
+    from gtaseg.bench.loop import prepare_dataset
     from gtaseg.config import DataConfig
     from gtaseg.data.formats import list_samples
 

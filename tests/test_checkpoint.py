@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from gtaseg.checkpoint import (
+from gtaseg.training.checkpoint import (
     CheckpointError,
     CheckpointWarning,
     load_checkpoint,

@@ -11,7 +11,7 @@ from PIL import Image
 
 from gtaseg.cli import main
 from gtaseg.config import config_from_dict
-from gtaseg.model import build_model
+from gtaseg.model.build import build_model
 
 
 def test_cli_make_data_split_train_evaluate_predict(tmp_path, capsys, tiny_raw):

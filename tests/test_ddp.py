@@ -14,19 +14,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from gtaseg.checkpoint import load_checkpoint
 from gtaseg.config import config_from_dict
 from gtaseg.data.loaders import make_val_data
-from gtaseg.distributed import (
+from gtaseg.evaluation.evaluate import evaluate
+from gtaseg.evaluation.inference import load_exported
+from gtaseg.model.build import build_model
+from gtaseg.training.checkpoint import load_checkpoint
+from gtaseg.training.distributed import (
     DistInfo,
     mean_over_ranks,
     sync_bn_teacher,
     sync_from_rank0,
     wrap_ddp,
 )
-from gtaseg.evaluate import evaluate
-from gtaseg.inference import load_exported
-from gtaseg.model import build_model
 
 CPU = torch.device("cpu")
 

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from gtaseg import IGNORE_INDEX
-from gtaseg.ema import ema_decay, ema_update
-from gtaseg.mixing import cutout_box_mask, mix_unlabeled
+from gtaseg.training.ema import ema_decay, ema_update
+from gtaseg.training.mixing import cutout_box_mask, mix_unlabeled
 
 
 def _pair():

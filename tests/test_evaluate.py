@@ -8,8 +8,8 @@ from torch import nn
 
 from gtaseg import IGNORE_INDEX
 from gtaseg.config import EvalConfig, ModelConfig
-from gtaseg.evaluate import center_crop, evaluate, predict_logits, window_starts
-from gtaseg.model import build_model
+from gtaseg.evaluation.evaluate import center_crop, evaluate, predict_logits, window_starts
+from gtaseg.model.build import build_model
 
 NUM_CLASSES = 3
 
@@ -251,7 +251,7 @@ def test_evaluate_on_cuda_matches_cpu(mode):
 
 
 def test_same_size_batches_groups_consecutive_images_of_one_size():
-    from gtaseg.evaluate import same_size_batches
+    from gtaseg.evaluation.evaluate import same_size_batches
 
     sizes = [(8, 8), (8, 8), (8, 8), (6, 8), (8, 8), (8, 8)]
     pairs = [(torch.full((1, 3, *hw), float(k)), torch.full((1, *hw), k)) for k, hw in

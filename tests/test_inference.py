@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from gtaseg import inference
 from gtaseg.cli import main
 from gtaseg.config import DataConfig, ModelConfig
-from gtaseg.inference import NORMALIZATION_FILE, export_model, load_exported
-from gtaseg.model import build_model
+from gtaseg.evaluation import inference
+from gtaseg.evaluation.inference import NORMALIZATION_FILE, export_model, load_exported
+from gtaseg.model.build import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 IMAGENET = DataConfig()

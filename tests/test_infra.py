@@ -343,7 +343,7 @@ def test_dockerignore_drops_outputs_and_secrets_but_keeps_the_sources() -> None:
     for path in (
         "requirements/lock.txt",
         "pyproject.toml",
-        "gtaseg/train.py",
+        "gtaseg/training/loop.py",
         "pipelines/flows.py",
     ):
         assert not ignored(path), path

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gtaseg import IGNORE_INDEX
-from gtaseg.losses import conf_weighted_pseudo_loss, masked_percentile, supervised_loss
+from gtaseg.training.losses import conf_weighted_pseudo_loss, masked_percentile, supervised_loss
 
 
 def test_loss_matches_hand_computed_2x2_case():

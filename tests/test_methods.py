@@ -10,10 +10,10 @@ import torch
 from gtaseg import IGNORE_INDEX
 from gtaseg.config import config_from_dict
 from gtaseg.data.loaders import make_train_data
-from gtaseg.ema import ema_update
 from gtaseg.methods import get_step
 from gtaseg.methods.state import build_state, set_lrs
-from gtaseg.model import classifier_modules
+from gtaseg.model.build import classifier_modules
+from gtaseg.training.ema import ema_update
 
 
 def _state(raw, **semi):

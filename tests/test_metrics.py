@@ -4,7 +4,7 @@ import torch
 from sklearn.metrics import confusion_matrix
 
 from gtaseg import IGNORE_INDEX
-from gtaseg.metrics import ConfusionMatrix
+from gtaseg.evaluation.metrics import ConfusionMatrix
 
 # One 2x3 image with every kind of pixel: hits, misses and one ignored label.
 TARGET_3 = torch.tensor([[[0, 0, 1], [1, 2, IGNORE_INDEX]]])

@@ -1,5 +1,5 @@
-"""gtaseg.mlflow_tracking: MlflowTracker on a real sqlite store, and on a real MLflow server that
-is killed and restarted mid-run (the `slow` tests)."""
+"""gtaseg.tracking.mlflow_tracker: MlflowTracker on a real sqlite store, and on a real MLflow
+server that is killed and restarted mid-run (the `slow` tests)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from servers import MlflowServer, free_port
 
-from gtaseg.mlflow_tracking import (
+from gtaseg.tracking.base import REDACTED, Tracker
+from gtaseg.tracking.mlflow_tracker import (
     MAX_PARAM_CHARS,
     MlflowTracker,
     TrackingUnavailable,
     configure_http_client,
     replay_jsonl,
 )
-from gtaseg.tracking import REDACTED, Tracker
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +116,7 @@ def test_a_model_with_an_example_is_a_pickle_free_program_with_a_signature(
     from mlflow.models import Model
 
     from gtaseg.config import ModelConfig
-    from gtaseg.model import build_model, exportable
+    from gtaseg.model.build import build_model, exportable
 
     torch.manual_seed(0)
     cfg = ModelConfig(encoder="resnet18", encoder_depth=3, atrous_rates=(1, 2, 3),

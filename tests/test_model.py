@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from gtaseg.cli import main
 from gtaseg.config import ConfigError, ModelConfig
-from gtaseg.model import build_model, load_encoder_weights
+from gtaseg.model.build import build_model, load_encoder_weights
 
 SMALL = {"encoder": "resnet18", "atrous_rates": (1, 2, 3), "decoder_channels": 16}
 
@@ -87,8 +87,8 @@ def test_original_head_has_the_original_classifier_and_round_trips_an_export(tmp
     """`model.head: original`: the transfer leaves out the original's classifier (two 3x3
     conv-BN-ReLU-Dropout blocks and a 1x1 conv, 2C -> C -> C -> classes), the ASPP is the
     original's (5C concatenated, no projection), any size trains, and an export loads back."""
-    from gtaseg.inference import load_exported
-    from gtaseg.model import classifier_modules
+    from gtaseg.evaluation.inference import load_exported
+    from gtaseg.model.build import classifier_modules
 
     torch.manual_seed(0)
     cfg = ModelConfig(**SMALL, output_stride=8, encoder_depth=3, head="original")

@@ -71,7 +71,7 @@ def test_a_voc_tree_goes_through_dvc_repro_with_the_paper_profile(tmp_path):
     import torch
 
     from gtaseg.config import ModelConfig
-    from gtaseg.model import build_model
+    from gtaseg.model.build import build_model
 
     base = yaml.safe_load((ROOT / "configs/voc_classic.yaml").read_text())
     sweep = {"ratios": ["2"], "methods": ["supervised"], "full_seeds": [0],

@@ -1,4 +1,5 @@
-"""pipelines.registry: champion promotion on a real local MLflow store (sqlite in a tmp dir).
+"""pipelines.registry.aliases: champion promotion on a real local MLflow store (sqlite in a tmp
+dir).
 
 torch is imported inside the tests, not at module level: the concurrency test's spawned workers
 import this module, and skipping torch there halves their start-up.
@@ -15,7 +16,13 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.registry import Candidate, champion, load_champion, point_aliases, promote_if_better
+from pipelines.registry.aliases import (
+    Candidate,
+    champion,
+    load_champion,
+    point_aliases,
+    promote_if_better,
+)
 
 MODEL = "student"  # the artifact name each run logs its model under
 

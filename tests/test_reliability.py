@@ -27,11 +27,11 @@ from safetensors.torch import load_file
 from servers import MlflowServer, free_port
 from snapshots import folder_state
 
-import gtaseg.epoch_end as epoch_end
-import gtaseg.train as train_mod
+import gtaseg.training.epoch_end as epoch_end
+import gtaseg.training.loop as train_mod
 import pipelines.tracking_run as tracking_run
-from gtaseg.checkpoint import CheckpointWarning, load_checkpoint, prev_path
 from gtaseg.cli import main
+from gtaseg.training.checkpoint import CheckpointWarning, load_checkpoint, prev_path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = "tu-test_resnet"
@@ -248,7 +248,7 @@ def test_kill_between_last_and_best_checkpoint_still_ends_with_best(
 
 @pytest.fixture
 def mlflow_uri_from_env(monkeypatch) -> None:
-    """Forget a tracking URI pinned in-process by an earlier test (gtaseg.mlflow_tracking's
+    """Forget a tracking URI pinned in-process by an earlier test (gtaseg.tracking.mlflow_tracker's
     log_model restores mlflow's URI with set_tracking_uri, which outranks MLFLOW_TRACKING_URI), so
     the CLI resolves it from the environment as a fresh process does. The private global is
     patched because mlflow.set_tracking_uri(None) would also delete MLFLOW_TRACKING_URI."""
@@ -291,7 +291,7 @@ def test_mlflow_down_at_start_with_fallback_trains_and_replays(
 ):
     from mlflow.tracking import MlflowClient
 
-    from gtaseg.mlflow_tracking import replay_jsonl
+    from gtaseg.tracking.mlflow_tracker import replay_jsonl
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     config = write_config(
@@ -350,7 +350,7 @@ def test_mlflow_server_killed_mid_training_and_restarted_loses_no_metric(
 ):
     from mlflow.tracking import MlflowClient
 
-    from gtaseg.mlflow_tracking import MlflowTracker
+    from gtaseg.tracking.mlflow_tracker import MlflowTracker
     from pipelines import stages
     from pipelines.params import load_params
 

@@ -1,4 +1,4 @@
-"""pipelines.run_models on a real local MLflow store: a run that kept only its smp export
+"""pipelines.registry.run_models on a real local MLflow store: a run that kept only its smp export
 (`tracking.log_models: promoted`) gets its pickle-free MLflow model when the register stage's
 `point_aliases` registers it, with the trained weights; once only."""
 
@@ -12,11 +12,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from gtaseg.config import DataConfig, ModelConfig
-from gtaseg.inference import export_model
-from gtaseg.model import build_model
-from pipelines.registry import Candidate, point_aliases
-from pipelines.registry_lock import RegistryError
-from pipelines.run_models import EXPORT_ARTIFACTS, ensure_logged_model, has_logged_model
+from gtaseg.evaluation.inference import export_model
+from gtaseg.model.build import build_model
+from pipelines.registry.aliases import Candidate, point_aliases
+from pipelines.registry.lock import RegistryError
+from pipelines.registry.run_models import EXPORT_ARTIFACTS, ensure_logged_model, has_logged_model
 
 TINY = ModelConfig(encoder="resnet18", encoder_depth=3, atrous_rates=(1, 2, 3), decoder_channels=16)
 

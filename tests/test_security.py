@@ -139,7 +139,7 @@ def exported(tmp_path: Path) -> Path:
     from PIL import Image
 
     from gtaseg.config import DataConfig
-    from gtaseg.inference import export_model
+    from gtaseg.evaluation.inference import export_model
 
     model = smp.DeepLabV3Plus(
         encoder_name=ENCODER, encoder_weights=None, classes=3, encoder_output_stride=16,

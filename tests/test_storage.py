@@ -1,4 +1,5 @@
-"""pipelines.storage, .mirror and .jobs against a real S3-compatible server (moto) on loopback.
+"""pipelines.cluster.storage, .mirror and .jobs against a real S3-compatible server (moto) on
+loopback.
 
 Most tests share one in-process `ThreadedMotoServer`; the "server dies mid-run" test runs moto as a
 subprocess so that it can be killed. Every test gets its own bucket, and fake credentials from the
@@ -23,9 +24,9 @@ from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 from servers import free_port
 
-from pipelines import jobs, storage
-from pipelines.mirror import FolderMirror
-from pipelines.storage import Storage, StorageError
+from pipelines.cluster import jobs, storage
+from pipelines.cluster.mirror import FolderMirror
+from pipelines.cluster.storage import Storage, StorageError
 
 SECRET = "sEcReT-4f1b9c-never-print-me"
 
@@ -195,7 +196,7 @@ def test_a_push_killed_between_checkpoint_and_sidecar_leaves_a_loadable_pair(
     library rotates it on disk), so a job killed mid-push resumes from the previous one."""
     import torch
 
-    from gtaseg.checkpoint import load_latest_good, save_checkpoint
+    from gtaseg.training.checkpoint import load_latest_good, save_checkpoint
 
     run = tmp_path / "run"
     mirror = FolderMirror(store, run, "cells/exp/1_4/gta/seed0")

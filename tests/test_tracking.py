@@ -4,7 +4,7 @@ import pytest
 from torch import nn
 
 from gtaseg.config import Config
-from gtaseg.tracking import (
+from gtaseg.tracking.base import (
     JsonlTracker,
     MultiTracker,
     NullTracker,

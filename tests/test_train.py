@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-import gtaseg.train as train_mod
-from gtaseg.checkpoint import load_checkpoint
+import gtaseg.training.loop as train_mod
 from gtaseg.config import ConfigError, config_from_dict
-from gtaseg.tracking import JsonlTracker, read_jsonl
+from gtaseg.tracking.base import JsonlTracker, read_jsonl
+from gtaseg.training.checkpoint import load_checkpoint
 
 
 class Interrupt(Exception):

@@ -7,10 +7,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from gtaseg.ema import copy_params
-from gtaseg.losses import confidence, supervised_loss
 from gtaseg.methods.state import TrainState, unwrap
-from gtaseg.mixing import mix_unlabeled
+from gtaseg.training.ema import copy_params
+from gtaseg.training.losses import confidence, supervised_loss
+from gtaseg.training.mixing import mix_unlabeled
 
 
 class StepOutput(NamedTuple):

@@ -18,8 +18,6 @@ import torch
 from torch import nn
 
 from gtaseg.data.loaders import Batch
-from gtaseg.ema import copy_params, ema_decay, ema_update
-from gtaseg.losses import conf_weighted_pseudo_loss, confidence, supervised_loss
 from gtaseg.methods.common import (
     StepOutput,
     bn_statistics_forward,
@@ -29,7 +27,9 @@ from gtaseg.methods.common import (
     warmup_step,
 )
 from gtaseg.methods.state import TrainState, student_classifier, unwrap
-from gtaseg.model import classifier_modules
+from gtaseg.model.build import classifier_modules
+from gtaseg.training.ema import copy_params, ema_decay, ema_update
+from gtaseg.training.losses import conf_weighted_pseudo_loss, confidence, supervised_loss
 
 
 def train_step(state: TrainState, batch: Batch) -> StepOutput:

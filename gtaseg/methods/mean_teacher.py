@@ -6,8 +6,6 @@ from __future__ import annotations
 import torch
 
 from gtaseg.data.loaders import Batch
-from gtaseg.ema import ema_decay, ema_update
-from gtaseg.losses import conf_weighted_pseudo_loss, confidence, supervised_loss
 from gtaseg.methods.common import (
     StepOutput,
     bn_statistics_forward,
@@ -17,6 +15,8 @@ from gtaseg.methods.common import (
     warmup_step,
 )
 from gtaseg.methods.state import TrainState, unwrap
+from gtaseg.training.ema import ema_decay, ema_update
+from gtaseg.training.losses import conf_weighted_pseudo_loss, confidence, supervised_loss
 
 
 def train_step(state: TrainState, batch: Batch) -> StepOutput:

@@ -16,7 +16,12 @@ import torch
 from torch import nn
 
 from gtaseg.config import Config
-from gtaseg.model import build_model, classifier_modules, head_parameter_groups, make_frozen_copy
+from gtaseg.model.build import (
+    build_model,
+    classifier_modules,
+    head_parameter_groups,
+    make_frozen_copy,
+)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -9,8 +9,8 @@ import sys
 import threading
 from pathlib import Path, PurePosixPath
 
-from gtaseg.checkpoint import prev_path
-from pipelines.storage import Storage, StorageError, in_parallel, inside_folder
+from gtaseg.training.checkpoint import prev_path
+from pipelines.cluster.storage import Storage, StorageError, in_parallel, inside_folder
 
 SNAPSHOTS = ".mirror-snapshots"  # hidden, so never mirrored itself
 
@@ -21,10 +21,10 @@ class FolderMirror:
     (temporary writes) stay local. Within a push, checksum sidecars follow their files and
     `run.json` comes last, so a pull never sees a record newer than the files it describes.
 
-    A file with a `.sha256` sidecar (a checkpoint) is rotated as `gtaseg.checkpoint` rotates it
-    locally: before the pair is replaced, the stored pair is copied (server-side) to its `.prev`
-    names, so a push killed between a file and its sidecar leaves a previous pair that loads. The
-    local `.prev` files are never uploaded.
+    A file with a `.sha256` sidecar (a checkpoint) is rotated as `gtaseg.training.checkpoint`
+    rotates it locally: before the pair is replaced, the stored pair is copied (server-side) to
+    its `.prev` names, so a push killed between a file and its sidecar leaves a previous pair that
+    loads. The local `.prev` files are never uploaded.
 
     `push_soon` lets training go on while a checkpoint uploads: it takes the folder's state at
     once (hard links, which later writes do not change) and pushes it on a background thread."""

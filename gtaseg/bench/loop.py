@@ -1,8 +1,8 @@
 """`gtaseg bench-loop`: what the whole training loop costs, data included, beside the step bench.
 
 Each variant (supervised, GTA-Seg faithful, GTA-Seg with `semi.efficient: true`) is a real
-`gtaseg.train.train` call of N iterations on an on-disk dataset this command writes once: the
-embedded scenes at --size px in the folder layout, 1/16 of them labelled. No warm-up epoch, no
+`gtaseg.training.loop.train` call of N iterations on an on-disk dataset this command writes once:
+the embedded scenes at --size px in the folder layout, 1/16 of them labelled. No warm-up epoch, no
 untimed iterations, no checkpoint inside the loop, one evaluation at the end on a few images. The
 figure is the loop's own `wall_time_s` (data, step, loss logging; evaluations and checkpoints left
 out); each call's whole time (set-up, evaluation, writing) is reported beside it. Variants take
@@ -24,20 +24,20 @@ from typing import Any
 
 import torch
 
-from gtaseg.bench import DEFAULT_RUN, BenchOptions, run_bench
-from gtaseg.bench_probes import torch_threads
-from gtaseg.bench_report import (
+from gtaseg.bench.probes import torch_threads
+from gtaseg.bench.report import (
     LOOP_RATIOS,
     format_loop_report,
     loop_ratios,
     loop_variant_row,
     write_loop_csv,
 )
+from gtaseg.bench.step import DEFAULT_RUN, BenchOptions, run_bench
 from gtaseg.config import Config, ConfigError, config_from_dict, load_config
 from gtaseg.data.embedded import SceneStyle, make_embedded
 from gtaseg.data.splits import make_split, write_split
-from gtaseg.distributed import resolve_device
 from gtaseg.io import write_atomic
+from gtaseg.training.distributed import resolve_device
 
 VARIANTS = ("supervised", "gta", "gta_efficient")
 LABEL_RATIO = 1 / 16
@@ -163,7 +163,7 @@ def variant_config(base: Config, name: str) -> Config:
 
 def time_loop(cfg: Config, run_dir: Path) -> dict[str, float]:
     """One real training run: the loop's own seconds and the whole call's."""
-    from gtaseg.train import train
+    from gtaseg.training.loop import train
 
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
@@ -179,7 +179,7 @@ def time_loop(cfg: Config, run_dir: Path) -> dict[str, float]:
 
 def time_data(cfg: Config, device: torch.device) -> float:
     """Seconds to produce the run's N batches and copy them to `device`, with no step."""
-    from gtaseg.train import run_data
+    from gtaseg.training.loop import run_data
 
     data = run_data(cfg, device)
     start, done = time.perf_counter(), 0

@@ -18,16 +18,16 @@ from typing import Any
 
 import torch
 
-from gtaseg.checkpoint import rng_state, save_checkpoint
 from gtaseg.config import Config
 from gtaseg.data.formats import class_names
 from gtaseg.data.loaders import make_val_data
-from gtaseg.distributed import DistInfo, all_reduce_sum, barrier, sync_from_rank0
-from gtaseg.evaluate import EvalResult, evaluate
-from gtaseg.inference import export_model
+from gtaseg.evaluation.evaluate import EvalResult, evaluate
+from gtaseg.evaluation.inference import export_model
+from gtaseg.evaluation.metrics import ConfusionMatrix
 from gtaseg.io import open_atomic
 from gtaseg.methods.state import TrainState, state_dict, unwrap
-from gtaseg.metrics import ConfusionMatrix
+from gtaseg.training.checkpoint import rng_state, save_checkpoint
+from gtaseg.training.distributed import DistInfo, all_reduce_sum, barrier, sync_from_rank0
 
 
 @dataclass

@@ -152,7 +152,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(
             f"checkpoint {path}: expected its digest {sidecar.name} beside it, found none, so it "
             f"cannot be verified: treat it as truncated/corrupt (an interrupted or foreign save). "
-            f"Use {prev_path(path).name}, or save it again with gtaseg.checkpoint.save_checkpoint."
+            f"Use {prev_path(path).name}, or save it again with "
+            "gtaseg.training.checkpoint.save_checkpoint."
         )
     expected = sidecar.read_text().strip()
     with open(path, "rb") as file:

@@ -1,10 +1,11 @@
 """What a training cell reads, handed from the sweep to a job that shares no disk with it.
 
-The sweep publishes each input of a cell to storage (content-addressed, `pipelines.storage`): the
-params file, the dataset (`run.data.root`), the cell's split lists, the encoder weights and a
-validation list kept outside the dataset. The cell's flow run gets `inputs` = {path: digest} and
-fetches them to the same paths in its own folder, so every relative path in the params file
-means what it meant to the sweep. A params file given as s3://... is fetched the same way.
+The sweep publishes each input of a cell to storage (content-addressed,
+`pipelines.cluster.storage`): the params file, the dataset (`run.data.root`), the cell's split
+lists, the encoder weights and a validation list kept outside the dataset. The cell's flow run gets
+`inputs` = {path: digest} and fetches them to the same paths in its own folder, so every relative
+path in the params file means what it meant to the sweep. A params file given as s3://... is fetched
+the same way.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from pathlib import Path
 
 from gtaseg.errors import GtasegError
 from pipelines.cells import split_dir
+from pipelines.cluster.storage import STORAGE_ENV, Storage, download_uri, parse_s3_uri
 from pipelines.params import PipelineParams
-from pipelines.storage import STORAGE_ENV, Storage, download_uri, parse_s3_uri
 
 CONFIG_DIR = Path(".gtaseg/config")  # where a params file given as s3://... is fetched to
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from gtaseg import IGNORE_INDEX
 from gtaseg.config import EvalConfig
 from gtaseg.errors import DataError
-from gtaseg.metrics import ConfusionMatrix
+from gtaseg.evaluation.metrics import ConfusionMatrix
 
 # smp encoders downsample by up to 32 and need inputs divisible by it (16 for some decoders).
 SIZE_MULTIPLE = 32

@@ -11,7 +11,7 @@ run that was never interrupted. Files written under `out_dir`:
     config.yaml                    the resolved config
 
 This module is the loop; what happens at an evaluation (scores, selection, export, checkpoints)
-is `gtaseg.epoch_end`.
+is `gtaseg.training.epoch_end`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,17 @@ import numpy as np
 import torch
 import yaml
 
-from gtaseg.checkpoint import load_latest_good, set_rng_state
 from gtaseg.config import Config, ConfigError
 from gtaseg.data.formats import check_samples, list_samples
 from gtaseg.data.loaders import TrainData, make_train_data
-from gtaseg.distributed import (
+from gtaseg.evaluation.metrics import ConfusionMatrix
+from gtaseg.io import write_atomic
+from gtaseg.methods import StepFn, get_step
+from gtaseg.methods.state import TrainState, build_state, load_state_dict, set_lrs
+from gtaseg.progress import progress_bar
+from gtaseg.tracking.base import NullTracker, Tracker, flatten_params
+from gtaseg.training.checkpoint import load_latest_good, set_rng_state
+from gtaseg.training.distributed import (
     DistInfo,
     barrier,
     init_from_env,
@@ -41,19 +47,13 @@ from gtaseg.distributed import (
     sync_from_rank0,
     wrap_ddp,
 )
-from gtaseg.epoch_end import (
+from gtaseg.training.epoch_end import (
     LoopState,
     evaluate_epoch,
     format_row,
     save_after_evaluation,
     save_state,
 )
-from gtaseg.io import write_atomic
-from gtaseg.methods import StepFn, get_step
-from gtaseg.methods.state import TrainState, build_state, load_state_dict, set_lrs
-from gtaseg.metrics import ConfusionMatrix
-from gtaseg.progress import progress_bar
-from gtaseg.tracking import NullTracker, Tracker, flatten_params
 
 LOG_EVERY = 10  # iterations between loss/LR logs (a host sync point, so not every step)
 
@@ -143,7 +143,7 @@ def _run_loop(
     on_checkpoint: Callable[[Path], None] | None,
 ) -> None:
     """Epochs until `state.total_iters`; after each, an evaluation (every `train.eval_every`
-    epochs and at the end) with its saves, else a checkpoint (see gtaseg.epoch_end)."""
+    epochs and at the end) with its saves, else a checkpoint (see gtaseg.training.epoch_end)."""
     step_fn = get_step(cfg.train.method)
     pseudo_cm = ConfusionMatrix(cfg.data.num_classes, device)
     pseudo_cm.mat += loop.pseudo_cm.to(device)

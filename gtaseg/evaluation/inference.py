@@ -14,15 +14,15 @@ import segmentation_models_pytorch as smp
 import torch
 from PIL import Image
 
-from gtaseg.checkpoint import load_checkpoint
 from gtaseg.config import ConfigError, DataConfig, apply_overrides, config_from_dict
 from gtaseg.data.formats import color_palette, read_image
 from gtaseg.data.loaders import make_predict_images, make_val_data
-from gtaseg.decoder import use_original_head
-from gtaseg.distributed import resolve_device
-from gtaseg.evaluate import evaluate, predict_logits
+from gtaseg.evaluation.evaluate import evaluate, predict_logits
 from gtaseg.io import open_atomic, write_atomic
-from gtaseg.model import build_model, finish_model
+from gtaseg.model.build import build_model, finish_model
+from gtaseg.model.decoder import use_original_head
+from gtaseg.training.checkpoint import load_checkpoint
+from gtaseg.training.distributed import resolve_device
 
 NETWORKS = ("student", "assistant", "teacher")
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gtaseg.config import ConfigError, ModelConfig, SemiConfig
-from gtaseg.decoder import use_original_head
+from gtaseg.model.decoder import use_original_head
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:

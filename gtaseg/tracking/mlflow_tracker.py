@@ -37,8 +37,8 @@ from torch import nn
 
 from gtaseg.config import ConfigError
 from gtaseg.errors import GtasegError
-from gtaseg.mlflow_outbox import DEFAULT_SPILL_DIR, Outbox, configure_http_client, is_transient
-from gtaseg.tracking import flatten_params, sanitise
+from gtaseg.tracking.base import flatten_params, sanitise
+from gtaseg.tracking.outbox import DEFAULT_SPILL_DIR, Outbox, configure_http_client, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class MlflowTracker:
         self._outbox.go_offline(Path(fallback_dir) / name)
         log.warning(
             "MLflow tracking server at %s is not reachable (%s); logging to %s instead. Replay it "
-            "later with gtaseg.mlflow_tracking.replay_jsonl(path, tracking_uri).",
+            "later with gtaseg.tracking.mlflow_tracker.replay_jsonl(path, tracking_uri).",
             self.tracking_uri,
             reason,
             self._outbox.offline_path,

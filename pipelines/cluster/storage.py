@@ -8,14 +8,14 @@ pre-empted. Two things go through the storage root `GTASEG_STORAGE_URI` (s3://bu
   the cell job `fetch`es them into its own folder, each file checked against its sha256.
       blobs/<sha256>          the bytes of one file (written once, never changed)
       trees/<sha256>.json     a file or folder: {relative path: sha256}, named by its own hash
-- **A cell's run folder**, mirrored (`pipelines.mirror.FolderMirror`): pushed after each
+- **A cell's run folder**, mirrored (`pipelines.cluster.mirror.FolderMirror`): pushed after each
   checkpoint, pulled by a restarted job, so it resumes where the last one stopped.
       cells/<experiment>/<ratio>/<method>/seed<seed>/...
 
 A dataset the sweep does not generate is published once from where it is and handed to a sweep job
 as an input (`sweep_flow(inputs=...)`):
-    python -m pipelines.storage publish data/VOCdevkit/VOC2012     # prints its digest
-    python -m pipelines.storage fetch <digest> data/VOCdevkit/VOC2012
+    python -m pipelines.cluster.storage publish data/VOCdevkit/VOC2012     # prints its digest
+    python -m pipelines.cluster.storage fetch <digest> data/VOCdevkit/VOC2012
 
 Transfers are boto3's managed ones (multipart, standard retries, checksums); an S3 object is
 written whole or not at all. Credentials and endpoint come from boto3's chain (AWS_ACCESS_KEY_ID,
@@ -329,7 +329,7 @@ def _redact(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.storage", description=__doc__,
+        prog="python -m pipelines.cluster.storage", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             storage.fetch(args.digest, args.path)
     except StorageError as exc:
-        print(f"pipelines.storage {args.command}: error: {exc}", file=sys.stderr)
+        print(f"pipelines.cluster.storage {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

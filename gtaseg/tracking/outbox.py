@@ -1,5 +1,5 @@
 """Records on their way to one MLflow run: delivered in order through outages, kept on disk when
-they cannot be, and sent from disk later (`gtaseg.mlflow_tracking.replay_jsonl`).
+they cannot be, and sent from disk later (`gtaseg.tracking.mlflow_tracker.replay_jsonl`).
 
 `MlflowTracker` turns each call into a record (params, metrics, tags, an artifact's path, a saved
 model's folder) and hands it to its `Outbox`, which:
@@ -38,7 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from gtaseg.mlflow_models import load_saved_model, log_model_to_run, save_model
+from gtaseg.tracking.model_format import load_saved_model, log_model_to_run, save_model
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,8 @@ class Outbox:
             if self.unsent_path is not None:
                 log.warning(
                     "MLflow at %s: records of run %s could not be sent and are in %s. When the "
-                    'server is back, replay them: python -c "from gtaseg.mlflow_tracking import '
+                    'server is back, replay them: python -c "from '
+                    "gtaseg.tracking.mlflow_tracker import "
                     "replay_jsonl; replay_jsonl('%s', '%s')\"",
                     self.tracking_uri,
                     self.run_id,

@@ -3,7 +3,7 @@
 The loop always holds some `Tracker`; `NullTracker` is the do-nothing default, so the loop never
 asks "is logging on?". `JsonlTracker` records every call as one JSON line (tests, offline runs);
 `MultiTracker` fans out to several. `flatten_params` and `sanitise` turn params and tags into what
-a tracker may log. The MLflow adapter lives in `gtaseg.mlflow_tracking`.
+a tracker may log. The MLflow adapter lives in `gtaseg.tracking.mlflow_tracker`.
 """
 
 from __future__ import annotations

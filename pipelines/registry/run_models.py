@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from pipelines.registry import logged_models
-from pipelines.registry_lock import RegistryError
+from pipelines.registry.aliases import logged_models
+from pipelines.registry.lock import RegistryError
 
 MODEL_NAME = "student"  # the MLflow model of each run (registered versions point at it)
 EXPORT_ARTIFACTS = "student_smp"  # the run's artifact folder holding the smp export
@@ -47,9 +47,9 @@ def ensure_logged_model(client: MlflowClient, run_id: str, name: str = MODEL_NAM
         return False
     import torch
 
-    from gtaseg.inference import load_exported
-    from gtaseg.mlflow_models import log_model_to_run
-    from gtaseg.model import exportable
+    from gtaseg.evaluation.inference import load_exported
+    from gtaseg.model.build import exportable
+    from gtaseg.tracking.model_format import log_model_to_run
 
     if not client.list_artifacts(run_id, EXPORT_ARTIFACTS):
         raise RegistryError(

@@ -1,6 +1,6 @@
 """A cross-process lock for the model registry: one read-compare-set of aliases at a time.
 
-MLflow has no compare-and-set for aliases, so `pipelines.registry` holds an exclusive
+MLflow has no compare-and-set for aliases, so `pipelines.registry.aliases` holds an exclusive
 `fcntl.flock` on `<lock_dir>/<model>.lock` around each read-compare-set. The lock file sits next to
 a local store (so every process using the store shares it), else in the user cache. It only
 serialises processes that see the same file: one machine, or a shared file system that honours
@@ -25,7 +25,7 @@ LOCK_TIMEOUT_S = 300.0
 
 class RegistryError(GtasegError, ValueError):
     """A model cannot be registered or promoted; the message says why and what to do.
-    (Defined here, below `pipelines.registry`, so that the lock raises it too.)"""
+    (Defined here, below `pipelines.registry.aliases`, so that the lock raises it too.)"""
 
 
 def lock_path(tracking_uri: str, model_name: str, lock_dir: Path | None = None) -> Path:

@@ -12,7 +12,7 @@ register a run's model and move an alias only if it is better.
 Guarantee of `promote_if_better`: concurrent calls for one model name end with the alias on the
 best of all candidates (strictly higher metric wins; ties keep the earlier champion). MLflow has no
 compare-and-set for aliases, so each read-compare-set runs under an exclusive `fcntl.flock` on
-`<lock_dir>/<model>.lock` (`pipelines.registry_lock`), and the alias is read back after setting
+`<lock_dir>/<model>.lock` (`pipelines.registry.lock`), and the alias is read back after setting
 it: moved by someone else to a better version -> leave it; to a worse one -> compare and set
 again.
 
@@ -34,7 +34,7 @@ from mlflow.entities import LoggedModel, LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipelines.registry_lock import RegistryError, exclusive, lock_path
+from pipelines.registry.lock import RegistryError, exclusive, lock_path
 
 if TYPE_CHECKING:
     from torch import nn
@@ -179,7 +179,7 @@ def point_aliases(
     `best-<ratio>` aliases of ratios no candidate has. Returns {"aliases": {alias: {version,
     run_id, ratio, method, seed, metric}}, "registered": [new versions], "removed": [aliases]}.
     `ensure_model(run_id)`, when given, is called before a run's model is registered (to log the
-    model `artifact_path` into a run that has none yet: `pipelines.run_models`).
+    model `artifact_path` into a run that has none yet: `pipelines.registry.run_models`).
     """
     if not candidates:
         raise RegistryError("point_aliases: expected at least one candidate run, got none.")
@@ -291,7 +291,8 @@ def _register(
         raise RegistryError(
             f"run {run_id} has no READY logged model named {artifact_path!r} (found "
             f"{len(logged)} in any state). Before promoting, log it: for a run the pipeline "
-            f"trained, pipelines.run_models.ensure_logged_model(client, run_id) traces it from "
+            f"trained, pipelines.registry.run_models.ensure_logged_model(client, run_id) traces "
+            f"it from "
             f"the run's student_smp/ export; otherwise mlflow.pytorch.log_model(model, "
             f"name={artifact_path!r}) in that run."
         )

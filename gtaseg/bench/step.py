@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gtaseg.bench_probes import (
+from gtaseg.bench.probes import (
     count_host_syncs,
     count_units,
     peak_memory_mb,
@@ -41,14 +41,14 @@ from gtaseg.bench_probes import (
     timed_ms,
     torch_threads,
 )
-from gtaseg.bench_report import format_report, step_ratios
-from gtaseg.bench_variants import STEPS, BenchOptions, make_batches, make_states, run_step
+from gtaseg.bench.report import format_report, step_ratios
+from gtaseg.bench.variants import STEPS, BenchOptions, make_batches, make_states, run_step
 from gtaseg.config import Config, ConfigError, EvalConfig, config_from_dict, load_config
 from gtaseg.data.loaders import Batch
-from gtaseg.distributed import resolve_device
-from gtaseg.evaluate import predict_logits, window_starts
+from gtaseg.evaluation.evaluate import predict_logits, window_starts
 from gtaseg.io import write_atomic
 from gtaseg.methods.state import TrainState, compile_networks
+from gtaseg.training.distributed import resolve_device
 
 # A small DeepLabV3+ (resnet18, stride 16, 64 channels), 64x64 crops, 8 + 8 images per step;
 # `--config params.yaml` benchmarks the demo's own (smaller, 32 px) model instead.

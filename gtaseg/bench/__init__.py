@@ -1,0 +1,1 @@
+"""Benchmarks of the training step and loop: step, loop, variants, probes, report."""

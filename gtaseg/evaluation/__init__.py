@@ -1,0 +1,1 @@
+"""Evaluation: confusion matrix and IoU, inference modes, the evaluate entry points."""

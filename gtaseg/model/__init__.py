@@ -1,0 +1,1 @@
+"""The network: the smp build, the original's decoder, encoder weights."""

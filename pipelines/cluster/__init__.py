@@ -1,0 +1,1 @@
+"""Scale-out: the fan-out over the work pool, job entry points, S3 storage and run mirrors."""

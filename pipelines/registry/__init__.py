@@ -1,0 +1,1 @@
+"""The MLflow registry: aliases and promotion, its lock, the promoted runs' models."""
