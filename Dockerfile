@@ -3,6 +3,7 @@
 # 1..N GPUs, the sweep) runs it as shipped. Runtime dependencies only: requirements/torch.txt and
 # requirements/runtime.txt, the lock's runtime subset (scripts/runtime_requirements.py; no test
 # tools). The code and project files sit in /app, the job's writable working folder.
+#   export GTASEG_IMAGE=registry.example.com/gtaseg/train:$(git rev-parse --short HEAD)
 #   docker build --build-arg GIT_COMMIT="$(git rev-parse HEAD)" -t "$GTASEG_IMAGE" .
 #   docker run --rm --gpus all --shm-size 8g "$GTASEG_IMAGE" python -c \
 #     "import torch; print(torch.cuda.is_available())"
@@ -29,9 +30,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MALLOC_TRIM_THRESHOLD_=268435456 \
     MALLOC_TOP_PAD_=67108864
 
-# tini as PID 1 forwards signals and reaps children, so cancelling a flow run stops every torchrun
-# worker. The job's user (uid 1000, the Kubernetes template's runAsUser) owns /app: the jobs write
-# their data, splits and run folders there.
+# tini as PID 1 reaps children and, with -g, sends each signal to the whole process group: a
+# SIGTERM (pre-emption, a cancelled flow run) reaches torchrun's training workers, not only the
+# flow-run process, so they checkpoint before the grace period ends. The job's user (uid 1000,
+# the Kubernetes template's runAsUser) owns /app: the jobs write their data, splits and run
+# folders there.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini \
     && rm -rf /var/lib/apt/lists/* \
@@ -51,5 +54,5 @@ RUN pip install --no-deps . && rm -rf build ./*.egg-info
 
 USER gtaseg
 # Any command runs as given: `gtaseg ...`, `torchrun ...`, or Prefect's `prefect flow-run execute`.
-ENTRYPOINT ["/usr/bin/tini", "--"]
+ENTRYPOINT ["/usr/bin/tini", "-g", "--"]
 CMD ["gtaseg", "--help"]

@@ -2,9 +2,12 @@
 the image's requirement files, the zombie-run automation.
 
 Docker and Kubernetes cannot run on this machine (nor in CI), so these are schema and rendering
-checks: the compose file is parsed as YAML, the job template is validated by the Prefect server's
-own check and rendered with Prefect's own templating, prefect.yaml is parsed with Prefect's own
-model, the automation with Prefect's, and the Dockerfile and .dockerignore are read as text.
+checks: the compose file is parsed as YAML; the job template is validated by the Prefect server's
+own check, rendered by prefect-kubernetes' own job configuration (the worker's code path), and the
+Job it makes is validated against the Kubernetes API schema (kubernetes-validate, strict) and the
+"restricted" Pod Security Standard (tests/pod_security.py); prefect.yaml is parsed with Prefect's
+own model, the automation with Prefect's, and the Dockerfile and .dockerignore are read as text.
+The manifests under infra/k8s/: tests/test_k8s_manifests.py.
 Nothing is built, pulled or started. The deployments of prefect.yaml do run, on a process pool
 stand-in for the cluster: tests/test_scaleout.py.
 """
@@ -16,14 +19,15 @@ import importlib
 import inspect
 import json
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
-import jsonpatch
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
-from prefect.workers.base import BaseJobConfiguration
+from pod_security import RULES, restricted_violations
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "infra" / "docker-compose.yaml"
@@ -116,94 +120,226 @@ def test_k8s_template_passes_prefect_server_validation() -> None:
         validate_base_job_template(broken)
 
 
-class _KubernetesJobConfiguration(BaseJobConfiguration):
-    """The fields of prefect-kubernetes' job configuration (that package is not installed here)."""
+K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests and the rendered Job must satisfy
+IMAGE = "registry.example.com/gtaseg/train:3f2c1ab"  # a commit-tagged image, as deployed
+IN_CLUSTER_API = "http://prefect-server.gtaseg.svc.cluster.local:4200/api"
+# The two fields prefect-kubernetes' own check (`_get_base_job_manifest`) insists on in the pod
+# spec. PodSpec has no such fields: the API server drops them with a warning (the default
+# fieldValidation of a request that names none, as the worker's create_namespaced_job does).
+# The Job spec carries the real ones.
+WORKER_ONLY_POD_FIELDS = ("parallelism", "completions")
 
-    namespace: str = "default"
-    job_manifest: dict[str, Any]
-    cluster_config: dict[str, Any] | None = None
-    job_watch_timeout_seconds: int | None = None
-    pod_watch_timeout_seconds: int = 60
-    stream_output: bool = True
 
+def _worker_job(values: dict[str, Any]) -> Any:
+    """The Job prefect-kubernetes' worker would create for a flow run of a deployment with
+    job variables `values`: its own job configuration class, Prefect's templating, then the
+    worker's `prepare_for_flow_run` (env list, labels, command, generateName), with the worker's
+    PREFECT_API_URL the in-cluster one. `client` only resolves block references (none here)."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
-def _render(values: dict[str, Any]) -> _KubernetesJobConfiguration:
-    """Render the template the way a Prefect worker does (defaults, env merge, placeholders).
-
-    `client` is only used to resolve block / variable references, which this template has none of.
-    """
-    render = _KubernetesJobConfiguration.from_template_and_values(
+    render = KubernetesWorkerJobConfiguration.from_template_and_values(
         _template(), values, client=object()
     )
-    return asyncio.run(render)
+    config = asyncio.run(render)
+    with temporary_settings({PREFECT_API_URL: IN_CLUSTER_API}):
+        config.prepare_for_flow_run(
+            FlowRun(id=uuid.uuid4(), name="brave-otter", flow_id=uuid.uuid4())
+        )
+    return config
 
 
-def _check_worker_required_shape(manifest: dict[str, Any]) -> None:
-    """The prefect-kubernetes worker's own check: these paths must exist with these values."""
-    base = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"labels": {}},
-        "spec": {
-            "template": {
-                "spec": {
-                    "parallelism": 1,
-                    "completions": 1,
-                    "restartPolicy": "Never",
-                    "containers": [{"name": "prefect-job"}],
-                }
-            }
-        },
-    }
-    manifest = {**manifest, "metadata": {"labels": {}, **manifest["metadata"]}}
-    bad = [op for op in jsonpatch.make_patch(manifest, base) if op["op"] in ("add", "replace")]
-    assert not bad, f"the worker would reject the manifest: {bad}"
+def _as_stored(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The Job as the API server stores it: the worker-only pod-spec fields dropped."""
+    stored = copy.deepcopy(manifest)
+    pod = stored["spec"]["template"]["spec"]
+    assert all(pod.pop(key) == 1 for key in WORKER_ONLY_POD_FIELDS)
+    return stored
 
 
-def test_k8s_template_renders_a_gpu_job_with_defaults() -> None:
-    config = _render({})
+def _check_job(config: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """Checks every rendered Job must pass; returns (pod spec, container, env)."""
     manifest = config.job_manifest
-    assert "{{" not in json.dumps(manifest) and "{{" not in json.dumps(config.env)
-    _check_worker_required_shape(manifest)
-    pod = manifest["spec"]["template"]["spec"]
+    assert "{{" not in json.dumps(manifest)
+    with pytest.raises(kubernetes_validate.ValidationError) as raw:
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+    # the worker-only pod fields are the manifest's only fields the API does not know
+    assert re.findall(r"'(\w+)'", raw.value.message) == sorted(WORKER_ONLY_POD_FIELDS)
+    stored = _as_stored(manifest)
+    kubernetes_validate.validate(stored, K8S_VERSION, strict=True)
+    assert stored["spec"]["parallelism"] == stored["spec"]["completions"] == 1
+    pod = stored["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    assert pod["automountServiceAccountToken"] is False  # a training job never calls the API
     (container,) = pod["containers"]
-    assert container["image"] == "gtaseg-train:0.1.0"
+    assert container["args"] == ["prefect", "flow-run", "execute"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["PREFECT_API_URL"] == IN_CLUSTER_API  # the worker's own, handed to the job
+    assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"  # a lost pod is detected
+    return pod, container, env
+
+
+def test_k8s_template_renders_a_valid_restricted_gpu_job_with_defaults() -> None:
+    config = _worker_job({"image": IMAGE})
+    pod, container, env = _check_job(config)
+    assert config.namespace == config.job_manifest["metadata"]["namespace"] == "gtaseg"
+    assert container["image"] == IMAGE
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert config.env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"  # a lost pod is detected
+    assert env["GTASEG_REQUIRE_GPUS"] == "1"  # a job that sees no GPU stops (check_gpus)
+    assert env["GTASEG_TRAIN_LAUNCHER"] == "torchrun --standalone --nnodes 1 --nproc_per_node 1"
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod["serviceAccountName"] == "gtaseg-job"
     assert container["envFrom"] == [{"secretRef": {"name": "gtaseg-storage"}}]
-    assert "args" not in container  # the worker fills in `prefect flow-run execute`
     volumes = {v["name"]: v for v in pod["volumes"]}
     (shm,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
     assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert (
-        config.env["GTASEG_TRAIN_LAUNCHER"] == "torchrun --standalone --nnodes 1 --nproc_per_node 1"
-    )
+    assert pod["terminationGracePeriodSeconds"] >= 60  # time to checkpoint and upload
+    # torchrun forwards the SIGTERM to its workers and waits that long, not its own 30 s
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(pod["terminationGracePeriodSeconds"])
+    assert "priorityClassName" not in pod and pod["imagePullSecrets"] == []  # cluster defaults
     assert config.pod_watch_timeout_seconds == 600
 
 
-def test_k8s_template_gpus_drive_the_gpu_limit_and_torchrun() -> None:
-    config = _render({"gpus": 4, "env": {"EXTRA": "1"}, "node_selector": {"gpu": "h100"}})
-    pod = config.job_manifest["spec"]["template"]["spec"]
-    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
-    assert pod["nodeSelector"] == {"gpu": "h100"}
-    assert config.env["GTASEG_NPROC_PER_NODE"] == "4"
-    assert config.env["GTASEG_TRAIN_LAUNCHER"].endswith("--nproc_per_node 4")
-    assert config.env["EXTRA"] == "1"  # a deployment's env is merged, not a replacement
+def test_k8s_template_renders_every_variable_into_a_valid_job() -> None:
+    affinity = {
+        "nodeAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 10,
+                    "preference": {
+                        "matchExpressions": [
+                            {
+                                "key": "nvidia.com/gpu.product",
+                                "operator": "In",
+                                "values": ["NVIDIA-H100-80GB-HBM3"],
+                            }
+                        ]
+                    },
+                }
+            ]
+        }
+    }
+    tolerations = [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+    values = {
+        "image": IMAGE, "gpus": 4, "cpu": "32", "memory": "128Gi", "shm_size": "32Gi",
+        "namespace": "ml", "service_account_name": "trainer", "image_pull_policy": "Always",
+        "image_pull_secrets": [{"name": "regcred"}], "tolerations": tolerations,
+        "affinity": affinity, "node_selector": {"pool": "h100"}, "priority_class_name": "batch-low",
+        "termination_grace_period_seconds": 300, "active_deadline_seconds": 86400,
+        "finished_job_ttl": 600, "storage_secret_name": "other-storage",
+        "labels": {"team": "seg"}, "annotations": {"owner": "seg-team"}, "env": {"EXTRA": "1"},
+        "name": "cell", "pod_watch_timeout_seconds": 900, "job_watch_timeout_seconds": 60,
+    }  # fmt: skip
+    config = _worker_job(values)
+    pod, container, env = _check_job(config)
+    spec = config.job_manifest["spec"]
+    assert config.namespace == config.job_manifest["metadata"]["namespace"] == "ml"
+    assert (spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (86400, 600)
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["tolerations"] == tolerations and pod["affinity"] == affinity
+    assert pod["nodeSelector"] == {"pool": "h100"}
+    assert pod["priorityClassName"] == "batch-low"
+    assert pod["terminationGracePeriodSeconds"] == 300
+    assert pod["serviceAccountName"] == "trainer"
+    assert container["imagePullPolicy"] == "Always"
+    assert container["envFrom"] == [{"secretRef": {"name": "other-storage"}}]
+    assert container["resources"] == {
+        "requests": {"cpu": "32", "memory": "128Gi"},
+        "limits": {"memory": "128Gi", "nvidia.com/gpu": 4},
+    }
+    assert {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"]["sizeLimit"] == "32Gi"
+    assert (env["GTASEG_REQUIRE_GPUS"], env["EXTRA"]) == ("4", "1")  # env merged, not replaced
+    assert env["GTASEG_TRAIN_LAUNCHER"].endswith("--nproc_per_node 4")
+    assert config.job_manifest["metadata"]["labels"]["team"] == "seg"
+    assert config.job_manifest["metadata"]["annotations"] == {"owner": "seg-team"}
+    assert config.job_manifest["metadata"]["generateName"] == "cell-"
+    assert (config.pod_watch_timeout_seconds, config.job_watch_timeout_seconds) == (900, 60)
 
 
-def test_gpu_deployments_job_variables_match_the_template_schema() -> None:
+def test_k8s_template_requires_a_pinned_image() -> None:
+    """Prefect's own job-variable validation (the server's, for a flow run) refuses a job
+    without an image, or with a mutable one: a node with IfNotPresent would keep old code."""
+    from prefect.utilities.schema_tools import ValidationError, validate
+
     schema = _template()["variables"]
-    gpu_deployments = [
-        d for d in _prefect_yaml()["deployments"] if d["work_pool"]["name"] == "gtaseg-gpu"
-    ]
+
+    def check(values: dict[str, Any]) -> None:
+        validate(values, schema, raise_on_error=True, preprocess=True, ignore_required=False,
+                 allow_none_with_default=True)  # fmt: skip
+
+    for image in (IMAGE, "gtaseg:3f2c1ab", "registry:5000/gtaseg/train:v1.2.0",
+                  "gtaseg/train@sha256:" + "a" * 64):  # fmt: skip
+        check({"image": image})
+    for values in ({}, {"image": "gtaseg/train:latest"}, {"image": "registry:5000/gtaseg/train"},
+                   {"image": "gtaseg"}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            check(values)
+
+
+def test_pod_security_check_names_each_rule_a_pod_breaks() -> None:
+    """The restricted-standard check can fail: a pod that breaks every rule is named by each."""
+    bad = {
+        "hostNetwork": True, "hostPID": True,
+        "securityContext": {"runAsNonRoot": False, "runAsUser": 0,
+                            "seccompProfile": {"type": "Unconfined"},
+                            "sysctls": [{"name": "kernel.msgmax", "value": "1"}],
+                            "seLinuxOptions": {"type": "spc_t"},
+                            "windowsOptions": {"hostProcess": True}},
+        "volumes": [{"name": "host", "hostPath": {"path": "/"}}],
+        "containers": [{
+            "name": "c", "image": "x:1", "ports": [{"containerPort": 80, "hostPort": 80}],
+            "securityContext": {"privileged": True, "allowPrivilegeEscalation": True,
+                                "capabilities": {"add": ["SYS_ADMIN"]}, "procMount": "Unmasked",
+                                "appArmorProfile": {"type": "Unconfined"}},
+        }],
+    }  # fmt: skip
+    broken = {v.split(":")[0] for v in restricted_violations(bad)}
+    assert broken == {name for name, _ in RULES}
+    good = _as_stored(_worker_job({"image": IMAGE}).job_manifest)["spec"]["template"]["spec"]
+    assert restricted_violations(good) == []
+    for field in ("allowPrivilegeEscalation", "capabilities", "seccompProfile"):
+        weaker = copy.deepcopy(good)
+        del weaker["containers"][0]["securityContext"][field]
+        if field == "seccompProfile":
+            del weaker["securityContext"][field]
+        assert restricted_violations(weaker), field
+
+
+def _deployment_values(deployment: dict[str, Any]) -> dict[str, Any]:
+    """A deployment's job variables as `prefect deploy` sends them (GTASEG_IMAGE resolved)."""
+    values = copy.deepcopy(deployment["work_pool"]["job_variables"])
+    assert values.pop("image") == "{{ $GTASEG_IMAGE }}"  # one commit-tagged image for all
+    return {**values, "image": IMAGE}
+
+
+def test_gpu_deployments_render_valid_jobs_and_the_sweep_runs_on_cpu_nodes() -> None:
+    schema = _template()["variables"]
+    gpu_deployments = {
+        d["name"]: d
+        for d in _prefect_yaml()["deployments"]
+        if d["work_pool"]["name"] == "gtaseg-gpu"
+    }
     assert gpu_deployments
-    for deployment in gpu_deployments:
-        jsonschema.validate(deployment["work_pool"]["job_variables"], schema)
+    pods = {}
+    for name, deployment in gpu_deployments.items():
+        values = _deployment_values(deployment)
+        jsonschema.validate(values, schema)
+        pods[name] = _check_job(_worker_job(values))
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"gpus": -1}, schema)
-    gpus = {d["name"]: d["work_pool"]["job_variables"]["gpus"] for d in gpu_deployments}
+        jsonschema.validate({"image": IMAGE, "gpus": -1}, schema)
+    gpus = {name: c["resources"]["limits"]["nvidia.com/gpu"] for name, (_, c, _) in pods.items()}
     assert max(gpus.values()) > 1 and gpus["sweep-cluster"] == 0  # the sweep only orchestrates
+    sweep, _, sweep_env = pods["sweep-cluster"]
+    assert sweep_env["GTASEG_REQUIRE_GPUS"] == "0"
+    assert sweep["tolerations"] == []  # kept off GPU nodes' taint...
+    (term,) = sweep["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    # ...and off GPU nodes without one: the label NVIDIA's GPU feature discovery puts on them
+    assert {"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"} in term["matchExpressions"]
 
 
 def _flow_name(entrypoint: str) -> str:
@@ -302,7 +438,9 @@ def test_dockerfile_installs_the_runtime_subset_and_runs_as_a_non_root_user() ->
                 in a)  # fmt: skip
     assert made < next(i for i, (n, a) in enumerate(steps) if n == "WORKDIR")
     assert steps[copy_all][1].startswith(f"--chown={user}:{user} ")
-    assert json.loads(_dockerfile_value("ENTRYPOINT"))[0].endswith("tini")
+    entrypoint = json.loads(_dockerfile_value("ENTRYPOINT"))
+    # tini -g: a SIGTERM reaches the whole process group (torchrun's workers), not only its child
+    assert entrypoint[0].endswith("tini") and entrypoint[1:] == ["-g", "--"]
     env = _dockerfile_value("ENV")
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180" in env
     assert "GTASEG_GIT_COMMIT=$GIT_COMMIT" in env and "GIT_COMMIT" in args
