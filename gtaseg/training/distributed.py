@@ -16,17 +16,32 @@ Under torchrun (data parallel, one process per device):
 - `sync_from_rank0` makes every rank hold rank 0's networks (parameters and buffers) before an
   evaluation, so the sharded evaluation scores exactly the networks rank 0 saves.
 - `mean_over_ranks` averages logged scalars; `all_reduce_sum` sums confusion matrices.
+
+A job that was given GPUs says how many in GTASEG_REQUIRE_GPUS (the Kubernetes job template sets
+it to the job's `gpus`): `init_from_env` then stops with a `GpuError` when this process sees fewer,
+instead of `auto` quietly training on the CPU (a node driver older than the wheel's CUDA hides
+every GPU from torch).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from gtaseg.errors import GtasegError
+
+REQUIRE_GPUS_ENV = "GTASEG_REQUIRE_GPUS"
+
+
+class GpuError(GtasegError, RuntimeError):
+    """A process that must train on GPUs sees fewer than it was given; the message (one line)
+    says what torch found and what to check."""
 
 
 @dataclass(frozen=True)
@@ -51,8 +66,60 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def required_gpus(device_name: str) -> int:
+    """How many GPUs this process must see: GTASEG_REQUIRE_GPUS for `auto` and `cuda*` (unset:
+    0), and at least the device an explicit `cuda[:N]` names. `cpu` needs none."""
+    if device_name == "cpu":
+        return 0
+    raw = os.environ.get(REQUIRE_GPUS_ENV, "").strip() or "0"
+    if not raw.isdigit():
+        raise GpuError(
+            f"{REQUIRE_GPUS_ENV}: expected a whole number of GPUs, found {raw!r}; "
+            f"unset it or set it to the job's GPU count."
+        )
+    named = 0
+    if device_name.startswith("cuda"):
+        named = torch.device(device_name).index or 0
+        named += 1
+    return max(int(raw), named)
+
+
+def _cuda_diagnosis() -> tuple[int, str]:
+    """(devices torch sees, why it sees none when that is known), without raising."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # torch warns once per process why CUDA failed to start
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if torch.version.cuda is None:
+        return count, f"torch {torch.__version__} is a CPU-only build"
+    reasons = [" ".join(str(w.message).split()) for w in caught]
+    if reasons:
+        return count, reasons[0]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "no CUDA device"
+    return count, f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds {where}"
+
+
+def check_gpus(device_name: str) -> None:
+    """Raise GpuError unless this process sees the GPUs `required_gpus` asks for."""
+    need = required_gpus(device_name)
+    if need == 0:
+        return
+    count, why = _cuda_diagnosis()
+    if count >= need:
+        return
+    raise GpuError(
+        f"train.device {device_name!r} with {REQUIRE_GPUS_ENV}="
+        f"{os.environ.get(REQUIRE_GPUS_ENV, '') or 'unset'}: expected {need} GPU(s), found "
+        f"{count} ({why}). Check the node's NVIDIA driver (nvidia-smi) against the image's "
+        f"CUDA build (Dockerfile TORCH_INDEX_URL) and the pod's nvidia.com/gpu limit; to train "
+        f"on the CPU on purpose, set train.device=cpu."
+    )
+
+
 def init_from_env(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
-    """Join the torchrun process group if WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    """Join the torchrun process group if WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), after
+    `check_gpus`: a job given GPUs that cannot see them stops here."""
+    check_gpus(device_name)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(
         rank=int(os.environ.get("RANK", "0")),
