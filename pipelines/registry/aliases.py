@@ -11,10 +11,10 @@ register a run's model and move an alias only if it is better.
 
 Guarantee of `promote_if_better`: concurrent calls for one model name end with the alias on the
 best of all candidates (strictly higher metric wins; ties keep the earlier champion). MLflow has no
-compare-and-set for aliases, so each read-compare-set runs under an exclusive `fcntl.flock` on
-`<lock_dir>/<model>.lock` (`pipelines.registry.lock`), and the alias is read back after setting
-it: moved by someone else to a better version -> leave it; to a worse one -> compare and set
-again.
+compare-and-set for aliases, so each read-compare-set runs under an exclusive lock (`filelock`:
+flock on Unix) on `<lock_dir>/<model>.lock` (`pipelines.registry.lock`), and the alias is read
+back after setting it: moved by someone else to a better version -> leave it; to a worse one ->
+compare and set again.
 
 Limit: the lock only serialises processes that see the same lock file (one machine, or one shared
 file system that honours flock). Promotions from several machines must go through a single

@@ -1,21 +1,22 @@
 """A cross-process lock for the model registry: one read-compare-set of aliases at a time.
 
 MLflow has no compare-and-set for aliases, so `pipelines.registry.aliases` holds an exclusive
-`fcntl.flock` on `<lock_dir>/<model>.lock` around each read-compare-set. The lock file sits next to
-a local store (so every process using the store shares it), else in the user cache. It only
-serialises processes that see the same file: one machine, or a shared file system that honours
-flock. The OS releases it when the holding process dies.
+lock (`filelock.FileLock`: flock on Unix) on `<lock_dir>/<model>.lock` around each
+read-compare-set. The lock file sits next to a local store (so every process using the store
+shares it), else in the user cache. It only serialises processes that see the same file: one
+machine, or a shared file system that honours flock (a file system without flock is an error, not
+a lock that a dead holder leaves behind). The OS releases it when the holding process dies.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import re
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from gtaseg.errors import GtasegError
 
@@ -52,23 +53,20 @@ def _lock_name(model_name: str) -> str:
 
 @contextmanager
 def exclusive(path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (released by the OS if the process dies); raises
+    """Hold an exclusive lock on `path` (released by the OS if the process dies); raises
     RegistryError after `timeout_s`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-    with open(path, "a") as file:
-        while True:
-            try:
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RegistryError(
-                        f"registry lock {path} still held after {timeout_s:.0f} s; expected "
-                        "another promotion to finish. Check for a hung process holding it."
-                    ) from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+    # Not thread-local and not soft: threads of one sweep exclude each other like processes, and
+    # where flock is missing a stale lock file must not outlive a killed promoter.
+    lock = FileLock(path, timeout=timeout_s, thread_local=False, fallback_to_soft=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RegistryError(
+            f"registry lock {path} still held after {timeout_s:.0f} s; expected another "
+            "promotion to finish. Check for a hung process holding it."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
