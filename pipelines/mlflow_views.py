@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (Markdown)
 COMPARISON_TABLE = "comparison.json"  # the parent run's table artifact (MLflow's table format)
+STUDENT_METRIC = "best_val_miou_student"  # the student's best, on the parent whatever is ranked
 DATASET_CONTEXT = "training"  # mlflow.data's context tag: what the run did with the dataset
 # MLflow's own switch for system metrics; here they are on unless it is set to false
 SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
@@ -97,6 +98,8 @@ class SystemMetrics:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        # its INFO lines (started, stopped, no GPU library) would interleave with the progress
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         self._monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=uri)
 
     def __enter__(self) -> SystemMetrics:
@@ -162,17 +165,17 @@ def log_comparison(
     links: Mapping[str, str] | None = None,
 ) -> None:
     """Put the comparison of `results` (pipelines.compare.collect_results: one row per run) on
-    the parent run `run_id`: metrics, description and table artifact (the plot is the compare
-    stage's miou_vs_ratio.png, which the register stage attaches with its other files)."""
+    the parent run `run_id`: metrics of `metric` and of the student's best, the description
+    and the table artifact of `metric` (the plot is the compare stage's miou_vs_ratio.png,
+    which the register stage attaches with its other files)."""
     from pipelines.compare import markdown_table, summary_stats, summary_table
 
     client = MlflowClient(uri)
-    stats = summary_stats(results, metric)
-    client.log_batch(
-        run_id,
-        metrics=[Metric(k, v, _now_ms(), 0) for k, v in comparison_metrics(stats, metric).items()],
-    )
-    client.log_table(run_id, stats.round(4), COMPARISON_TABLE)
+    means: dict[str, float] = {}
+    for name in dict.fromkeys((metric, STUDENT_METRIC)):  # one, or both when they differ
+        means |= comparison_metrics(summary_stats(results, name), name)
+    client.log_batch(run_id, metrics=[Metric(k, v, _now_ms(), 0) for k, v in means.items()])
+    client.log_table(run_id, summary_stats(results, metric).round(4), COMPARISON_TABLE)
     table = markdown_table(summary_table(results, metric))
     client.set_tag(run_id, NOTE_TAG, comparison_note(table, metric, champion, links or {}))
 
