@@ -120,7 +120,8 @@ def test_k8s_template_passes_prefect_server_validation() -> None:
         validate_base_job_template(broken)
 
 
-K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests and the rendered Job must satisfy
+# the oldest Kubernetes the Job must satisfy, and the newest schema kubernetes-validate ships
+K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 IMAGE = "registry.example.com/gtaseg/train:3f2c1ab"  # a commit-tagged image, as deployed
 IN_CLUSTER_API = "http://prefect-server.gtaseg.svc.cluster.local:4200/api"
 # The two fields prefect-kubernetes' own check (`_get_base_job_manifest`) insists on in the pod
@@ -162,12 +163,13 @@ def _check_job(config: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, s
     """Checks every rendered Job must pass; returns (pod spec, container, env)."""
     manifest = config.job_manifest
     assert "{{" not in json.dumps(manifest)
-    with pytest.raises(kubernetes_validate.ValidationError) as raw:
-        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
-    # the worker-only pod fields are the manifest's only fields the API does not know
-    assert re.findall(r"'(\w+)'", raw.value.message) == sorted(WORKER_ONLY_POD_FIELDS)
     stored = _as_stored(manifest)
-    kubernetes_validate.validate(stored, K8S_VERSION, strict=True)
+    for version in K8S_VERSIONS:
+        with pytest.raises(kubernetes_validate.ValidationError) as raw:
+            kubernetes_validate.validate(manifest, version, strict=True)
+        # the worker-only pod fields are the manifest's only fields the API does not know
+        assert re.findall(r"'(\w+)'", raw.value.message) == sorted(WORKER_ONLY_POD_FIELDS)
+        kubernetes_validate.validate(stored, version, strict=True)
     assert stored["spec"]["parallelism"] == stored["spec"]["completions"] == 1
     pod = stored["spec"]["template"]["spec"]
     assert restricted_violations(pod) == []

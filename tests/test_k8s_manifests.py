@@ -1,9 +1,9 @@
 """The operator's manifests (infra/k8s/): every object valid against the Kubernetes API schema
-(kubernetes-validate, strict, the oldest version the project supports), every pod within the
-"restricted" Pod Security Standard (tests/pod_security.py), and the pieces wired to each other:
-services and ports that the addresses name, secrets and keys that pods read, the worker's rights,
-images pinned to the lock's versions or to a commit. No cluster runs here: see infra/README.md
-for what stays unproven.
+(kubernetes-validate, strict, the oldest version the project supports and the newest), every pod
+within the "restricted" Pod Security Standard (tests/pod_security.py), and the pieces wired to
+each other: services and ports that the addresses name, secrets and keys that pods read, the
+worker's rights, images pinned to the lock's versions or to a commit. No cluster runs here: see
+infra/README.md for what stays unproven.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pod_security import pod_spec_of, restricted_violations
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"
-K8S_VERSION = "1.30"
+# the oldest Kubernetes supported, and the newest schema kubernetes-validate ships
+K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 NAMESPACE = "gtaseg"
 SECRETS = K8S / "secrets.example.yaml"
 
@@ -76,10 +77,12 @@ def test_every_manifest_is_a_valid_object_and_every_pod_restricted() -> None:
     pods = 0
     for path in files:
         for doc in _documents(path):
-            try:
-                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-            except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{path.name} {doc['kind']}/{doc['metadata']['name']}: {exc.message}")
+            for version in K8S_VERSIONS:
+                try:
+                    kubernetes_validate.validate(doc, version, strict=True)
+                except kubernetes_validate.ValidationError as exc:
+                    name = f"{doc['kind']}/{doc['metadata']['name']}"
+                    pytest.fail(f"{path.name} {name} (Kubernetes {version}): {exc.message}")
             if (pod := pod_spec_of(doc)) is not None:
                 assert restricted_violations(pod) == [], f"{path.name} {doc['metadata']['name']}"
                 pods += 1
