@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from gtaseg.config import apply_overrides, load_config
+from gtaseg.config import DEVICE, apply_overrides, load_config
 from gtaseg.errors import GtasegError
 from gtaseg.startup import import_without_gc, run_entry
 
@@ -50,6 +50,24 @@ EPILOG = """examples:
 class CommandError(GtasegError, RuntimeError):
     """A failure outside the inputs that the user can fix (e.g. a service that is down); the
     message says how. Printed without a traceback, like a bad input."""
+
+
+def device_arg(value: str) -> str:
+    """argparse type of --device: a wrong one ends in the usage line, not torch's traceback."""
+    if DEVICE.fullmatch(value) is None:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def fraction_arg(value: str) -> float:
+    """argparse type of a number in [0, 1]."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}")
+    return number
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -294,7 +312,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override the checkpoint's config (e.g. eval.mode=sliding data.root=...)",
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict masks and colour overlays for a folder of images")
@@ -306,8 +324,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--images", required=True, help="folder of .png/.jpg images")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: 0.5)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--alpha", type=fraction_arg, default=0.5, help="overlay opacity (default: 0.5)")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(

@@ -10,12 +10,15 @@ it was given (use `dataclasses.replace`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from gtaseg import IGNORE_INDEX
 from gtaseg.config_parsing import ConfigError, dataclass_from_dict, parse_yaml, read_yaml
+
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # what train.device and --device accept
 
 Method = Literal["supervised", "mean_teacher", "gta"]
 DataFormat = Literal["embedded", "folder", "voc", "cityscapes"]
@@ -204,6 +207,8 @@ class TrainConfig:
             self.checkpoint_every_iters,
         )
         _check(self.seed >= 0, "train.seed", ">= 0", self.seed)
+        device_ok = DEVICE.fullmatch(self.device) is not None
+        _check(device_ok, "train.device", "auto, cpu, cuda or cuda:N", self.device)
 
 
 @dataclass(frozen=True)

@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("flow", choices=["train", "sweep"])
     parser.add_argument("--params", default="params.yaml", help="params file (or s3://...)")
     parser.add_argument("--ratio", default="1_16", help="label ratio (train)")
-    parser.add_argument("--method", default="gta", help="supervised | mean_teacher | gta (train)")
+    parser.add_argument(
+        "--method", default="gta", choices=["supervised", "mean_teacher", "gta"], help="(train)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed (train)")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="run config overrides (train)"
@@ -307,11 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--train-deployment",
         metavar="FLOW/DEPLOYMENT",
+        type=_deployment,
         help="sweep: launch the cells on this deployment's work pool, e.g. "
         "gtaseg-train/train-gpu (default: in this process)",
     )
     args = parser.parse_args(argv)
     try:
+        check_inputs(args)
         if args.flow == "train":
             result = train_flow(args.params, args.ratio, args.method, args.seed, args.set)
         else:
@@ -321,6 +325,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _deployment(value: str) -> str:
+    flow_name, _, name = value.partition("/")
+    if not flow_name or not name:
+        raise argparse.ArgumentTypeError(
+            f"expected FLOW/DEPLOYMENT such as gtaseg-train/train-gpu, got {value!r}"
+        )
+    return value
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Bad input fails before any flow run starts, in one line (GtasegError), instead of as a
+    failed flow run's logged traceback. A params file in storage is checked by the flow."""
+    from gtaseg.data.splits import parse_amount
+
+    if "://" in args.params:
+        return
+    params = load_params(args.params)
+    if args.flow == "train":
+        parse_amount(args.ratio)
+        stages.run_config(params, args.ratio, args.method, args.seed, args.set)
 
 
 def run() -> None:

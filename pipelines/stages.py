@@ -193,24 +193,35 @@ def register(params: PipelineParams) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per stage, each with the arguments it needs: a missing or wrong one ends
+    in argparse's usage line and exit status 2."""
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.stages",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "stage", choices=["prepare", "pretrain", "split", "train", "compare", "register"]
-    )
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--name", help="the data_prep / pretrain entry (prepare, pretrain)")
-    parser.add_argument("--ratio", help="label ratio name, e.g. 1_16 (split, train)")
-    parser.add_argument("--method", help="supervised | mean_teacher | gta (train)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="run config overrides (train)"
-    )
-    args = parser.parse_args(argv)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="(default: params.yaml)")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage, section in (("prepare", "data_prep"), ("pretrain", "pretrain")):
+        p = stages.add_parser(stage, parents=[common], help=f"one `{section}` entry")
+        p.add_argument("--name", help=f"the {section} entry (default: the only one)")
+    p = stages.add_parser("split", parents=[common], help="a label ratio's split lists")
+    p.add_argument("--ratio", required=True, help="label ratio name, e.g. 1_16, or full")
+    p.add_argument("--seed", type=int, default=0)
+    p = stages.add_parser("train", parents=[common], help="one sweep cell, tracked in MLflow")
+    p.add_argument("--ratio", required=True, help="label ratio name, e.g. 1_16, or full")
+    p.add_argument("--method", required=True, choices=["supervised", "mean_teacher", "gta"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="run overrides")
+    stages.add_parser("compare", parents=[common], help="tables and plots of the current runs")
+    stages.add_parser("register", parents=[common], help="point the registry's aliases")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return _run_stage(args)
     except GtasegError as exc:  # anything else is a bug: its traceback stays

@@ -33,6 +33,7 @@ from gtaseg.bench.report import (
     write_loop_csv,
 )
 from gtaseg.bench.step import DEFAULT_RUN, BenchOptions, run_bench
+from gtaseg.cli import device_arg
 from gtaseg.config import Config, ConfigError, config_from_dict, load_config
 from gtaseg.data.embedded import SceneStyle, make_embedded
 from gtaseg.data.splits import make_split, write_split
@@ -62,7 +63,7 @@ def add_bench_loop_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, default=60, help="timed iterations per run (default 60)")
     p.add_argument("--rounds", type=int, default=1, help="runs per variant, order rotating")
     p.add_argument("--n-train", type=int, default=1024, help="training scenes written (1024)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     p.add_argument("--num-workers", help="data.num_workers for the loop (default: the config's)")
     p.add_argument("--cache-mb", help="data.cache_mb for the loop (default: the config's)")

@@ -43,6 +43,7 @@ from gtaseg.bench.probes import (
 )
 from gtaseg.bench.report import format_report, step_ratios
 from gtaseg.bench.variants import STEPS, BenchOptions, make_batches, make_states, run_step
+from gtaseg.cli import device_arg
 from gtaseg.config import Config, ConfigError, EvalConfig, config_from_dict, load_config
 from gtaseg.data.loaders import Batch
 from gtaseg.evaluation.evaluate import predict_logits, window_starts
@@ -84,7 +85,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, help="B, labelled = unlabelled images per step (default 8)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], help="mixed precision (CUDA)")
     p.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
