@@ -5,6 +5,7 @@ right for any dataset. The end-to-end reruns are in tests/test_pipeline.py."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,7 +120,49 @@ def test_code_fingerprint_covers_the_train_stage_code_deps():
     for stage in (dvc["train"], dvc["train_full"]["do"]):
         code = {d for d in stage["deps"] if d == "gtaseg" or d.startswith("pipelines/")}
         assert code == {"gtaseg", *(f"pipelines/{name}" for name in runstate.TRAIN_CODE)}
-    assert runstate.code_fingerprint() == runstate.code_fingerprint()
+
+
+@pytest.fixture
+def code_copy(tmp_path, monkeypatch) -> Path:
+    """A copy of gtaseg/ and pipelines/ that code_fingerprint() reads instead of the checkout."""
+    import gtaseg
+
+    skip = shutil.ignore_patterns("__pycache__")
+    for package in ("gtaseg", "pipelines"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=skip)
+    monkeypatch.setattr(gtaseg, "__file__", str(tmp_path / "gtaseg" / "__init__.py"))
+    monkeypatch.setattr(runstate, "__file__", str(tmp_path / "pipelines" / "runstate.py"))
+    return tmp_path
+
+
+def test_a_change_to_the_training_code_changes_the_fingerprint_and_so_retrains(code_copy):
+    copy = runstate.code_fingerprint()
+    out = folder(code_copy, RunRecord("r1", "key", copy, "RUNNING"))
+    assert runstate.plan_attempt(out, "key", copy, statuses(r1="FAILED")).resume  # same code
+    seen = {copy}
+    for change in (
+        lambda: _append(code_copy / "gtaseg" / "methods" / "gta.py", "\n# a step changed\n"),
+        lambda: (code_copy / "gtaseg" / "methods" / "extra.py").write_text("X = 1\n"),
+        lambda: _append(code_copy / "pipelines" / "stages.py", "\n"),  # in TRAIN_CODE
+    ):
+        change()
+        now = runstate.code_fingerprint()
+        assert now not in seen  # every change of the code the train stage runs is a new one
+        seen.add(now)
+        attempt = runstate.plan_attempt(out, "key", now, statuses(r1="FAILED"))
+        assert attempt == runstate.Attempt(resume=False, run_id=None)  # retrains, from scratch
+    _append(code_copy / "pipelines" / "compare.py", "\n")  # a report, not the training code
+    assert runstate.code_fingerprint() == now
+
+
+def test_the_fingerprint_is_of_the_code_not_of_where_it_sits(code_copy, monkeypatch):
+    copied = runstate.code_fingerprint()
+    monkeypatch.undo()  # the checkout itself: same files, another folder
+    assert runstate.code_fingerprint() == copied
+
+
+def _append(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
 
 
 def test_other_datasets_generate_nothing_and_the_demo_names_its_entries(tmp_path):
