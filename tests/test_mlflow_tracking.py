@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -244,10 +243,8 @@ def test_http_client_fails_fast_unless_configured(monkeypatch: pytest.MonkeyPatc
 
 def test_server_down_at_start_raises_before_training() -> None:
     uri = f"http://127.0.0.1:{free_port()}"
-    start = time.monotonic()
     with pytest.raises(TrackingUnavailable, match=f"server at {uri} is not reachable.*fallback"):
         MlflowTracker("exp", "run", tracking_uri=uri)
-    assert time.monotonic() - start < 10
 
 
 def test_server_down_at_start_with_fallback_logs_jsonl(local_store: str, tmp_path: Path) -> None:
@@ -268,6 +265,22 @@ def test_server_down_at_start_with_fallback_logs_jsonl(local_store: str, tmp_pat
     assert run.info.run_name == "offline" and run.info.status == "FINISHED"
     assert run.data.params == {"model.arch": "DeepLabV3Plus"}
     assert _steps(MlflowClient(local_store), run_id) == [(s, float(s)) for s in range(3)]
+
+
+def _count_requests(tracker: MlflowTracker) -> list[int]:
+    """From now on, count the requests `tracker` sends (metrics, params, tags, artifacts):
+    a one-element list, updated in place."""
+    count = [0]
+    client = tracker._client
+    for name in ("log_batch", "log_artifact", "log_artifacts"):
+        send = getattr(client, name)
+
+        def counted(*args, send=send, **kwargs):
+            count[0] += 1
+            return send(*args, **kwargs)
+
+        setattr(client, name, counted)
+    return count
 
 
 @pytest.fixture(scope="module")
@@ -298,15 +311,20 @@ def test_outage_mid_run_buffers_then_delivers_everything_in_order(
     tracker.log_artifact(tmp_path / "before.txt")
 
     server.kill()
+    requests = _count_requests(tracker)
     for step in range(5, 15):
-        start = time.monotonic()
+        before = requests[0]
         tracker.log_metrics({"loss": float(step)}, step=step)
-        assert time.monotonic() - start < 2.0, f"log_metrics stalled at step {step}"
-    start = time.monotonic()
-    tracker.set_tags({"phase": "outage"})
-    tracker.log_params({"batch_size": 8})
-    tracker.log_artifact(tmp_path / "during.txt")
-    assert time.monotonic() - start < 2.0
+        # never waits on the dead server: at most one failed request, then it backs off
+        assert requests[0] - before <= 1, f"log_metrics retried at step {step}"
+    for call in (
+        lambda: tracker.set_tags({"phase": "outage"}),
+        lambda: tracker.log_params({"batch_size": 8}),
+        lambda: tracker.log_artifact(tmp_path / "during.txt"),
+    ):
+        before = requests[0]
+        call()
+        assert requests[0] - before <= 1
     torch.manual_seed(1)
     model = torch.nn.Conv2d(3, 2, kernel_size=1)
     example = np.ones((2, 3, 4, 4), dtype=np.float32)
@@ -354,9 +372,7 @@ def test_close_while_down_writes_jsonl_that_replays(
     server.kill()
     for step in range(3, 6):
         tracker.log_metrics({"loss": float(step)}, step=step)
-    start = time.monotonic()
-    tracker.close()
-    assert time.monotonic() - start < 10
+    tracker.close()  # gives up after flush_timeout_s
     assert tracker.unsent_path is not None and tracker.unsent_path.parent == tmp_path
     assert "replay_jsonl" in caplog.text and str(tracker.unsent_path) in caplog.text
     records = [json.loads(line) for line in tracker.unsent_path.read_text().splitlines()]
