@@ -1,5 +1,5 @@
-"""Process start-up: imports without the cyclic garbage collector, and glibc's malloc kept from
-handing a training step's memory back to the OS between steps.
+"""Process start-up: imports without the cyclic garbage collector; the glibc malloc settings that
+keep a training step's memory in the heap, which the environment carries (`MALLOC_SETTINGS`).
 
 Importing torch, smp (with timm and torchvision, which imports torch._dynamo) and mlflow creates
 about a million Python objects, and the collector's passes over them while they are being made
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,7 +48,13 @@ def import_without_gc(*modules: str) -> None:
             importlib.import_module(name)
 
 
-# glibc's malloc settings for a CPU training process, read by glibc at process start only
+# glibc's malloc settings for a CPU training process. glibc maps blocks from 128 KiB up afresh and
+# unmaps them when freed, so a CPU training step page-faults its tensors in again every step; with
+# these they stay in the heap (`benchmarks/results/page_faults.csv` counts the faults both ways,
+# `benchmarks/results/bench_loop_cpu*.json` time the loop), for up to 256 MiB of freed memory kept
+# per process. glibc reads them from the environment at process start only, so they come through
+# the environment: `.env.defaults` (exported by `scripts/run.sh`, which the stages and flows run
+# under) and the image. A process never re-executes itself to set them.
 MALLOC_SETTINGS = {
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),  # blocks below 32 MiB (its maximum) from the heap
     "MALLOC_TRIM_THRESHOLD_": str(256 << 20),  # its free top returned to the OS above 256 MiB
@@ -57,34 +62,11 @@ MALLOC_SETTINGS = {
 }
 
 
-def restart_with_malloc_settings() -> None:
-    """Re-execute this process (same arguments, same PID) with MALLOC_SETTINGS in its
-    environment, unless they are set. glibc maps blocks from 128 KiB up afresh and unmaps them
-    when freed, so a CPU training step page-faults its tensors in again every step; with these
-    settings they stay in the heap (`benchmarks/results/bench_loop_cpu*.json` time the loop both
-    ways), for up to 256 MiB of freed memory kept per process. glibc reads them only at start,
-    hence the restart, before anything heavy is imported (one interpreter start). Nothing happens
-    off Linux, when any MALLOC_*_ setting of glibc's is already in the environment (yours win),
-    or with GTASEG_MALLOC=system. `scripts/run.sh` (.env.defaults) and the image set them."""
-    env = os.environ
-    if (
-        not sys.platform.startswith("linux")
-        or env.get("GTASEG_MALLOC") == "system"
-        or any(key in env for key in MALLOC_SETTINGS)
-        or not getattr(sys, "orig_argv", None)
-    ):
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, {**env, **MALLOC_SETTINGS})
-
-
 def run_entry(main: Callable[[], int]) -> NoReturn:
     """A process entry point (`gtaseg`, `python -m pipelines.stages`, `python -m
-    pipelines.flows`): glibc's malloc settings (restarting with them if needed), `main()`, then
-    exit with its code. gc.freeze() first spares the interpreter's final collection a scan of
-    every object torch, smp and mlflow created (seconds at exit); the exit handlers still run."""
-    restart_with_malloc_settings()
+    pipelines.flows`): `main()`, then exit with its code. gc.freeze() first spares the
+    interpreter's final collection a scan of every object torch, smp and mlflow created (seconds
+    at exit); the exit handlers still run."""
     code = main()
     gc.freeze()
     sys.exit(code)

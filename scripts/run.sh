@@ -36,6 +36,8 @@ export PATH="$venv/bin:$PATH"
 # Project-wide runtime settings (.env.defaults; a value already in the environment wins).
 while IFS='=' read -r key value; do
   case "$key" in ''|'#'*) continue ;; esac
+  # GTASEG_MALLOC=system keeps glibc's own malloc defaults (gtaseg.startup.MALLOC_SETTINGS)
+  case "$key:${GTASEG_MALLOC:-}" in MALLOC_*:system) continue ;; esac
   [ -n "${!key+x}" ] || export "$key=$value"
 done < "$here/.env.defaults"
 
