@@ -4,8 +4,8 @@ glibc maps blocks from 128 KiB up afresh and unmaps them when freed, so by defau
 step page-faults its tensors in again every step; `gtaseg.startup.MALLOC_SETTINGS` keep them in
 the heap. This counts the minor page faults per step of a small conv net (6 x Conv 64->64, batch
 8 at 64 px, one torch thread) in fresh interpreters, each setting `--rounds` times, alternating.
-How many faults the defaults cost depends on the CPU, the kernel and the torch build (an AVX-512
-machine saw 2.5x where this one sees more): a measurement, not a test.
+How many faults the defaults cost depends on the CPU, the kernel, the torch build and the load:
+a measurement, not a test.
 
     python benchmarks/page_faults.py --out benchmarks/results/page_faults.csv
 """
