@@ -27,39 +27,40 @@ from gtaseg.data.loaders import make_val_data
 from gtaseg.evaluation.evaluate import evaluate
 from gtaseg.evaluation.inference import load_exported, predict_val_overlays
 from gtaseg.model.build import exportable
+from gtaseg.tracking.base import MultiTracker
 from gtaseg.tracking.mlflow_tracker import MlflowTracker, configure_http_client
 from gtaseg.training.distributed import resolve_device
 from gtaseg.training.loop import train
 from pipelines import runstate
-from pipelines.cells import labeled_counts
+from pipelines.cells import labeled_counts, split_digest
+from pipelines.mlflow_store import dvc_experiment_tags, experiment_id
+from pipelines.mlflow_views import (
+    NOTE_TAG,
+    SystemMetrics,
+    log_comparison,
+    log_split_input,
+    model_version_url,
+)
 from pipelines.params import PipelineParams, Tracking, tracking_uri
+from pipelines.prefect_views import CellProgress, flow_run_link, flow_run_tags
 from pipelines.registry.run_models import EXPORT_ARTIFACTS, MODEL_NAME, input_example
 
 SWEEP_TAG = "gtaseg.sweep"  # on parent runs: tracking.sweep_name
 log = logging.getLogger(__name__)
 
 
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException as exc:  # created by a concurrent stage in between
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return client.get_experiment_by_name(name).experiment_id
-
-
 def sweep_parent_run(params: PipelineParams, create: bool = True) -> str | None:
     """The running parent run of this sweep invocation (tag gtaseg.sweep = tracking.sweep_name);
     with `create`, a new one when none is running (the previous invocation ended its own)."""
     client = MlflowClient(tracking_uri(params))
-    exp_id = _experiment_id(client, params.tracking.experiment)
+    exp_id = experiment_id(client, params.tracking.experiment)
     name = params.tracking.sweep_name
+    query = f"tags.`{SWEEP_TAG}` = '{name}' and attributes.status = 'RUNNING'"
+    for key, value in dvc_experiment_tags().items():  # a queued experiment's own parent
+        query += f" and tags.`{key}` = '{value}'"
     found = client.search_runs(
         [exp_id],
-        f"tags.`{SWEEP_TAG}` = '{name}' and attributes.status = 'RUNNING'",
+        query,
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -67,20 +68,47 @@ def sweep_parent_run(params: PipelineParams, create: bool = True) -> str | None:
         return found[0].info.run_id
     if not create:
         return None
-    return client.create_run(exp_id, run_name=name, tags={SWEEP_TAG: name}).info.run_id
+    note = f"Sweep `{name}` in progress: its cells appear below this run as they train."
+    tags = {SWEEP_TAG: name, NOTE_TAG: note, **flow_run_tags(), **dvc_experiment_tags()}
+    return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
 
 
 def end_sweep(params: PipelineParams, files: list[Path], tags: dict[str, str]) -> str:
-    """Attach the comparison (`files`) and `tags` to the sweep's parent run and end it FINISHED:
-    the next invocation opens a new one. Returns the parent's run id."""
-    client = MlflowClient(tracking_uri(params))
+    """Attach the comparison (pipelines.mlflow_views.log_comparison; `files`) and `tags` to the
+    sweep's parent run and end it FINISHED: the next invocation opens a new one. Returns the
+    parent's run id."""
+    uri = tracking_uri(params)
+    client = MlflowClient(uri)
     run_id = sweep_parent_run(params)
     for path in files:
         client.log_artifact(run_id, str(path))
+    champion = (tags.get("gtaseg.champion_run_id"), tags.get("gtaseg.champion_version"))
+    _log_sweep_comparison(params, run_id, *champion)
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def _log_sweep_comparison(
+    params: PipelineParams, run_id: str, champion_run: str | None, version: str | None
+) -> None:
+    """The current runs' comparison on the parent run, the champion (`version` of the registered
+    model, trained by `champion_run`, one of those runs) named."""
+    from pipelines.compare import collect_results
+    from pipelines.results import current_runs
+
+    uri, t = tracking_uri(params), params.tracking
+    rows = [cell.row() for cell in current_runs(params)]
+    champion = next((dict(r) for r in rows if r["run_id"] == champion_run), None)
+    champion = champion if version is not None else None
+    links = {}
+    if champion is not None:
+        champion.update(version=version, metric=champion[t.champion_metric])
+        links["champion"] = model_version_url(uri, t.model_name, version) or ""
+    if link := flow_run_link():
+        links["prefect"] = link[1] or link[0]
+    log_comparison(uri, run_id, collect_results(rows), t.champion_metric, champion, links)
 
 
 def run_status(uri: str, run_id: str) -> str | None:
@@ -125,19 +153,24 @@ def tracked_training(
     tracker, record, resume = _start_attempt(params, cfg, out, ratio, tags, parent_run_id)
     keep = on_state or (lambda: None)
     checkpointed = on_checkpoint or keep
+    cell = f"{ratio}/{cfg.train.method}/seed{cfg.train.seed}"
+    view = CellProgress.in_current_run(cell, cfg)  # the Prefect UI's, in a flow run
     status = "FAILED"  # a killed or failed attempt must not read FINISHED; a rerun resumes it
     try:
         keep()
-        summary = train(
-            cfg,
-            out,
-            tracker=tracker,
-            resume=resume,
-            progress=progress,
-            on_checkpoint=lambda _: checkpointed(),
-        )
-        summary["run_id"] = tracker.run_id
-        _log_outputs(tracker, cfg, out, params.tracking)
+        with SystemMetrics(tracker.tracking_uri, tracker.run_id, resume):
+            summary = train(
+                cfg,
+                out,
+                tracker=tracker if view is None else MultiTracker(tracker, view),
+                resume=resume,
+                progress=progress,
+                on_checkpoint=lambda _: checkpointed(),
+            )
+            summary["run_id"] = tracker.run_id
+            _log_outputs(tracker, cfg, out, params.tracking)
+        if view is not None:
+            view.close()
         status = runstate.FINISHED
     finally:
         tracker.close(status)
@@ -169,7 +202,7 @@ def _start_attempt(
     out.mkdir(parents=True, exist_ok=True)
     tracker = MlflowTracker(
         experiment=params.tracking.experiment,
-        run_name=f"{ratio}-{cfg.train.method}-seed{cfg.train.seed}",
+        run_name=f"{cfg.train.method} {ratio.replace('_', '/')} seed{cfg.train.seed}",
         tracking_uri=uri,
         parent_run_id=parent_run_id or sweep_parent_or_none(params),
         tags={**tags, "gtaseg.cell_key": key, "gtaseg.code": code},
@@ -178,9 +211,15 @@ def _start_attempt(
     )
     record = runstate.RunRecord(tracker.run_id, key, code, "RUNNING")
     runstate.write_record(out, record)
-    labeled, fraction = labeled_counts(Path(cfg.data.split_dir))
+    split = Path(cfg.data.split_dir)
+    labeled, fraction = labeled_counts(split)
     # Every attempt logs them (a resumed run already has them: MLflow sees the same values).
     tracker.log_params({"labeled_count": labeled, "labeled_fraction": fraction, **cfg.to_dict()})
+    # this attempt's Prefect flow run (none under DVC), or DVC experiment (none under Prefect)
+    tracker.set_tags({**flow_run_tags(), **dvc_experiment_tags()})
+    if tracker.run_id is not None:  # offline: the replayed file carries params, not inputs
+        name = f"{Path(cfg.data.root).name} {ratio.replace('_', '/')} seed{cfg.train.seed}"
+        log_split_input(uri, tracker.run_id, split, name, split_digest(split))
     return tracker, record, attempt.resume
 
 
