@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.futures import as_completed
 
 from gtaseg.errors import GtasegError
 from gtaseg.startup import run_entry
-from pipelines import stages
+from pipelines import prefect_views, stages
 from pipelines.cluster import fanout, jobs
 from pipelines.params import load_params
 
@@ -131,6 +132,8 @@ def launch_distributed(
     if overrides:
         cmd += ["--set", *overrides]
     env = dict(os.environ)
+    if link := prefect_views.flow_run_link():  # rank 0 tags its MLflow run with this flow run
+        env.setdefault("PREFECT__FLOW_RUN_ID", link[0])
     if parent_run_id:
         env["GTASEG_PARENT_RUN_ID"] = parent_run_id
     subprocess.run(cmd, check=True, env=env)
@@ -157,6 +160,7 @@ def cell_task(
     when its finished run is current); what it cost beyond the training loop."""
     cell = f"{ratio}/{method}/seed{seed}"
     if (done := _finished(params_path, ratio, method, seed)) is not None:
+        get_run_logger().info("%s: finished and current (run %s), skipped", cell, done.run_id)
         return {"cell": cell, "run_id": done.run_id, "trained": False}
     if train_deployment:
         parameters = {
@@ -211,6 +215,12 @@ def compare_task(params_path: str) -> dict[str, str]:
 @task(name="register-champion", retries=3, retry_delay_seconds=5)
 def register_task(params_path: str) -> dict[str, Any]:
     return stages.register(load_params(params_path))
+
+
+@task(name="sweep-report")
+def report_task(params_path: str, cells: list[dict], registered: dict[str, Any]) -> dict[str, str]:
+    """The sweep's summary and table artifacts, linking the MLflow runs and the champion."""
+    return prefect_views.report_sweep(load_params(params_path), cells, registered)
 
 
 @flow(name="gtaseg-train")
@@ -283,10 +293,14 @@ def sweep_flow(
         )
         for r, m, s in cells
     ]
+    progress = prefect_views.SweepProgress(params.tracking.sweep_name, len(futures))
+    for count, _ in enumerate(as_completed(futures), start=1):  # the UI's cells-done bar
+        progress.done(count)
     results = [f.result() for f in futures]
     get_run_logger().info("%d cells, %d trained", len(results), sum(r["trained"] for r in results))
     tables = compare_task(config_path)
     champion = register_task(config_path)
+    report_task(config_path, results, champion)
     return {"runs": len(results), "cells": results, "tables": tables, "champion": champion}
 
 

@@ -99,6 +99,40 @@ def test_sweep_flow_trains_compares_and_registers(prefect_harness, scratch):
     cells = [r for r in runs if r.data.tags.get("gtaseg.ratio") == "1_4"]
     assert len(cells) == 2 and {r.info.status for r in cells} == {"FINISHED"}
     assert len(parents) == 2 and {r.info.status for r in parents} == {"FINISHED"}  # one each
+    _assert_views(client, parents, cells, {str(r.id) for r in train_runs})
+
+
+def _assert_views(client, parents, cells, train_flow_runs: set[str]) -> None:
+    """What the MLflow and Prefect UIs show of the sweep (tests/test_views.py: each view alone)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from pipelines.params import load_params
+
+    metrics = {load_params("params.yaml").tracking.champion_metric, "best_val_miou_student"}
+    for parent in parents:  # the answer on the parent run, linked to its Prefect flow run
+        assert set(parent.data.metrics) == {
+            f"{metric}/{method}/1_4" for metric in metrics for method in ("supervised", "gta")
+        }
+        assert "| gta |" in parent.data.tags["mlflow.note.content"]
+        assert parent.data.tags["prefect.flow_run_id"]
+    for run in cells:  # readable names, the split as dataset, the training flow run
+        run = client.get_run(run.info.run_id)
+        method = run.data.tags["gtaseg.method"]
+        assert run.info.run_name == f"{method} 1/4 seed0"
+        (dataset,) = run.inputs.dataset_inputs
+        assert dataset.dataset.name == "embedded 1/4 seed0"
+        assert dataset.dataset.digest == run.data.tags["gtaseg.split_sha256"]
+        assert run.data.tags["prefect.flow_run_id"] in train_flow_runs
+    keys = ["demo-sweep-summary", "train-1-4-gta-seed0", "train-1-4-supervised-seed0"]
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys))
+        )
+    assert {a.key for a in found} == set(keys)
+    summaries = [a.data for a in found if a.key == "demo-sweep-summary"]
+    for run in cells:  # each summary names every cell's run (trained, then skipped)
+        assert all(run.info.run_id in summary for summary in summaries)
 
 
 def test_train_task_under_a_launcher(prefect_harness, scratch, monkeypatch):
