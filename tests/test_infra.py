@@ -487,3 +487,77 @@ def test_dockerignore_drops_outputs_and_secrets_but_keeps_the_sources() -> None:
         "pipelines/flows.py",
     ):
         assert not ignored(path), path
+
+
+@pytest.mark.slow
+def test_a_prefect_server_takes_the_pool_and_deployments_and_its_flow_runs_make_valid_jobs(
+    tmp_path: Path,
+) -> None:
+    """End to end on a real Prefect server: the pool created from the template, the GPU
+    deployments of prefect.yaml deployed with `prefect deploy`, a flow run of each resolved by
+    prefect-kubernetes' job configuration as its worker does (`resolve_for_flow_run`: the pool's
+    stored template, the deployment's and the flow run's job variables) into a valid restricted
+    Job; a mutable image refused by the server at deploy time and at flow-run time."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+    from servers import prefect_server
+
+    server = prefect_server(tmp_path / "prefect")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path / "client"), "GTASEG_IMAGE": IMAGE}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "prefect", *args], cwd=ROOT, text=True,
+                              env={**env, "PREFECT_API_URL": server.url},
+                              capture_output=True, timeout=300)  # fmt: skip
+
+    async def resolve_each(names: list[str]) -> list[Any]:
+        async with get_client() as client:
+            pool = await client.read_work_pool("gtaseg-gpu")
+            configs = []
+            for name in names:
+                deployment = await client.read_deployment_by_name(name)
+                flow_run = await client.create_flow_run_from_deployment(deployment.id)
+                with temporary_settings({PREFECT_API_URL: IN_CLUSTER_API}):  # the worker's
+                    configs.append(
+                        await KubernetesWorkerJobConfiguration.resolve_for_flow_run(
+                            flow_run, client=client, work_pool=pool, worker_name="gpu-worker"
+                        )
+                    )
+            mutable = {"image": "gtaseg/train:latest"}
+            with pytest.raises(Exception, match="does not match"):  # a deployment of it
+                await client.create_deployment(
+                    deployment.flow_id, "mutable", work_pool_name="gtaseg-gpu",
+                    job_variables=mutable,
+                )  # fmt: skip
+            with pytest.raises(Exception, match="does not match"):  # a flow run with it
+                await client.create_flow_run_from_deployment(deployment.id, job_variables=mutable)
+            return configs
+
+    server.launch()
+    try:
+        server.wait_healthy()
+        pool = cli("work-pool", "create", "gtaseg-gpu", "--type", "kubernetes",
+                   "--base-job-template", str(TEMPLATE))  # fmt: skip
+        assert pool.returncode == 0, pool.stdout + pool.stderr
+        names = ["train-gpu", "train-gpu-x4", "sweep-cluster"]
+        deploy = cli("--no-prompt", "deploy", *(f"--name={n}" for n in names))
+        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        with temporary_settings({PREFECT_API_URL: server.url}):
+            full = [
+                "gtaseg-train/train-gpu",
+                "gtaseg-train/train-gpu-x4",
+                "gtaseg-sweep/sweep-cluster",
+            ]
+            configs = asyncio.run(resolve_each(full))
+    finally:
+        server.stop()
+    jobs = {name: _check_job(config) for name, config in zip(names, configs, strict=True)}
+    limits = {name: c["resources"]["limits"]["nvidia.com/gpu"] for name, (_, c, _) in jobs.items()}
+    assert limits == {"train-gpu": 1, "train-gpu-x4": 4, "sweep-cluster": 0}
+    assert all(c["image"] == IMAGE for _, c, _ in jobs.values())
