@@ -62,13 +62,14 @@ def labelled_image(height: int, width: int, seed: int = 0) -> tuple[torch.Tensor
     return x, y
 
 
-def test_whole_pads_to_multiples_of_32_and_returns_the_input_size():
+def test_whole_passes_the_input_unpadded_and_returns_its_size():
+    """No padding on top of the model's own (the original evaluates 513 as 513)."""
     recorder = Recorder(conv_model())
     x = torch.randn(2, 3, 40, 50)
     logits = predict_logits(recorder, x, EvalConfig(mode="whole"), NUM_CLASSES)
     assert logits.shape == (2, NUM_CLASSES, 40, 50)
     assert logits.dtype == torch.float32
-    assert recorder.shapes == [(2, 3, 64, 64)]
+    assert recorder.shapes == [(2, 3, 40, 50)]
 
 
 def test_whole_upsamples_smaller_model_output_align_corners():

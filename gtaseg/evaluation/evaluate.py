@@ -26,9 +26,6 @@ from gtaseg.config import EvalConfig
 from gtaseg.errors import DataError
 from gtaseg.evaluation.metrics import ConfusionMatrix
 
-# smp encoders downsample by up to 32 and need inputs divisible by it (16 for some decoders).
-SIZE_MULTIPLE = 32
-
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -42,28 +39,23 @@ class EvalResult:
 
 
 def _forward_logits(model: nn.Module, x_BCHW: Tensor, num_classes: int) -> Tensor:
-    """Float logits (B, num_classes, H, W) at the input's size, for any input size.
+    """Float logits (B, num_classes, H, W) at the input's size.
 
-    Pads H and W at the bottom/right with zeros (the normalised mean) up to a multiple of 32,
-    upsamples the model's output (bilinear, align_corners=True, as the original code) to the padded
-    size when it is smaller, and crops the padding away.
+    The input goes to the model as it is: a built model takes every size (gtaseg.model.build:
+    the original ResNet runs at any size, smp encoders pad to their own stride and crop back), so
+    513 stays 513, as the original evaluates. Output smaller than the input is upsampled to it
+    (bilinear, align_corners=True, as the original code).
     """
-    height, width = x_BCHW.shape[-2:]
-    pad_h = -height % SIZE_MULTIPLE
-    pad_w = -width % SIZE_MULTIPLE
-    x_padded = F.pad(x_BCHW, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x_BCHW
-    logits = model(x_padded)
+    logits = model(x_BCHW)
     if logits.ndim != 4 or logits.shape[1] != num_classes:
         raise ValueError(
             f"model output: expected logits (B, {num_classes}, h, w), got {tuple(logits.shape)}. "
             f"Build the model with classes=num_classes."
         )
     logits = logits.float()
-    if logits.shape[-2:] != x_padded.shape[-2:]:
-        logits = F.interpolate(
-            logits, size=x_padded.shape[-2:], mode="bilinear", align_corners=True
-        )
-    return logits[..., :height, :width]
+    if logits.shape[-2:] != x_BCHW.shape[-2:]:
+        logits = F.interpolate(logits, size=x_BCHW.shape[-2:], mode="bilinear", align_corners=True)
+    return logits
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:

@@ -21,6 +21,7 @@ from gtaseg.evaluation.evaluate import evaluate, predict_logits
 from gtaseg.io import open_atomic, write_atomic
 from gtaseg.model.build import build_model, finish_model
 from gtaseg.model.decoder import use_original_head
+from gtaseg.model.resnet import register_original_encoders
 from gtaseg.training.checkpoint import load_checkpoint
 from gtaseg.training.distributed import resolve_device
 
@@ -148,6 +149,7 @@ def _from_export(model_class: type, model_dir: Path) -> torch.nn.Module:
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     kwargs = {k: v for k, v in config.items() if not k.startswith("_")} | {"encoder_weights": None}
+    register_original_encoders()  # an export of `original_resnet101` names it as smp's encoder
     model = model_class(**kwargs)
     if config.get("_gtaseg_head") == "original":
         use_original_head(

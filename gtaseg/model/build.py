@@ -17,6 +17,12 @@ from torch import nn
 
 from gtaseg.config import ConfigError, ModelConfig, SemiConfig
 from gtaseg.model.decoder import use_original_head
+from gtaseg.model.resnet import (
+    ORIGINAL_ENCODERS,
+    OriginalResNetEncoder,
+    encoder_state,
+    register_original_encoders,
+)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -24,12 +30,14 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
     Never downloads: `encoder_weights` is a local file path (or None for random init).
     """
+    register_original_encoders()
     if not hasattr(smp, cfg.arch):
         raise ConfigError(
             f"model.arch: expected an smp architecture such as DeepLabV3Plus, Unet or FPN, "
             f"got {cfg.arch!r}."
         )
     _check_encoder_name(cfg.encoder)
+    _check_original_encoder(cfg)
     kwargs: dict = {"encoder_name": cfg.encoder, "encoder_weights": None, "classes": num_classes}
     if cfg.encoder_depth != 5 or cfg.arch == "DeepLabV3Plus":
         kwargs["encoder_depth"] = cfg.encoder_depth
@@ -49,10 +57,53 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def _check_original_encoder(cfg: ModelConfig) -> None:
+    """The original's ResNet feeds the original's DeepLabV3+ head at output stride 8: smp's
+    head upsamples ASPP by a fixed x2, which misses the ceil-mode stem's 129 (of 513) by one."""
+    if cfg.encoder not in ORIGINAL_ENCODERS:
+        return
+    wanted = {"arch": "DeepLabV3Plus", "head": "original", "output_stride": 8, "encoder_depth": 5}
+    wrong = {k: getattr(cfg, k) for k, v in wanted.items() if getattr(cfg, k) != v}
+    if wrong:
+        raise ConfigError(
+            f"model.encoder {cfg.encoder!r} is the original's network: expected "
+            f"{', '.join(f'model.{k}: {wanted[k]}' for k in wrong)}, got "
+            f"{', '.join(f'{k}: {v!r}' for k, v in wrong.items())}. Set those, or use an smp "
+            f"encoder such as resnet101."
+        )
+
+
 def finish_model(model: nn.Module, encoder_depth: int) -> None:
     """What every network gets after smp builds it (also when read back from an export)."""
     _drop_unused_stages(model.encoder, encoder_depth)
-    _accept_any_size(model)
+    if _takes_any_size(model):
+        _resize_to_input(model)
+    else:
+        _accept_any_size(model)
+
+
+def _takes_any_size(model: nn.Module) -> bool:
+    """Whether the encoder runs at every input size (the original's ResNet) and the logits
+    are upsampled to the input, as the original does, rather than padded and cropped."""
+    return bool(getattr(model.encoder, "takes_any_size", False))
+
+
+def _resize_to_input(model: nn.Module) -> None:
+    """The original's geometry: no padding; the logits (at the stride-4 grid) are upsampled
+    to the input's size, bilinear with align_corners=True (129 -> 513 and 193 -> 769 exactly).
+    smp's own size check (sides divisible by the stride) is switched off for this model."""
+    model.requires_divisible_input_shape = False
+
+    def resize(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        return _logits_at(output, args[0].shape[-2:])
+
+    model.register_forward_hook(resize)
+
+
+def _logits_at(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    if logits.shape[-2:] == size:
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
 
 
 def _accept_any_size(model: nn.Module) -> None:
@@ -80,6 +131,8 @@ def _accept_any_size(model: nn.Module) -> None:
 
 
 def _size_multiple(model: nn.Module) -> int:
+    if _takes_any_size(model):
+        return 1
     return int(getattr(model.encoder, "output_stride", 32))
 
 
@@ -91,8 +144,12 @@ class _AnySizeGraph(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model, self.multiple = model, _size_multiple(model)
+        self.resize = _takes_any_size(model)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        if self.resize:  # the original's geometry (see _resize_to_input)
+            logits = self.model.forward(x_BCHW)  # .forward: no hooks
+            return _logits_at(logits, x_BCHW.shape[-2:])
         pad_h, pad_w = -x_BCHW.shape[-2] % self.multiple, -x_BCHW.shape[-1] % self.multiple
         logits = self.model.forward(F.pad(x_BCHW, (0, pad_w, 0, pad_h)))  # .forward: no hooks
         return F.pad(logits, (0, -pad_w, 0, -pad_h))  # negative padding crops
@@ -173,6 +230,8 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
             f"model.encoder_weights: {path} holds a {type(state).__name__}, expected a state dict "
             f"(parameter name -> tensor)."
         )
+    if isinstance(model.encoder, OriginalResNetEncoder):
+        state = encoder_state(state)  # the original's layouts, by name (fc and prefixes dropped)
     dropped = tuple(f"{name}." for name in _stages_beyond(getattr(model.encoder, "_depth", 5)))
     state = {k: v for k, v in state.items() if not k.startswith(dropped)}  # stages not built
     try:

@@ -10,8 +10,9 @@ Shapes, with C = model.decoder_channels (the original: 256): ASPP over the last 
 with five branches (image pooling, 1x1, three dilated 3x3), concatenated (5C) without a
 projection; a 3x3 conv to C; bilinear upsampling (align_corners=True) to the low-level feature's
 size (the encoder's stride-4 stage, projected 1x1 to C); concatenation (2C); the classifier; and
-the logits upsampled x4 (bilinear, align_corners=True) to the input size, as the original does
-outside its network.
+the logits upsampled (bilinear, align_corners=True) to the input size, as the original does
+outside its network: x4 in the head on smp encoders (their input is padded to a stride
+multiple), or to the input's exact size by the model on the original ResNet (129 -> 513).
 """
 
 from __future__ import annotations
@@ -66,16 +67,22 @@ class OriginalDecoder(nn.Module):
         return torch.cat([low, deep], dim=1)
 
 
-def original_classifier(channels: int, num_classes: int) -> nn.Sequential:
-    """The original's `decoder.classifier`, then the x4 upsampling of its logits."""
-    return nn.Sequential(
+def original_classifier(channels: int, num_classes: int, upsample: bool = True) -> nn.Sequential:
+    """The original's `decoder.classifier`, then (`upsample`) the x4 upsampling of its logits.
+
+    Without it the logits stay on the stride-4 grid and the model resizes them to its input
+    (the original ResNet's geometry: gtaseg.model.build). The state dict is the same either way.
+    """
+    layers: list[nn.Module] = [
         *_conv_bn_relu(2 * channels, channels, 3, bias=True),
         nn.Dropout2d(0.1),
         *_conv_bn_relu(channels, channels, 3, bias=True),
         nn.Dropout2d(0.1),
         nn.Conv2d(channels, num_classes, 1),
-        nn.UpsamplingBilinear2d(scale_factor=4),
-    )
+    ]
+    if upsample:
+        layers.append(nn.UpsamplingBilinear2d(scale_factor=4))
+    return nn.Sequential(*layers)
 
 
 def use_original_head(
@@ -84,7 +91,10 @@ def use_original_head(
     """Replace an smp DeepLabV3+'s decoder and segmentation head with the original's, in place;
     recorded in the model's export config (`_gtaseg_head`) so that exports load it back."""
     model.decoder = OriginalDecoder(model.encoder.out_channels, channels, dilations)
-    model.segmentation_head = original_classifier(channels, num_classes)
+    # An encoder that takes any size (the original ResNet) gets its logits resized to the input
+    # by the model; the others' sides are padded to a stride multiple, where x4 is exact.
+    upsample = not getattr(model.encoder, "takes_any_size", False)
+    model.segmentation_head = original_classifier(channels, num_classes, upsample)
     config = getattr(model, "_hub_mixin_config", None)
     if isinstance(config, dict):
         config["_gtaseg_head"] = "original"
