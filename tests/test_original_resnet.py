@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gtaseg.config import ConfigError, EvalConfig, ModelConfig
+from gtaseg.config import ConfigError, EvalConfig, ModelConfig, load_config
 from gtaseg.evaluation.evaluate import predict_logits
 from gtaseg.evaluation.inference import load_exported
 from gtaseg.model.build import build_model, exportable
@@ -212,3 +212,11 @@ def test_export_reads_back_the_same_network(model, tmp_path):
         assert expected.shape[-2:] == (41, 57)
         torch.testing.assert_close(back(x), expected)
         torch.testing.assert_close(exportable(model)(x), expected)  # what torch.export traces
+
+
+@pytest.mark.parametrize("profile", ["voc_classic", "voc_aug"])
+def test_the_voc_profiles_build_the_originals_network(profile):
+    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{profile}.yaml").model
+    assert cfg.encoder == "original_resnet101" and cfg.head == "original"
+    net = build_model(replace(cfg, encoder_weights=None, decoder_channels=16), 21)
+    assert isinstance(net.encoder, OriginalResNetEncoder)
