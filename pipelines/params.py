@@ -25,6 +25,7 @@ from gtaseg.config import Config, ConfigError, config_from_dict, read_yaml
 from gtaseg.config_parsing import dataclass_from_dict
 from gtaseg.data.embedded import SceneStyle
 from gtaseg.data.splits import parse_amount
+from pipelines.mlflow_store import anchored
 
 _STYLE = SceneStyle()
 
@@ -209,14 +210,7 @@ class _PipelineRaw:
 
 
 def tracking_uri(params: PipelineParams) -> str:
-    """MLFLOW_TRACKING_URI wins; else the params' local store (sqlite, nothing to start).
-
-    A relative sqlite path is made absolute against the current folder: mlflow caches one store
-    per URI string for the life of the process, so `sqlite:///mlflow.db` would otherwise keep
-    writing to the folder the first run started in.
-    """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.tracking_uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
-        uri = prefix + str(Path.cwd() / uri[len(prefix) :])
-    return uri
+    """MLFLOW_TRACKING_URI wins; else the params' local store (sqlite, nothing to start). A
+    relative sqlite path is anchored at the project (pipelines.mlflow_store: also inside a
+    `dvc exp run --temp` or `--queue` experiment, which runs in a temporary copy)."""
+    return anchored(os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.tracking_uri)

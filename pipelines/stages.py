@@ -271,6 +271,10 @@ def import_stage_modules(stage: str, params: PipelineParams) -> None:
 
 def _run_stage(args: argparse.Namespace) -> int:
     params = load_params(args.params)
+    # The anchored store for all of this process's MLflow (and a torchrun's ranks): parts of
+    # MLflow ignore a client's URI (the registry finds a logged model through the process-wide
+    # one), which in a `dvc exp run --temp` copy would be a store inside that copy.
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(params)
     import_stage_modules(args.stage, params)
     progress = os.environ.get("GTASEG_PROGRESS", "1") != "0"
     if args.stage == "prepare":
