@@ -28,7 +28,8 @@ Not transcribed because they do not change what is computed: `+ 0 * rep.sum()` (
 decoder returns a representation we do not have), the upsampling of logits to the label size
 (smp's head already outputs that size) and the all_reduce of the logged losses (single process).
 Random draws: the mixing coin and masks come from `state.mix_gen`, drawn in the order gtaseg
-draws them (the original uses numpy's global RNG), so both see the same mixed batch; dropout
+draws them (the original draws the coin and box from numpy's global RNG, classmix's classes from
+torch's global CPU generator), so both see the same mixed batch; dropout
 draws from the global torch RNG in the original's order. Mixed precision, if configured, runs
 under `state.autocast()` so that a timing compares the step's structure, not its precision; the
 backward is the original's plain one (no loss scaling), so fp16 reference timings are timings only.
