@@ -220,3 +220,17 @@ def test_the_voc_profiles_build_the_originals_network(profile):
     assert cfg.encoder == "original_resnet101" and cfg.head == "original"
     net = build_model(replace(cfg, encoder_weights=None, decoder_channels=16), 21)
     assert isinstance(net.encoder, OriginalResNetEncoder)
+
+
+@pytest.mark.slow  # tracing ResNet-101: ~15 s on an idle 2-core machine
+def test_torch_export_traces_one_graph_for_every_size(model):
+    """What the register stage logs (MLflow's pt2 program, N, H and W free via Dim.AUTO) from
+    run_models' example, two 16 x 24 images: the program runs other sizes as the model does."""
+    from torch.export import Dim
+
+    example = torch.randn(2, 3, 16, 24)
+    free = {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}
+    program = torch.export.export(exportable(model), (example,), dynamic_shapes=(free,)).module()
+    x = torch.randn(3, 3, 65, 41)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), model(x))
