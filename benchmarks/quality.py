@@ -54,8 +54,11 @@ def parse_variants(texts: list[str]) -> dict[str, str]:
     return variants
 
 
+ORACLE = "+oracle"  # a variant's twin trained on the unlabelled images' true masks
+
+
 def method_of(name: str) -> str:
-    return "mean_teacher" if name.startswith("mean_teacher") else name.split("_")[0]
+    return "mean_teacher" if name.startswith("mean_teacher") else name.split("_")[0].split("+")[0]
 
 
 def prepare(out: Path, params_path: Path, quick: bool) -> dict[str, dict]:
@@ -232,16 +235,18 @@ def _transfer_columns(out: Path, name: str) -> Callable[[int], dict[str, float]]
 
     run = out / "runs" / name
     config = yaml.safe_load((run / "config.yaml").read_text())
+    from gtaseg.training.ema import decay_cap
+
     semi, epochs = config["semi"], config["train"]["epochs"]
     per_epoch = json.loads((run / "metrics.json").read_text())["iterations"] // epochs
+    semi_iters = (epochs - semi["sup_only_epochs"]) * per_epoch
+    cap = decay_cap(semi["transfer_decay"], semi.get("transfer_horizon"), semi_iters)
 
     def at(epoch: int) -> dict[str, float]:
         steps = max(0, epoch + 1 - semi["sup_only_epochs"]) * per_epoch
         if steps == 0:
             return {}
-        decay, keep, lag = transfer_state(
-            steps, semi.get("transfer_ramp", True), semi["transfer_decay"]
-        )
+        decay, keep, lag = transfer_state(steps, semi.get("transfer_ramp", True), cap)
         return {
             "transfer_decay": round(decay, 5),
             "student_warmup_weight": round(keep, 4),
@@ -294,42 +299,52 @@ def _stats(values: list[float]) -> str:
     return f"{mean:.2f} ± {spread:.2f}"
 
 
+def gap_closed(method: dict[int, float], sup: dict[int, float], full: dict[int, float]) -> str:
+    """The share of the gap from supervised at the lowest ratio to all labels that `method`
+    closes, over the seeds all three have (seed -> best student mIoU); '-' if none."""
+    seeds = sorted(method.keys() & sup.keys() & full.keys())
+    if not seeds:
+        return "-"
+    gap = statistics.fmean(full[s] - sup[s] for s in seeds)
+    gain = statistics.fmean(method[s] - sup[s] for s in seeds)
+    return f"{gain / gap:.0%}"
+
+
 def summary_table(rows: list[dict], methods: list[str], ratios: list[str], seeds: list[int]):
     """Markdown: per dataset, per method, best and final student mIoU per ratio (mean ± half
-    the range over seeds), and at the lowest ratio the share of the gap to full labels closed."""
+    the range over seeds), and at the lowest ratio the share of the gap to full labels closed
+    with the method's own pseudo-labels and, where its oracle twin ran, with true labels."""
     lines = []
     ok = [r for r in rows if r["rc"] == 0 and r["seed"] in seeds]
+    low = ratios[0]
     for dataset in sorted({r["dataset"] for r in ok}):
 
-        def values(method, ratio, key, dataset=dataset):
-            return [
-                r[key]
+        def values(method, ratio, key="best", dataset=dataset):
+            return {
+                r["seed"]: r[key]
                 for r in ok
                 if (r["dataset"], r["method"], r["ratio"]) == (dataset, method, ratio)
-            ]
+            }
 
-        full = values("supervised", "full", "best")
-        low = ratios[0]
-        sup_low = values("supervised", low, "best")
+        full, sup_low = values("supervised", "full"), values("supervised", low)
         lines += [
             f"### {dataset}",
             "",
             "best student mIoU (%), mean ± half the range over seeds "
-            f"{seeds}; full labels (supervised): {_stats(full)}",
+            f"{seeds}; full labels (supervised): {_stats(list(full.values()))}",
             "",
         ]
         header = ["method"] + [f"{r} best" for r in ratios] + [f"{r} final" for r in ratios]
-        header.append(f"gap closed at {low}")
+        header += [f"{low} best, true labels", f"gap closed at {low}", "with true labels"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for method in methods:
-            cells = [_stats(values(method, r, "best")) for r in ratios]
-            cells += [_stats(values(method, r, "final")) for r in ratios]
-            best_low = values(method, low, "best")
-            closed = "-"
-            if best_low and sup_low and full:
-                gap = statistics.fmean(full) - statistics.fmean(sup_low)
-                closed = f"{(statistics.fmean(best_low) - statistics.fmean(sup_low)) / gap:.0%}"
-            lines.append("| " + " | ".join([method, *cells, closed]) + " |")
+            cells = [_stats(list(values(method, r).values())) for r in ratios]
+            cells += [_stats(list(values(method, r, "final").values())) for r in ratios]
+            oracle = values(method + ORACLE, low)
+            cells.append(_stats(list(oracle.values())))
+            cells.append(gap_closed(values(method, low), sup_low, full))
+            cells.append(gap_closed(oracle, sup_low, full))
+            lines.append("| " + " | ".join([method, *cells]) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -340,6 +355,59 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(fh, keys)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def make_jobs(args, variants: dict[str, str], oracle: list[str], setup: dict) -> list[dict]:
+    """Every run, in the order they start (a partial output is still a table): the full-label
+    runs, then per ratio the methods as listed, each oracle twin (lowest ratio) after its method;
+    datasets interleaved, seed by seed."""
+    quick_sets = "semi.sup_only_epochs=1" if args.quick else ""
+    cells = [("full", "supervised", "")]
+    for ratio in args.ratios:
+        for method in variants:
+            cells.append((ratio, method, variants[method]))
+            if method in oracle and ratio == args.ratios[0]:
+                oracle_sets = f"{variants[method]} semi.oracle_labels=true".strip()
+                cells.append((ratio, method + ORACLE, oracle_sets))
+    return [
+        {
+            "dataset": dataset,
+            "ratio": ratio,
+            "method": method,
+            "seed": seed,
+            "sets": " ".join(filter(None, [sets, quick_sets])),
+            "data": setup[dataset],
+            "encoder": setup["encoder"],
+            "epochs": args.epochs,
+            "name": job_name(dataset, ratio, method, seed),
+        }
+        for seed in args.seeds
+        for ratio, method, sets in cells
+        for dataset in args.datasets
+    ]
+
+
+def publish(out: Path, rows: list[dict], jobs: list[dict], args, methods: list[str]) -> None:
+    """runs.csv, epochs.csv, table.md and environment.json from the runs finished so far."""
+    import torch
+
+    done = {job_name(r["dataset"], r["ratio"], r["method"], r["seed"]) for r in rows}
+    write_csv(out / "runs.csv", rows)
+    write_csv(out / "epochs.csv", epochs_table(out, [j for j in jobs if j["name"] in done]))
+    command = " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])
+    environment = {
+        "command": command,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads_per_run": args.threads,
+        "parallel_runs": args.parallel,
+        "runs_finished": f"{len(rows)} of {len(jobs)}",
+    }
+    (out / "environment.json").write_text(json.dumps(environment, indent=2) + "\n")
+    table = summary_table(rows, methods, args.ratios, args.seeds)
+    (out / "table.md").write_text(f"Command: `{command}`\n\n{table}")
 
 
 def main() -> None:
@@ -353,8 +421,17 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["digits", "shapes"])
     ap.add_argument("--ratios", nargs="+", default=["1_16", "1_4"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(BASE_METHODS))
+    ap.add_argument(
+        "--methods", nargs="+", default=list(BASE_METHODS), help="run first, in this order"
+    )
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE,...")
+    ap.add_argument(
+        "--oracle",
+        nargs="*",
+        metavar="NAME",
+        help="also run these methods (none named: every semi-supervised one) at the lowest ratio "
+        "with semi.oracle_labels: the unlabelled images' true masks for pseudo-labels",
+    )
     ap.add_argument("--epochs", type=int, default=6, help="per run (the demo's; default 6)")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -366,58 +443,37 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out).resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    variants = {m: BASE_METHODS.get(m, "") for m in args.methods} | parse_variants(args.variant)
-    quick_sets = "semi.sup_only_epochs=1" if args.quick else ""
+    defined = parse_variants(args.variant)
+    unknown = [m for m in args.methods if m not in BASE_METHODS and m not in defined]
+    if unknown:
+        raise SystemExit(f"--methods {unknown}: expected {list(BASE_METHODS)} or --variant names")
+    # --methods may name variants too: runs start in its order, then the other variants'.
+    variants = {m: defined.get(m, BASE_METHODS.get(m, "")) for m in args.methods} | defined
+    oracle = [m for m in variants if m != "supervised"] if args.oracle == [] else args.oracle or []
+    unknown = sorted(set(oracle) - set(variants) | {m for m in oracle if m == "supervised"})
+    if unknown:
+        raise SystemExit(f"--oracle {unknown}: expected semi-supervised methods of this run")
     if args.quick:
         args.epochs, args.seeds = 2, args.seeds[:1]
     params_path = Path(args.params).resolve()
     setup = prepare(out, params_path, args.quick)
     for dataset in args.datasets:
         make_splits(out, dataset, setup[dataset], args.ratios, args.seeds)
-    jobs = []
-    cells = [(r, m) for r in args.ratios for m in variants] + [("full", "supervised")]
-    for dataset in args.datasets:
-        for seed in args.seeds:
-            for ratio, method in cells:
-                jobs.append(
-                    {
-                        "dataset": dataset,
-                        "ratio": ratio,
-                        "method": method,
-                        "seed": seed,
-                        "sets": " ".join(filter(None, [variants[method], quick_sets])),
-                        "data": setup[dataset],
-                        "encoder": setup["encoder"],
-                        "epochs": args.epochs,
-                        "name": job_name(dataset, ratio, method, seed),
-                    }
-                )
-    jobs.sort(key=lambda j: (j["seed"], -len(j["method"])))  # long GTA runs first
-    with ThreadPoolExecutor(args.parallel) as pool:
-        rows = list(pool.map(lambda j: run(out, j, params_path, args.threads), jobs))
-    write_csv(out / "runs.csv", rows)
-    write_csv(out / "epochs.csv", epochs_table(out, jobs))
-    import torch
+    jobs = make_jobs(args, variants, oracle, setup)
+    rows: list[dict] = []
 
-    command = " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])
-    (out / "environment.json").write_text(
-        json.dumps(
-            {
-                "command": command,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-                "cpus": os.cpu_count(),
-                "threads_per_run": args.threads,
-                "parallel_runs": args.parallel,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    table = summary_table(rows, list(variants), args.ratios, args.seeds)
-    (out / "table.md").write_text(f"Command: `{command}`\n\n{table}")
-    print(table)
+    def run_and_publish(job: dict) -> None:
+        row = run(out, job, params_path, args.threads)
+        with _LOCK:
+            rows.append(row)
+            publish(out, rows, jobs, args, list(variants))
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        list(pool.map(run_and_publish, jobs))
+    order = {j["name"]: k for k, j in enumerate(jobs)}
+    rows.sort(key=lambda r: order[job_name(r["dataset"], r["ratio"], r["method"], r["seed"])])
+    publish(out, rows, jobs, args, list(variants))
+    print((out / "table.md").read_text())
 
 
 if __name__ == "__main__":

@@ -130,6 +130,10 @@ class SemiConfig:
     transfer_decay: float = 0.999  # student = d * student + (1 - d) * TA (except the classifier)
     transfer_ramp: bool = True  # d = min(1 - 1/(t+1), transfer_decay), the original's ramp from a
     # full copy at the switch; false: d = transfer_decay from the first step (gentle throughout)
+    ema_horizon: float | None = None  # the teacher EMA's horizon as a fraction h of the run's
+    # semi-supervised iterations N: cap = 1 - 1/(h * N), replacing ema_decay; null: ema_decay as
+    # written (the paper: 0.999 is a 1,000-step horizon, ~0.0145 of its ~69,000-iteration run)
+    transfer_horizon: float | None = None  # the same for the transfer: replaces transfer_decay
     transfer_scope: Literal["all_but_classifier", "encoder"] = "all_but_classifier"
     # code: everything but decoder.block2 + segmentation_head; paper text: the feature extractor
     warmup_copy: Literal["alias", "once"] = "alias"
@@ -142,16 +146,29 @@ class SemiConfig:
     # train: code's extra train-mode teacher forward (updates teacher BN stats, its logits weight
     # the loss); eval_only: reuse the eval-mode pseudo-label logits (efficient mode)
     drop_percent: float = 80.0  # keep the most confident drop_percent% of non-ignored pixels
+    drop_anneal: bool = False  # U2PL's schedule (beyond GTA-Seg): the share kept grows linearly
+    # from drop_percent at the switch to 100% at the run's end; false: drop_percent throughout
     loss_weight: float = 1.0  # unsupervised loss weight
     mix: MixMode = "cutmix"  # strong mixing of unlabelled images (VOC config: cutmix)
     mix_prob: float = 0.5  # probability of applying the mix to a batch
     efficient: bool = False  # skip forwards whose only effect is BN statistics (see README)
+    oracle_labels: bool = False  # A DIAGNOSTIC, never a training setting (benchmarks/quality.py):
+    # the unlabelled images' true masks replace the teacher's pseudo-labels (confidences, mixing
+    # and the kept share unchanged): what a method passes to its student with perfect labels
 
     def __post_init__(self) -> None:
         _check(self.sup_only_epochs >= 0, "semi.sup_only_epochs", ">= 0", self.sup_only_epochs)
         for key in ("ema_decay", "transfer_decay"):
             value = getattr(self, key)
             _check(0 <= value < 1, f"semi.{key}", "in [0, 1)", value)
+        for key in ("ema_horizon", "transfer_horizon"):
+            value = getattr(self, key)
+            _check(
+                value is None or value > 0,
+                f"semi.{key}",
+                "a fraction > 0 of the semi-supervised iterations (0.05: 5% of them), or null",
+                value,
+            )
         _check(0 <= self.drop_percent <= 100, "semi.drop_percent", "in [0, 100]", self.drop_percent)
         _check(0 <= self.mix_prob <= 1, "semi.mix_prob", "in [0, 1]", self.mix_prob)
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from gtaseg import IGNORE_INDEX
-from gtaseg.training.ema import ema_decay, ema_update
+from gtaseg.training.ema import decay_cap, ema_decay, ema_update, horizon_decay
 from gtaseg.training.mixing import cutout_box_mask, mix_unlabeled
 
 
@@ -21,6 +21,28 @@ def test_decay_schedule_endpoints():
     assert ema_decay(0, 0.999) == 0.0  # first step is a plain copy
     assert ema_decay(1, 0.999) == 0.5
     assert ema_decay(10**6, 0.999) == 0.999
+
+
+def test_horizon_decay_is_a_fraction_of_the_runs_clock():
+    # The paper's literal 0.999 is a 1,000-step horizon: on its ~69,000-iteration VOC run that
+    # is the fraction 1000 / 69000, and the fraction gives back 0.999 there.
+    assert horizon_decay(1000 / 69000, 69000) == pytest.approx(0.999)
+    # The same fraction on a 480-step semi-supervised phase: a horizon of ~7 steps.
+    assert horizon_decay(1000 / 69000, 480) == pytest.approx(1 - 69 / 480)
+    # The horizon 1 / (1 - d) is fraction x iterations.
+    for fraction, iters in ((0.05, 480), (0.2, 384), (0.015, 69000)):
+        assert 1 / (1 - horizon_decay(fraction, iters)) == pytest.approx(fraction * iters)
+    assert horizon_decay(0.001, 480) == 0.0  # under one step: a plain copy, never negative
+    assert horizon_decay(0.5, 0) == 0.0  # no semi-supervised iterations: no division by zero
+
+
+def test_decay_cap_keeps_the_literal_without_a_horizon():
+    assert decay_cap(0.999, None, 480) == 0.999
+    assert decay_cap(0.999, 0.05, 480) == pytest.approx(1 - 1 / 24)
+    # The original's ramp is kept on top of the cap: a copy at the switch, then the running mean.
+    cap = decay_cap(0.999, 0.05, 480)
+    assert ema_decay(0, cap) == 0.0 and ema_decay(10, cap) == pytest.approx(10 / 11)
+    assert ema_decay(100, cap) == cap
 
 
 def test_ema_update_endpoints_and_exclusion():

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
 
 from gtaseg import IGNORE_INDEX
-from gtaseg.config import config_from_dict
+from gtaseg.config import ConfigError, config_from_dict
 from gtaseg.data.loaders import make_train_data
-from gtaseg.methods import get_step
+from gtaseg.methods import get_step, gta
+from gtaseg.methods.common import kept_percent
 from gtaseg.methods.state import build_state, set_lrs
 from gtaseg.model.build import classifier_modules
 from gtaseg.training.ema import ema_update
@@ -289,3 +291,73 @@ def test_golden_losses(tiny_raw):
         state.iteration += 1
         got.append([round(float(out.losses[k]), 5) for k in ("loss_sup", "loss_unsup")])
     assert [v for row in got for v in row] == pytest.approx(sum(GOLDEN, []), abs=1e-4), got
+
+
+def _spy(monkeypatch, module, name, seen):
+    """Wrap `module.name` so each call's positional arguments are appended to `seen`."""
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        seen.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+
+
+@pytest.mark.parametrize("method", ["gta", "mean_teacher"])
+@pytest.mark.parametrize("oracle", [False, True])
+def test_oracle_labels_feed_the_true_masks_into_the_step(tiny_raw, monkeypatch, method, oracle):
+    """semi.oracle_labels: the unlabelled loss learns from the unlabelled images' true masks;
+    without it, from the teacher's pseudo-labels. The step returns the teacher's pseudo-labels
+    either way (what the loop scores as pseudo_miou)."""
+    raw = {**tiny_raw, "train": {**tiny_raw["train"], "method": method}}
+    state, batches = _state(raw, oracle_labels=oracle, mix="none")
+    _after_warmup(state)
+    seen = []
+    module = importlib.import_module(f"gtaseg.methods.{method}")
+    _spy(monkeypatch, module, "conf_weighted_pseudo_loss", seen)
+    batch = batches[0]
+    set_lrs(state)
+    out = get_step(method)(state, batch)
+    assert not torch.equal(out.pseudo_BHW, batch.y_u)  # the two sources differ on this batch
+    assert torch.equal(seen[0][1], batch.y_u if oracle else out.pseudo_BHW)
+
+
+def test_oracle_labels_without_masks_is_a_clear_error(tiny_raw):
+    state, batches = _state(tiny_raw, oracle_labels=True)
+    _after_warmup(state)
+    batch = batches[0]._replace(y_u=torch.full_like(batches[0].y_u, IGNORE_INDEX))
+    set_lrs(state)
+    with pytest.raises(ConfigError, match="semi.oracle_labels: expected true masks"):
+        get_step("gta")(state, batch)
+
+
+def test_horizons_set_both_decays_on_the_runs_clock(tiny_raw, monkeypatch):
+    """With semi.transfer_horizon and semi.ema_horizon (fractions of the semi-supervised
+    iterations N) the transfer and the teacher EMA use 1 - 1/(h N), not the literal decays."""
+    state, batches = _state(
+        tiny_raw, warmup_copy="once", transfer_ramp=False, transfer_horizon=0.5, ema_horizon=1.0
+    )
+    n = state.semi_iters
+    assert n == state.total_iters - state.warmup_iters and n >= 3
+    state.iteration = state.total_iters - 1  # t = N - 1: the teacher's ramp is past its cap
+    seen = []
+    _spy(monkeypatch, gta, "ema_update", seen)
+    set_lrs(state)
+    get_step("gta")(state, batches[0])
+    transfer, teacher = (args[2] for args in seen)
+    assert transfer == pytest.approx(1 - 1 / (0.5 * n))
+    assert teacher == pytest.approx(1 - 1 / n)
+
+
+def test_drop_anneal_keeps_more_pixels_over_the_run(tiny_raw):
+    state, _ = _state(tiny_raw, drop_percent=80.0, drop_anneal=True)
+    fixed, _ = _state(tiny_raw, drop_percent=80.0)
+    for s in (state, fixed):
+        s.iteration = s.warmup_iters
+    assert kept_percent(state) == kept_percent(fixed) == 80.0
+    state.iteration = fixed.iteration = state.warmup_iters + state.semi_iters // 2
+    half = 80.0 + 20.0 * (state.semi_iters // 2) / state.semi_iters
+    assert kept_percent(state) == pytest.approx(half) and kept_percent(fixed) == 80.0
+    state.iteration = state.total_iters
+    assert kept_percent(state) == 100.0

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from gtaseg import IGNORE_INDEX
+from gtaseg.config import ConfigError
 from gtaseg.methods.state import TrainState, unwrap
 from gtaseg.training.ema import copy_params
 from gtaseg.training.losses import confidence, supervised_loss
@@ -29,6 +31,33 @@ def pseudo_label(state: TrainState, x_u: torch.Tensor) -> tuple[torch.Tensor, to
     with state.autocast():
         logits_BCHW = teacher(x_u)
     return confidence(logits_BCHW)
+
+
+def learning_targets(
+    state: TrainState, pseudo_BHW: torch.Tensor, y_u_BHW: torch.Tensor | None
+) -> torch.Tensor:
+    """The labels the unlabelled loss learns from: the teacher's pseudo-labels, or with the
+    `semi.oracle_labels` diagnostic the unlabelled images' true masks (same shape)."""
+    if not state.cfg.semi.oracle_labels:
+        return pseudo_BHW
+    # Checked once, at the switch (a host sync): every batch then comes from the same dataset.
+    if y_u_BHW is None or (state.semi_step == 0 and not bool((y_u_BHW != IGNORE_INDEX).any())):
+        raise ConfigError(
+            "semi.oracle_labels: expected true masks for the unlabelled images, found none (this "
+            "dataset's unlabelled images have no masks). The oracle is a diagnostic for datasets "
+            "with every mask; set semi.oracle_labels: false to train."
+        )
+    return y_u_BHW
+
+
+def kept_percent(state: TrainState) -> float:
+    """The share of confident pixels the unlabelled loss keeps at this step (`drop_percent`;
+    with `drop_anneal` growing linearly to 100 over the semi-supervised iterations, as U2PL)."""
+    semi = state.cfg.semi
+    if not semi.drop_anneal:
+        return semi.drop_percent
+    progress = min(1.0, state.semi_step / state.semi_iters)
+    return semi.drop_percent + (100.0 - semi.drop_percent) * progress
 
 
 def maybe_mix(

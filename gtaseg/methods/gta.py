@@ -22,13 +22,15 @@ from gtaseg.methods.common import (
     StepOutput,
     bn_statistics_forward,
     copy_from_student,
+    kept_percent,
+    learning_targets,
     maybe_mix,
     pseudo_label,
     warmup_step,
 )
 from gtaseg.methods.state import TrainState, student_classifier, unwrap
 from gtaseg.model.build import classifier_modules
-from gtaseg.training.ema import copy_params, ema_decay, ema_update
+from gtaseg.training.ema import copy_params, decay_cap, ema_decay, ema_update
 from gtaseg.training.losses import conf_weighted_pseudo_loss, confidence, supervised_loss
 
 
@@ -41,22 +43,24 @@ def train_step(state: TrainState, batch: Batch) -> StepOutput:
     if aliasing or state.semi_step == 0:
         copy_from_student(state, state.teacher, unwrap(state.assistant))
     conf_u, pseudo_u = pseudo_label(state, batch.x_u)
-    x_u, y_u, conf_u_mix = maybe_mix(state, batch.x_u, pseudo_u, conf_u)
+    targets_u = learning_targets(state, pseudo_u, batch.y_u)
+    x_u, y_u, conf_u_mix = maybe_mix(state, batch.x_u, targets_u, conf_u)
     loss_u, kept = assistant_update(state, batch.x_l, x_u, y_u, conf_u_mix)
     if aliasing:
         share_assistant_update(state)
     elif tied:
         copy_classifier(state, unwrap(state.assistant), unwrap(state.student))
     student, assistant = unwrap(state.student), unwrap(state.assistant)
-    ramp = semi.transfer_ramp
-    decay = ema_decay(state.semi_step, semi.transfer_decay) if ramp else semi.transfer_decay
+    cap = decay_cap(semi.transfer_decay, semi.transfer_horizon, state.semi_iters)
+    decay = ema_decay(state.semi_step, cap) if semi.transfer_ramp else cap
     ema_update(student, assistant, decay, exclude=student_classifier(state))
     loss_sup = student_update(state, batch.x_l, batch.y_l, x_u)
     if aliasing:
         copy_classifier(state, student, assistant, state.teacher)
     elif tied:
         copy_classifier(state, student, assistant)
-    ema_update(state.teacher, student, ema_decay(state.semi_step, semi.ema_decay))
+    cap = decay_cap(semi.ema_decay, semi.ema_horizon, state.semi_iters)
+    ema_update(state.teacher, student, ema_decay(state.semi_step, cap))
     losses = {"loss_sup": loss_sup, "loss_unsup": loss_u, "kept_frac": kept}
     return StepOutput(losses, pseudo_u)
 
@@ -81,7 +85,7 @@ def assistant_update(
     # global RNG in this order, so the step reproduces the original's iteration exactly.
     if semi.teacher_forward == "train" and not semi.efficient:
         conf_u, _ = confidence(bn_statistics_forward(state, state.teacher, x_in)[n_l:])
-    loss_u, kept = conf_weighted_pseudo_loss(logits_BCHW[n_l:], y_u, conf_u, semi.drop_percent)
+    loss_u, kept = conf_weighted_pseudo_loss(logits_BCHW[n_l:], y_u, conf_u, kept_percent(state))
     state.backward_step(semi.loss_weight * loss_u, state.opt_assistant, "assistant")
     return loss_u.detach(), kept
 

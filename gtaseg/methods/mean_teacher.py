@@ -10,12 +10,14 @@ from gtaseg.methods.common import (
     StepOutput,
     bn_statistics_forward,
     copy_from_student,
+    kept_percent,
+    learning_targets,
     maybe_mix,
     pseudo_label,
     warmup_step,
 )
 from gtaseg.methods.state import TrainState, unwrap
-from gtaseg.training.ema import ema_decay, ema_update
+from gtaseg.training.ema import decay_cap, ema_decay, ema_update
 from gtaseg.training.losses import conf_weighted_pseudo_loss, confidence, supervised_loss
 
 
@@ -27,7 +29,8 @@ def train_step(state: TrainState, batch: Batch) -> StepOutput:
         copy_from_student(state, state.teacher)
     x_l, y_l, n_l = batch.x_l, batch.y_l, batch.x_l.shape[0]
     conf_u, pseudo_u = pseudo_label(state, batch.x_u)
-    x_mix, y_mix, conf_mix = maybe_mix(state, batch.x_u, pseudo_u, conf_u)
+    targets_u = learning_targets(state, pseudo_u, batch.y_u)
+    x_mix, y_mix, conf_mix = maybe_mix(state, batch.x_u, targets_u, conf_u)
     x_all = torch.cat([x_l, x_mix])
     if semi.teacher_forward == "train":
         conf_mix, _ = confidence(bn_statistics_forward(state, state.teacher, x_all)[n_l:])
@@ -35,8 +38,11 @@ def train_step(state: TrainState, batch: Batch) -> StepOutput:
     with state.autocast():
         logits_BCHW = state.student(x_all)
     loss_sup = supervised_loss(logits_BCHW[:n_l], y_l)
-    loss_u, kept = conf_weighted_pseudo_loss(logits_BCHW[n_l:], y_mix, conf_mix, semi.drop_percent)
+    loss_u, kept = conf_weighted_pseudo_loss(
+        logits_BCHW[n_l:], y_mix, conf_mix, kept_percent(state)
+    )
     state.backward_step(loss_sup + semi.loss_weight * loss_u, state.opt_student, "student")
-    ema_update(state.teacher, unwrap(state.student), ema_decay(state.semi_step, semi.ema_decay))
+    cap = decay_cap(semi.ema_decay, semi.ema_horizon, state.semi_iters)
+    ema_update(state.teacher, unwrap(state.student), ema_decay(state.semi_step, cap))
     losses = {"loss_sup": loss_sup.detach(), "loss_unsup": loss_u.detach(), "kept_frac": kept}
     return StepOutput(losses, pseudo_u)

@@ -64,6 +64,11 @@ class TrainState:
         """t in the paper's decay schedules: iterations since the warm-up ended."""
         return self.iteration - self.warmup_iters
 
+    @property
+    def semi_iters(self) -> int:
+        """The run's semi-supervised iterations: the clock `semi.*_horizon` are fractions of."""
+        return max(1, self.total_iters - self.warmup_iters)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision context for forwards (a no-op unless amp is on and on CUDA)."""
         amp = self.cfg.train.amp
