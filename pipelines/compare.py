@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Iterable, Mapping
 from fractions import Fraction
 from pathlib import Path
@@ -36,6 +37,8 @@ REQUIRED_KEYS = (
 OPTIONAL_KEYS = ("val_miou_teacher", "run_id", "labeled_fraction")
 SUMMARY_METRIC = "best_val_miou_student"  # the network the product ships
 SELECTION_METRIC = "best_val_miou"  # the original's checkpoint choice: teacher after warm-up
+CURVE_METRIC = "val_miou"  # the per-epoch curves of the DVC plots: the selection network's
+PER_EPOCH_DIR = "per_epoch"  # plots/per_epoch/<ratio>.csv: one DVC plot per label ratio
 
 
 def labeled_fraction(ratio: str) -> float:
@@ -175,15 +178,20 @@ def plot_miou_vs_ratio(df: pd.DataFrame, path: Path, metric: str = SUMMARY_METRI
     return path
 
 
-def write_comparison(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+def write_comparison(
+    df: pd.DataFrame, out_dir: Path, curves: pd.DataFrame | None = None
+) -> dict[str, Path]:
     """Write results.csv (one row per run), summary.md and summary.csv (per method and ratio),
-    miou_vs_ratio.png and plots/miou_vs_ratio.csv (labeled_fraction, method, miou: the mean in %,
-    for a DVC plot) under `out_dir`; returns their paths by name."""
+    metrics.json (`metrics_by_cell`, what `dvc exp show` lists), miou_vs_ratio.png and
+    plots/miou_vs_ratio.csv (labeled_fraction, method, miou: the mean in %, for a DVC plot)
+    under `out_dir`; with `curves` (`epoch_curves`), also plots/per_epoch/<ratio>.csv. Returns
+    their paths by name."""
     out_dir = Path(out_dir)
     paths = {
         "results": out_dir / "results.csv",
         "summary_md": out_dir / "summary.md",
         "summary_csv": out_dir / "summary.csv",
+        "metrics": out_dir / "metrics.json",
         "plot": out_dir / "miou_vs_ratio.png",
         "plot_data": out_dir / "plots" / "miou_vs_ratio.csv",
     }
@@ -211,8 +219,56 @@ def write_comparison(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     write_atomic(
         paths["plot_data"], plot_data[["labeled_fraction", "method", "miou"]].to_csv(index=False)
     )
+    write_atomic(paths["metrics"], json.dumps(metrics_by_cell(df), indent=2) + "\n")
     plot_miou_vs_ratio(df, paths["plot"])
+    if curves is not None:
+        paths |= write_epoch_curves(curves, out_dir / "plots" / PER_EPOCH_DIR)
     return paths
+
+
+def ratio_key(ratio: str) -> str:
+    """A label ratio as a metrics key and file name: "1/16" -> "1_16" (DVC splits keys on dots)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(ratio))
+
+
+def metrics_by_cell(df: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """{method: {ratio: {metric: mean over seeds}}} of the summary and selection metrics
+    (fractions, as the runs log them), plus `<metric>_std` where a cell has several seeds. DVC
+    flattens it to one column per cell: `gta.1_16.best_val_miou_student`."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (method, ratio), group in df.groupby(["method", "ratio"], sort=False):
+        cell = out.setdefault(str(method), {}).setdefault(ratio_key(ratio), {})
+        for metric in (SUMMARY_METRIC, SELECTION_METRIC):
+            cell[metric] = round(float(group[metric].mean()), 4)
+            if len(group) > 1:
+                cell[f"{metric}_std"] = round(float(group[metric].std()), 4)
+    return out
+
+
+def epoch_curves(points: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Per (ratio, method, epoch): the mean over seeds of `CURVE_METRIC` in percent, from points
+    {ratio, method, seed, epoch, CURVE_METRIC} (a run's evaluations). Columns ratio, epoch,
+    method, and CURVE_METRIC + "_pct"."""
+    columns = ["ratio", "method", "seed", "epoch", CURVE_METRIC]
+    frame = pd.DataFrame(list(points), columns=columns)
+    frame[CURVE_METRIC] = frame[CURVE_METRIC].astype(float) * 100.0
+    mean = frame.groupby(["ratio", "method", "epoch"], sort=True)[CURVE_METRIC].mean()
+    curves = mean.round(4).rename(CURVE_METRIC + "_pct").reset_index()
+    return curves[["ratio", "epoch", "method", CURVE_METRIC + "_pct"]]
+
+
+def write_epoch_curves(curves: pd.DataFrame, folder: Path) -> dict[str, Path]:
+    """One CSV per label ratio (epoch, method, value): a DVC plot overlays the methods' curves.
+    Files of ratios no longer in `curves` are removed, so a plot never shows a stale ratio."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for ratio, group in curves.groupby("ratio", sort=True):
+        path = folder / f"{ratio_key(ratio)}.csv"
+        write_atomic(path, group.drop(columns="ratio").to_csv(index=False))
+        written[f"per_epoch_{ratio_key(ratio)}"] = path
+    for stale in set(folder.glob("*.csv")) - set(written.values()):
+        stale.unlink()
+    return written
 
 
 def load_run_metrics(paths: Iterable[Path]) -> list[dict[str, Any]]:

@@ -85,6 +85,22 @@ def current_runs(params: PipelineParams) -> list[CellRun]:
     return found
 
 
+def epoch_points(params: PipelineParams, cells: list[CellRun], metric: str) -> list[dict[str, Any]]:
+    """Every evaluation of each cell's run: {ratio, method, seed, epoch, metric}, `epoch` the
+    epochs trained (history.csv's `epoch` + 1). The training loop logs an evaluation's row (its
+    `epoch` among them) at one step, so `metric` and `epoch` are paired by step."""
+    client = MlflowClient(tracking_uri(params))
+    points = []
+    for cell in cells:
+        epochs = {m.step: m.value for m in client.get_metric_history(cell.run_id, "epoch")}
+        values = {m.step: m.value for m in client.get_metric_history(cell.run_id, metric)}
+        cell_keys = {key: cell.row()[key] for key in ("ratio", "method", "seed")}
+        for step, value in sorted(values.items()):
+            if step in epochs:
+                points.append({**cell_keys, "epoch": int(epochs[step]) + 1, metric: value})
+    return points
+
+
 def finished_run(
     params: PipelineParams,
     ratio: str,

@@ -142,12 +142,14 @@ def cell_mirror(params: PipelineParams, ratio: str, method: str, seed: int) -> F
 
 
 def compare(params: PipelineParams) -> dict[str, Path]:
-    """Tables and plot of the sweep's current runs (read from MLflow) under results/."""
-    from pipelines.compare import collect_results, write_comparison
-    from pipelines.results import current_runs
+    """Tables, metrics.json, plots and per-epoch curves of the sweep's current runs (read from
+    MLflow) under results/."""
+    from pipelines.compare import CURVE_METRIC, collect_results, epoch_curves, write_comparison
+    from pipelines.results import current_runs, epoch_points
 
-    rows = [cell.row() for cell in current_runs(params)]
-    return write_comparison(collect_results(rows), RESULTS_DIR)
+    cells = current_runs(params)
+    curves = epoch_curves(epoch_points(params, cells, CURVE_METRIC))
+    return write_comparison(collect_results([c.row() for c in cells]), RESULTS_DIR, curves)
 
 
 def register(params: PipelineParams) -> dict[str, Any]:

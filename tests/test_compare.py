@@ -13,12 +13,15 @@ from PIL import Image
 from gtaseg.errors import DataError
 from pipelines.compare import (
     collect_results,
+    epoch_curves,
     labeled_fraction,
     load_run_metrics,
     markdown_table,
+    metrics_by_cell,
     summary_stats,
     summary_table,
     write_comparison,
+    write_epoch_curves,
 )
 
 # best_val_miou_student per (method, ratio) for seeds 0 and 1; ratios listed coarse-first on
@@ -94,6 +97,8 @@ def test_write_comparison_files(tmp_path: Path) -> None:
     paths = write_comparison(df, tmp_path / "results")
     for path in paths.values():
         assert path.is_file() and path.stat().st_size > 0, path
+    metrics = json.loads(paths["metrics"].read_text())
+    assert metrics == metrics_by_cell(df)
     assert paths["plot_data"] == tmp_path / "results" / "plots" / "miou_vs_ratio.csv"
 
     long = pd.read_csv(paths["results"])
@@ -115,6 +120,49 @@ def test_write_comparison_files(tmp_path: Path) -> None:
         assert image.width >= 300 and image.height >= 200
         # Not a blank canvas: lines, markers and text give many distinct colours.
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 20
+
+
+def test_metrics_by_cell_is_the_mean_per_method_and_ratio_with_std_for_several_seeds() -> None:
+    rows = [*_results(), {**_results()[0], "ratio": "full", "seed": 0, "method": "supervised"}]
+    metrics = metrics_by_cell(collect_results(rows))
+    assert set(metrics) == {"gta", "supervised"}
+    assert set(metrics["supervised"]) == {"1_16", "1_8", "full"}  # "/" would not name a key
+    cell = metrics["gta"]["1_16"]
+    assert cell["best_val_miou_student"] == pytest.approx(np.mean(BEST[("gta", "1/16")]))
+    assert cell["best_val_miou_student_std"] == pytest.approx(
+        np.std(BEST[("gta", "1/16")], ddof=1), abs=1e-4
+    )
+    assert cell["best_val_miou"] == pytest.approx(np.mean(BEST[("gta", "1/16")]) + 0.005)
+    assert set(metrics["supervised"]["full"]) == {"best_val_miou_student", "best_val_miou"}
+
+
+def test_epoch_curves_average_seeds_per_epoch_and_files_follow_the_ratios(tmp_path: Path) -> None:
+    points = [
+        {
+            "ratio": ratio,
+            "method": method,
+            "seed": seed,
+            "epoch": epoch,
+            "val_miou": 0.1 * (epoch + 1) + 0.02 * seed,
+        }
+        for ratio in ("1/16", "full")
+        for method in ("gta", "supervised")
+        for seed in (0, 1)
+        for epoch in (0, 1)
+    ]
+    curves = epoch_curves(points)
+    assert len(curves) == 2 * 2 * 2  # ratio x method x epoch: the seeds averaged
+    gta = curves[(curves.ratio == "1/16") & (curves.method == "gta")]
+    assert gta.val_miou_pct.tolist() == pytest.approx([11.0, 21.0])
+
+    folder = tmp_path / "per_epoch"
+    folder.mkdir()
+    (folder / "1_2.csv").write_text("a ratio no longer in the sweep\n")
+    written = write_epoch_curves(curves, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["1_16.csv", "full.csv"]
+    table = pd.read_csv(written["per_epoch_1_16"])
+    assert list(table.columns) == ["epoch", "method", "val_miou_pct"]
+    assert sorted(set(table.method)) == ["gta", "supervised"]
 
 
 def test_missing_key_names_the_key() -> None:
