@@ -209,13 +209,26 @@ def test_dvc_experiments_are_listed_and_diffed(workspace):
     shown = json.loads(run(["dvc", "exp", "show", "--json"], workspace).stdout)
     names = {e.get("name") for rev in shown for e in rev.get("experiments") or []}
     assert {"short", "long"} <= names, shown
-    diff = json.loads(run(["dvc", "metrics", "diff", "short", "long", "--json"], workspace).stdout)
-    assert diff["runs/1_2/gta/seed0/metrics.json"]["iterations"] == {"old": 6, "new": 12,
-                                                                     "diff": 6}  # fmt: skip
+    # one metrics file, results/metrics.json: one column per method and ratio
+    diff = json.loads(run(["dvc", "metrics", "diff", "short", "long", "--all", "--json"],
+                          workspace).stdout)  # fmt: skip
+    assert set(diff) == {"results/metrics.json"}, diff
+    cell = diff["results/metrics.json"]["gta.1_2.best_val_miou"]
+    assert 0 <= cell["old"] <= 1 and 0 <= cell["new"] <= 1
     plots = json.loads(run(["dvc", "plots", "diff", "short", "long", "--json"], workspace).stdout)
-    for plot in ("runs/1_2/gta/seed0/history.csv", "results/plots/miou_vs_ratio.csv"):
+    for plot in ("results/plots/miou_vs_ratio.csv", "results/plots/per_epoch/1_2.csv"):
         (entry,) = plots["data"][plot]
         assert entry["revisions"] == ["short", "long"], plot
+    epochs = {(row["rev"], row["epoch"]) for row in entry["content"]["data"]["values"]}
+    assert epochs == {("short", "1"), ("long", "1"), ("long", "2")}
+    # each experiment's runs and parent run carry its name
+    tagged = {}
+    for found in mlflow_runs(workspace, EXPERIMENT):
+        tags = found.data.tags
+        if "gtaseg.dvc_experiment" in tags:
+            kind = "parent" if "gtaseg.sweep" in tags else tags["gtaseg.ratio"]
+            tagged.setdefault(tags["gtaseg.dvc_experiment"], set()).add(kind)
+    assert tagged == {"short": {"parent", "1_2"}, "long": {"parent", "1_2"}}, tagged
 
 
 def test_dvc_remote_push_pull_round_trip_on_s3(workspace, monkeypatch):
