@@ -111,15 +111,19 @@ def _original_layout_state(prefix: str = "") -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("prefix", ["", "module.encoder."])
-def test_a_checkpoint_in_the_originals_layout_loads_by_name(tmp_path, prefix):
-    """ "": the ImageNet file (bare names + fc); "module.encoder.": a GTA-Seg model_state, whose
-    decoder keys are not the encoder's."""
+@pytest.mark.parametrize(
+    ("prefix", "whole"), [("", False), ("module.encoder.", False), ("module.encoder.", True)]
+)
+def test_a_checkpoint_in_the_originals_layout_loads_by_name(tmp_path, prefix, whole):
+    """The ImageNet file (bare names + fc); a GTA-Seg model_state (module.encoder.* beside the
+    decoder's keys); whole: its ckpt.pth (model_state beside the teacher's and the epoch)."""
     state = _original_layout_state(prefix)
     if prefix:
         state["module.decoder.classifier.8.weight"] = torch.zeros(21, 256, 1, 1)
     path = tmp_path / "resnet101.pth"
-    torch.save(state, path)
+    teacher = {k: torch.zeros_like(v) for k, v in state.items()}
+    ckpt = {"model_state": state, "teacher_state": teacher, "epoch": 3}
+    torch.save(ckpt if whole else state, path)
     loaded = build_model(replace(ORIGINAL, encoder_weights=str(path)), 3)
     ours = loaded.encoder.state_dict()
     assert list(ours) == [line.split(" ")[1] for line in _facts("param|buffer")]

@@ -166,8 +166,11 @@ def encoder_state(state: Mapping[str, Any]) -> dict[str, Any]:
     The ImageNet file (what `resnet101(pretrained=True)` loads): bare names plus the classifier
     `fc.*`, which is dropped. A GTA-Seg training state (`model_state` / `teacher_state` of its
     ckpt.pth): `module.encoder.*` beside the decoder's keys; the DDP prefix `module.` is removed
-    and only `encoder.*` kept, unprefixed. Anything else passes unchanged.
+    and only `encoder.*` kept, unprefixed. A whole ckpt.pth gives its `model_state` (the student,
+    which the original's `saver.pretrain` loads into its model). Anything else passes unchanged.
     """
+    if isinstance(state.get("model_state"), Mapping):
+        state = state["model_state"]
     names = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("encoder.") for k in names):
         names = {k[len("encoder.") :]: v for k, v in names.items() if k.startswith("encoder.")}
