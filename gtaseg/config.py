@@ -71,7 +71,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "DeepLabV3Plus"  # any smp architecture name
-    encoder: str = "resnet101"  # any smp encoder name (paper: ResNet-101)
+    encoder: str = "resnet101"  # any smp encoder name (smp's resnet101: 7x7 stem), or
+    # original_resnet101: the paper's network (gtaseg/model/resnet.py; needs head: original)
     encoder_weights: str | None = None  # local path to encoder weights (.pth/.pt/.safetensors)
     # or null: random initialisation
     encoder_depth: int = 5  # encoder stages used, 3-5 (paper: 5); fewer: a smaller, faster net
