@@ -1,1 +1,1 @@
-"""The network: the smp build, the original's decoder, encoder weights."""
+"""The network: the smp build, the original's decoder and ResNet-101 encoder, encoder weights."""
