@@ -31,9 +31,16 @@ log = logging.getLogger(__name__)
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (Markdown)
 COMPARISON_TABLE = "comparison.json"  # the parent run's table artifact (MLflow's table format)
 STUDENT_METRIC = "best_val_miou_student"  # the student's best, on the parent whatever is ranked
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 DATASET_CONTEXT = "training"  # mlflow.data's context tag: what the run did with the dataset
 # MLflow's own switch for system metrics; here they are on unless it is set to false
 SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
+
+
+def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
+    """Tag the experiment as model training (`mlflow.experimentKind`): MLflow's UI then opens it
+    on its runs table instead of the GenAI overview, which has nothing of a sweep's to show."""
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
 
 def is_http(uri: str) -> bool:

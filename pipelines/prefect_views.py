@@ -172,7 +172,7 @@ def publish_sweep_report(
         version = f"{champion['model_name']} version {champion['version']}"
         lines.append(
             f"\nChampion: {_link(version, links.get('champion'))}, {champion['method']} at "
-            f"{champion['ratio']} seed {champion['seed']} (MLflow run "
+            f"{champion['ratio'].replace('_', '/')} seed {champion['seed']} (MLflow run "
             f"{_link(champion['run_id'], links.get('champion_run'))})"
         )
     lines += ["", "| cell | trained here | MLflow run |", "|---|---|---|"]
@@ -227,6 +227,8 @@ def report_sweep(
         "champion": model_version_url(uri, t.model_name, champion["version"]),
         "champion_run": run_url(uri, experiment, champion["run_id"]),
     }
-    summary = f"Best student mIoU (%, `{t.champion_metric}`), mean ± std over seeds:\n\n"
+    summary = (
+        f"Best mIoU (%, `{t.champion_metric}`, what ranks the runs), mean ± std over seeds:\n\n"
+    )
     summary += markdown_table(summary_table(results, t.champion_metric))
     return publish_sweep_report(t.sweep_name, rows, summary, links, champion)

@@ -39,6 +39,7 @@ from pipelines.mlflow_views import (
     SystemMetrics,
     log_comparison,
     log_split_input,
+    mark_model_training,
     model_version_url,
 )
 from pipelines.params import PipelineParams, Tracking, tracking_uri
@@ -68,6 +69,7 @@ def sweep_parent_run(params: PipelineParams, create: bool = True) -> str | None:
         return found[0].info.run_id
     if not create:
         return None
+    mark_model_training(client, exp_id)  # each new sweep: cheap, and the UI opens on the runs
     note = f"Sweep `{name}` in progress: its cells appear below this run as they train."
     tags = {SWEEP_TAG: name, NOTE_TAG: note, **flow_run_tags(), **dvc_experiment_tags()}
     return client.create_run(exp_id, run_name=name, tags=tags).info.run_id

@@ -71,6 +71,22 @@ def test_parent_run_carries_the_comparison(store, tmp_path):
     ]  # fmt: skip
 
 
+def test_a_new_sweep_parent_is_described_and_opens_on_the_runs_table(tmp_path, monkeypatch):
+    from pipelines.params import load_params
+    from pipelines.tracking_run import sweep_parent_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    run_id = sweep_parent_run(params)
+    assert sweep_parent_run(params) == run_id  # the running parent is found again
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    assert "in progress" in run.data.tags[NOTE_TAG]
+    assert "prefect.flow_run_id" not in run.data.tags  # no Prefect flow run here
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_links_only_for_a_tracking_server():
     assert run_url("sqlite:///m.db", "1", "abc") is None
     assert run_url("http://127.0.0.1:5000/", "1", "abc") == (
