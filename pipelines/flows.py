@@ -22,8 +22,10 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -136,8 +138,33 @@ def launch_distributed(
         env.setdefault("PREFECT__FLOW_RUN_ID", link[0])
     if parent_run_id:
         env["GTASEG_PARENT_RUN_ID"] = parent_run_id
-    subprocess.run(cmd, check=True, env=env)
+    _run_forwarding_sigterm(cmd, env)
     return json.loads((stages.run_dir(ratio, method, seed) / "metrics.json").read_text())
+
+
+def _run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> None:
+    """Run the launcher to its end. SIGTERM to this process (a pod's pre-emption) goes to the
+    launcher, which passes it to its workers: they checkpoint and push (gtaseg.training.
+    preemption) instead of being killed mid-step by Prefect's handler here. Once they are done,
+    the signal is delivered here too, so the flow run ends Crashed and is launched again."""
+    proc = subprocess.Popen(cmd, env=env)
+    forwarded: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        forwarded.append(signum)
+        proc.send_signal(signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, forward) if main else None
+    try:
+        code = proc.wait()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    if forwarded:
+        os.kill(os.getpid(), signal.SIGTERM)
+    if code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
 
 
 @task(

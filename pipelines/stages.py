@@ -93,6 +93,7 @@ def train(
 ) -> dict[str, Any]:
     """Train one sweep cell with MLflow tracking: resume an unfinished attempt of the same inputs
     and code, else train afresh (pipelines.runstate)."""
+    from gtaseg.training.preemption import Preempted, redeliver
     from pipelines.tracking_run import tracked_training
 
     params = load_params(params_path)
@@ -102,20 +103,14 @@ def train(
     tags = run_tags(params, ratio, method, seed)
     out = run_dir(ratio, method, seed)
     mirror = cell_mirror(params, ratio, method, seed)
-    if mirror is None:
-        return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress)
     # checkpoints upload in the background while training goes on; start and end wait for it
-    return tracked_training(
-        params,
-        cfg,
-        out,
-        ratio,
-        tags,
-        parent_run_id,
-        progress,
-        on_state=mirror.push_or_warn,
-        on_checkpoint=mirror.push_soon,
-    )
+    keep = {"on_state": mirror.push_or_warn, "on_checkpoint": mirror.push_soon} if mirror else {}
+    try:
+        return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress, **keep)
+    except Preempted as exc:  # its checkpoint is written and pushed: now end as SIGTERM would
+        print(f"[{out}] {exc}", file=sys.stderr)
+        redeliver()
+        raise
 
 
 def cell_mirror(params: PipelineParams, ratio: str, method: str, seed: int) -> FolderMirror | None:

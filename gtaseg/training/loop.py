@@ -36,6 +36,7 @@ from gtaseg.methods import StepFn, get_step
 from gtaseg.methods.state import TrainState, build_state, load_state_dict, set_lrs
 from gtaseg.progress import progress_bar
 from gtaseg.tracking.base import NullTracker, Tracker, flatten_params
+from gtaseg.training import preemption
 from gtaseg.training.checkpoint import load_latest_good, set_rng_state
 from gtaseg.training.distributed import (
     DistInfo,
@@ -118,7 +119,8 @@ def train(
         write_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if state.iteration == 0:
             tracker.log_params(flatten_params(cfg.to_dict()))
-    _run_loop(cfg, state, loop, data, out, tracker, info, device, progress, on_checkpoint)
+    with preemption.stop_on_sigterm():  # SIGTERM: a checkpoint at the next step, then stop
+        _run_loop(cfg, state, loop, data, out, tracker, info, device, progress, on_checkpoint)
     summary = _summary(cfg, state, loop, info)
     if info.is_main:
         write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
@@ -222,6 +224,10 @@ def _train_epoch(
             tic = time.perf_counter()  # training time leaves out checkpoints, as evaluations
         if state.iteration >= state.total_iters:
             break
+        if preemption.stop_now(state.iteration, LOG_EVERY, info):
+            loop.train_seconds += time.perf_counter() - tic
+            save_state(out, state, loop, pseudo_cm, info, "last.pt", on_checkpoint)
+            raise preemption.Preempted(state.iteration, str(out / "checkpoints" / "last.pt"))
     loop.train_seconds += time.perf_counter() - tic
     return lr
 
