@@ -283,6 +283,17 @@ def _count_requests(tracker: MlflowTracker) -> list[int]:
     return count
 
 
+def test_offline_log_is_one_file_in_the_fallback_folder_whatever_the_run_name(
+    tmp_path: Path,
+) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    tracker = MlflowTracker("exp", "gta 1/16 seed0", tracking_uri=uri, fallback_dir=tmp_path)
+    tracker.close()
+    (path,) = tmp_path.iterdir()
+    assert path.is_file() and path.name.startswith("mlflow-offline-gta_1_16_seed0-"), path
+    assert json.loads(path.read_text().splitlines()[0])["run_name"] == "gta 1/16 seed0"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     instance = MlflowServer(tmp_path_factory.mktemp("server"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -180,7 +181,8 @@ class MlflowTracker:
                 "fallback (a fallback_dir) to log to a local JSONL file and replay it later."
             )
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        run_name = self._outbox.header["run_name"]
+        # a run's display name ("gta 1/16 seed0") is no file name: one file in fallback_dir
+        run_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self._outbox.header["run_name"])
         name = f"mlflow-offline-{run_name}-{stamp}-{uuid.uuid4().hex[:6]}.jsonl"
         self._outbox.go_offline(Path(fallback_dir) / name)
         log.warning(
