@@ -294,8 +294,10 @@ def test_sweep_deployment_fans_cells_out_over_workers_without_shared_disk(stack)
         f"\nsweep of 3 cells, max_parallel {MAX_PARALLEL}: {wall:.0f} s\n"
         f"| cell | training loop (s) | around it (s) | of which to start (s) |\n{report}"
     )
-    for cell, train_s, overhead_s, _ in costs:
-        assert float(overhead_s) < 120, f"{cell}: {overhead_s} s around {train_s} s of training"
+    for cell, train_s, overhead_s, start_s in costs:  # what the job added to its loop, in order
+        loop_s = runs[cell.split("/")[1]].data.metrics["wall_time_s"]  # as the run recorded it
+        assert float(train_s) == pytest.approx(loop_s, abs=0.06), cell
+        assert 0 <= float(start_s) <= float(overhead_s), cell  # starting is part of the rest
 
 
 def test_a_worker_killed_mid_training_its_cell_resumes_from_s3(stack):
