@@ -84,7 +84,7 @@ WRAPPED = [
         "checkpoints",
     ),  # the loop's own; the next: after evaluations
     ("gtaseg.training.epoch_end", "save_state", "checkpoints"),
-    ("gtaseg.training.epoch_end", "_export_student", "model export (save_pretrained)"),
+    ("gtaseg.training.epoch_end", "_export_reported", "model export (save_pretrained)"),
     ("pipelines.tracking_run", "_log_outputs", "after training: artifacts, model, plots"),
     ("pipelines.tracking_run", "load_exported", "load the exported model"),
     ("pipelines.tracking_run", "make_val_data", "val data"),

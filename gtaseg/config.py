@@ -82,6 +82,8 @@ class ModelConfig:
     decoder_channels: int = 256  # ASPP / decoder width (paper: 256)
     head: Literal["smp", "original"] = "smp"  # DeepLabV3Plus decoder and classifier: smp's, or
     # the original's (2 x 3x3 conv blocks + 1x1 after the concat; what the transfer leaves out)
+    aux_head: bool = False  # U2PL's auxiliary classifier on the encoder's layer3 (its Cityscapes
+    # `aux_loss`); trained by the labelled loss only (weight loss.aux_weight), never predicts
 
     def __post_init__(self) -> None:
         _check(self.output_stride in (8, 16), "model.output_stride", "8 or 16", self.output_stride)
@@ -95,6 +97,12 @@ class ModelConfig:
             self.output_stride,
         )
         _check(self.decoder_channels > 0, "model.decoder_channels", "> 0", self.decoder_channels)
+        _check(
+            not self.aux_head or self.encoder_depth >= 4,
+            "model.aux_head",
+            "false with model.encoder_depth 3 (the head reads the fourth stage, layer3)",
+            self.aux_head,
+        )
         _check(
             self.head == "smp" or self.arch == "DeepLabV3Plus",
             "model.head",
@@ -120,6 +128,22 @@ class OptimConfig:
         )
         _check(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
         _check(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The loss on labelled pixels (U2PL's criterion; gtaseg.training.labelled_loss)."""
+
+    supervised: Literal["ce", "ohem"] = "ce"  # cross-entropy (the VOC configs), or OHEM (U2PL's
+    # Cityscapes): the pixels whose true-class probability is <= ohem_thresh, at least ohem_min_kept
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100000  # per GPU of train.gpus, as U2PL's per-rank criterion
+    aux_weight: float = 0.4  # weight of the auxiliary head's loss when model.aux_head (U2PL: 0.4)
+
+    def __post_init__(self) -> None:
+        _check(0 < self.ohem_thresh <= 1, "loss.ohem_thresh", "in (0, 1]", self.ohem_thresh)
+        _check(self.ohem_min_kept >= 0, "loss.ohem_min_kept", ">= 0", self.ohem_min_kept)
+        _check(self.aux_weight >= 0, "loss.aux_weight", ">= 0", self.aux_weight)
 
 
 @dataclass(frozen=True)
@@ -186,8 +210,11 @@ class TrainConfig:
     method: Method = "gta"
     epochs: int = 80  # one epoch = one pass over the unlabelled set
     max_iters: int | None = None  # cap on total iterations (None: epochs x iterations per epoch)
-    batch_size_labeled: int = 3  # per process (code: 3 labelled + 3 unlabelled per GPU)
+    batch_size_labeled: int = 3  # per GPU of train.gpus (code: 3 labelled + 3 unlabelled per GPU)
     batch_size_unlabeled: int = 3
+    gpus: int | None = None  # GPUs the batch sizes are per: the global batch is gpus x (labelled
+    # + unlabelled) (code: 4 x (3 + 3)), kept on any process count that divides it (each process
+    # takes a larger share; gtaseg.training.global_batch); null: the processes this run has
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_every: int = 1  # evaluate every N epochs (and at the end)
@@ -217,6 +244,7 @@ class TrainConfig:
             ">= 1",
             self.batch_size_unlabeled,
         )
+        _check(self.gpus is None or self.gpus >= 1, "train.gpus", ">= 1 or null", self.gpus)
         _check(self.eval_every >= 1, "train.eval_every", ">= 1", self.eval_every)
         _check(
             self.checkpoint_every_iters >= 0,
@@ -237,6 +265,10 @@ class EvalConfig:
     batch_size: int = 1  # validation images per forward when consecutive images (after the
     # center crop) have one size, else one at a time; sliding: windows of those images together
     max_images: int | None = None  # evaluate only the first N val images (quick checks)
+    report: Literal["teacher", "student"] = "teacher"  # the network a run reports (val_miou,
+    # best_val_miou), keeps as best.pt, exports to model/ and the registry ranks: teacher = the
+    # original's (train_gta.py's best: the student during the warm-up epochs, the teacher after);
+    # student = the student throughout. The student's mIoU is reported beside it either way
 
     def __post_init__(self) -> None:
         _check(self.crop_size >= 8, "eval.crop_size", ">= 8", self.crop_size)
@@ -250,6 +282,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     semi: SemiConfig = field(default_factory=SemiConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -35,9 +35,15 @@ REQUIRED_KEYS = (
 )
 # the supervised baseline has no teacher; labeled_fraction defaults to the ratio's value
 OPTIONAL_KEYS = ("val_miou_teacher", "run_id", "labeled_fraction")
-SUMMARY_METRIC = "best_val_miou_student"  # the network the product ships
-SELECTION_METRIC = "best_val_miou"  # the original's checkpoint choice: teacher after warm-up
-CURVE_METRIC = "val_miou"  # the per-epoch curves of the DVC plots: the selection network's
+SUMMARY_METRIC = "best_val_miou"  # the reported network's best (run.eval.report): what is ranked
+STUDENT_METRIC = "best_val_miou_student"  # the student's best, kept beside it
+# what SUMMARY_METRIC is of, by run.eval.report (a method without a teacher reports its student)
+REPORTED = {
+    "teacher": "the teacher; the student during the warm-up epochs and without a teacher, "
+    "as the original reports (train_gta.py's best)",
+    "student": "the student (`eval.report: student`)",
+}
+CURVE_METRIC = "val_miou"  # the per-epoch curves of the DVC plots: the reported network's
 PER_EPOCH_DIR = "per_epoch"  # plots/per_epoch/<ratio>.csv: one DVC plot per label ratio
 
 
@@ -179,13 +185,13 @@ def plot_miou_vs_ratio(df: pd.DataFrame, path: Path, metric: str = SUMMARY_METRI
 
 
 def write_comparison(
-    df: pd.DataFrame, out_dir: Path, curves: pd.DataFrame | None = None
+    df: pd.DataFrame, out_dir: Path, curves: pd.DataFrame | None = None, report: str = "teacher"
 ) -> dict[str, Path]:
     """Write results.csv (one row per run), summary.md and summary.csv (per method and ratio),
     metrics.json (`metrics_by_cell`, what `dvc exp show` lists), miou_vs_ratio.png and
     plots/miou_vs_ratio.csv (labeled_fraction, method, miou: the mean in %, for a DVC plot)
     under `out_dir`; with `curves` (`epoch_curves`), also plots/per_epoch/<ratio>.csv. Returns
-    their paths by name."""
+    their paths by name. `report` (the runs' eval.report) names the network the tables show."""
     out_dir = Path(out_dir)
     paths = {
         "results": out_dir / "results.csv",
@@ -198,11 +204,7 @@ def write_comparison(
     paths["plot_data"].parent.mkdir(parents=True, exist_ok=True)
     write_atomic(paths["results"], df.to_csv(index=False))
     sections = [
-        f"# Best student mIoU (%, `{SUMMARY_METRIC}`), mean ± std over seeds\n\n"
-        + _to_markdown(summary_table(df)),
-        f"# Best selection mIoU (%, `{SELECTION_METRIC}`: the student during warm-up, the "
-        f"teacher afterwards, as the original code selects checkpoints)\n\n"
-        + _to_markdown(summary_table(df, SELECTION_METRIC)),
+        *_miou_sections(df, report),
         "# Wall time per run (s)\n\n"
         + _to_markdown(
             df.pivot_table(
@@ -226,6 +228,23 @@ def write_comparison(
     return paths
 
 
+def _miou_sections(df: pd.DataFrame, report: str) -> list[str]:
+    """The reported network's table, naming the network; with `report` teacher, the student's
+    beside it (with `report` student the two are one)."""
+    if report not in REPORTED:
+        raise DataError(f"report: expected one of {sorted(REPORTED)}, got {report!r}.")
+    sections = [
+        f"# Best reported mIoU (%, `{SUMMARY_METRIC}`: {REPORTED[report]}), mean ± std over "
+        f"seeds\n\n" + _to_markdown(summary_table(df))
+    ]
+    if report == "teacher":
+        sections.append(
+            f"# Best student mIoU (%, `{STUDENT_METRIC}`), mean ± std over seeds\n\n"
+            + _to_markdown(summary_table(df, STUDENT_METRIC))
+        )
+    return sections
+
+
 def ratio_key(ratio: str) -> str:
     """A label ratio as a metrics key and file name: "1/16" -> "1_16" (DVC splits keys on dots)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", str(ratio))
@@ -238,7 +257,7 @@ def metrics_by_cell(df: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {}
     for (method, ratio), group in df.groupby(["method", "ratio"], sort=False):
         cell = out.setdefault(str(method), {}).setdefault(ratio_key(ratio), {})
-        for metric in (SUMMARY_METRIC, SELECTION_METRIC):
+        for metric in (SUMMARY_METRIC, STUDENT_METRIC):
             cell[metric] = round(float(group[metric].mean()), 4)
             if len(group) > 1:
                 cell[f"{metric}_std"] = round(float(group[metric].std()), 4)

@@ -106,7 +106,8 @@ class Tracking:
     experiment: str = "gtaseg-demo"  # MLflow experiment
     tracking_uri: str = "sqlite:///mlflow.db"  # used when MLFLOW_TRACKING_URI is not set
     model_name: str = "gtaseg-student"  # registered model
-    champion_metric: str = "best_val_miou_student"  # picks `champion` and each `best-<ratio>`
+    champion_metric: str = "best_val_miou"  # picks `champion` and each `best-<ratio>`: the
+    # reported network's (run.eval.report), the network a run exports and the registry versions
     sweep_name: str = "demo-sweep"  # name of the parent run of each sweep invocation
     log_checkpoints: bool = True  # upload last/best checkpoints as artifacts
     # the MLflow model of a run (pipelines.registry.run_models): promoted = logged by the register
@@ -161,6 +162,7 @@ def load_params(path: str | Path = "params.yaml") -> PipelineParams:
     params = dataclass_from_dict(_PipelineRaw, raw)
     params = PipelineParams(params.data_prep, params.pretrain, params.sweep, params.tracking, run)
     _check_names(params)
+    _check_champion_metric(params)
     _check_overlap(params)
     _check_weights_folder(params.run.model.encoder_weights)
     return params
@@ -174,6 +176,19 @@ def _check_names(params: PipelineParams) -> None:
                 f"{section}: entry name {bad[0]!r} is not a plain folder name; expected letters, "
                 f"digits, '_' or '-' (it names the output folder and the DVC stage)."
             )
+
+
+def _check_champion_metric(params: PipelineParams) -> None:
+    """A run's model (what the registry versions) is its reported network: ranking teachers'
+    exports by their students' mIoU would register a number the model did not score."""
+    metric, report = params.tracking.champion_metric, params.run.eval.report
+    if metric == "best_val_miou_student" and report == "teacher":
+        raise ConfigError(
+            f"tracking.champion_metric: {metric!r} ranks the runs by their students, but with "
+            f"run.eval.report: teacher each run exports and registers its teacher. Expected "
+            f"champion_metric: best_val_miou (the reported network's), or run.eval.report: "
+            f"student."
+        )
 
 
 def _check_overlap(params: PipelineParams) -> None:

@@ -144,12 +144,14 @@ def compare(params: PipelineParams) -> dict[str, Path]:
 
     cells = current_runs(params)
     curves = epoch_curves(epoch_points(params, cells, CURVE_METRIC))
-    return write_comparison(collect_results([c.row() for c in cells]), RESULTS_DIR, curves)
+    rows = collect_results([c.row() for c in cells])
+    return write_comparison(rows, RESULTS_DIR, curves, report=params.run.eval.report)
 
 
 def register(params: PipelineParams) -> dict[str, Any]:
-    """Point the registry's aliases at the best current students (`champion` overall,
-    `best-<ratio>` per label ratio), tracing the MLflow model of each run they point at that has
+    """Point the registry's aliases at the best current runs by `tracking.champion_metric`
+    (`champion` overall, `best-<ratio>` per label ratio; a run's model is its reported network,
+    `run.eval.report`), tracing the MLflow model of each run they point at that has
     none yet (pipelines.registry.run_models), then end the sweep's parent run with the
     comparison."""
     from mlflow.tracking import MlflowClient

@@ -24,8 +24,8 @@ from pipelines.compare import (
     write_epoch_curves,
 )
 
-# best_val_miou_student per (method, ratio) for seeds 0 and 1; ratios listed coarse-first on
-# purpose.
+# best_val_miou (the reported network's) per (method, ratio) for seeds 0 and 1; ratios listed
+# coarse-first on purpose.
 BEST = {
     ("supervised", "1/8"): (0.40, 0.44),
     ("supervised", "1/16"): (0.30, 0.36),
@@ -47,8 +47,8 @@ def _results() -> list[dict]:
                     "seed": seed,
                     "val_miou_student": best - 0.01,
                     "val_miou_teacher": best,
-                    "best_val_miou_student": best,
-                    "best_val_miou": best + 0.005,  # the teacher-based selection metric
+                    "best_val_miou_student": best - 0.005,  # the student's, beside it
+                    "best_val_miou": best,  # the reported network's (eval.report)
                     "wall_time_s": 10.0 + seed,
                     "run_id": f"r{method}{seed}",
                 }
@@ -82,7 +82,7 @@ def test_columns_follow_the_numeric_ratio_not_the_string() -> None:
     ]
     table = summary_table(collect_results(rows))
     assert list(table.columns) == ["1/16", "1/4", "1/2", "full"]
-    assert table.loc["gta", "1/4"] == f"{rows[0]['best_val_miou_student'] * 100:.2f} (n=1)"
+    assert table.loc["gta", "1/4"] == f"{rows[0]['best_val_miou'] * 100:.2f} (n=1)"
 
 
 def test_missing_ratio_for_a_method_shows_a_dash() -> None:
@@ -128,11 +128,11 @@ def test_metrics_by_cell_is_the_mean_per_method_and_ratio_with_std_for_several_s
     assert set(metrics) == {"gta", "supervised"}
     assert set(metrics["supervised"]) == {"1_16", "1_8", "full"}  # "/" would not name a key
     cell = metrics["gta"]["1_16"]
-    assert cell["best_val_miou_student"] == pytest.approx(np.mean(BEST[("gta", "1/16")]))
+    assert cell["best_val_miou"] == pytest.approx(np.mean(BEST[("gta", "1/16")]))
     assert cell["best_val_miou_student_std"] == pytest.approx(
         np.std(BEST[("gta", "1/16")], ddof=1), abs=1e-4
     )
-    assert cell["best_val_miou"] == pytest.approx(np.mean(BEST[("gta", "1/16")]) + 0.005)
+    assert cell["best_val_miou_student"] == pytest.approx(np.mean(BEST[("gta", "1/16")]) - 0.005)
     assert set(metrics["supervised"]["full"]) == {"best_val_miou_student", "best_val_miou"}
 
 
@@ -220,3 +220,20 @@ def test_load_run_metrics_reads_files_and_folders(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
         load_run_metrics([tmp_path / "bad.json"])
+
+
+def test_the_tables_name_the_reported_network(tmp_path: Path) -> None:
+    df = collect_results(_results())
+    teacher = write_comparison(df, tmp_path / "t")["summary_md"].read_text(encoding="utf-8")
+    first, second = teacher.split("\n# ")[:2]
+    assert "`best_val_miou`: the teacher" in first and "student during the warm-up" in first
+    assert summary_table(df).loc["gta", "1/16"] in first
+    assert second.startswith("Best student mIoU (%, `best_val_miou_student`)")
+    assert summary_table(df, "best_val_miou_student").loc["gta", "1/16"] in second
+
+    student = write_comparison(df, tmp_path / "s", report="student")["summary_md"]
+    text = student.read_text(encoding="utf-8")
+    assert "`best_val_miou`: the student (`eval.report: student`)" in text
+    assert "best_val_miou_student" not in text  # the same network: one table
+    with pytest.raises(ValueError, match=r"report: expected one of \['student', 'teacher'\]"):
+        write_comparison(df, tmp_path / "x", report="assistant")

@@ -142,6 +142,25 @@ def _stream_order(seed: int, epoch: int, stream: int, n: int, length: int) -> li
     return list(zip(order.tolist(), aug_seeds.tolist(), strict=True))
 
 
+def epoch_iterations(n_ids: int, gpus: int, per_gpu_batch: int) -> int:
+    """Iterations of an epoch over `n_ids`, the original's arithmetic: each of `gpus`
+    DistributedSamplers takes ceil(n / gpus) ids (padding with repeats) and its loader drops the
+    last partial batch of `per_gpu_batch` (VOC 183 labels: ceil(10,399 / 4) // 3 = 866)."""
+    return math.ceil(n_ids / gpus) // per_gpu_batch if per_gpu_batch > 0 else 0
+
+
+def _unlabeled_order(seed: int, epoch: int, n: int, used: int) -> list[tuple[int, int]]:
+    """A permutation of the n unlabelled ids; when an epoch uses more positions than n (the
+    samplers' padding), the first ids again with fresh augmentation seeds, as the
+    DistributedSampler repeats its first indices."""
+    order = _stream_order(seed, epoch, UNLABELED, n, n) if n else []
+    if used <= n:
+        return order
+    rng = np.random.default_rng([seed, epoch, UNLABELED, 1])
+    seeds = rng.integers(0, 2**63 - 1, size=used - n).tolist()
+    return order + [(order[k % n][0], aug_seed) for k, aug_seed in enumerate(seeds)]
+
+
 class TrainData:
     """Training batches of one rank. One epoch = one pass over the unlabelled set (over the
     labelled set when it is empty); the labelled list is repeated to that length and re-drawn
@@ -162,6 +181,7 @@ class TrainData:
         *,
         cache: DecodedCache | None = None,
         device: torch.device | str | None = None,
+        gpus: int | None = None,
     ) -> None:
         rank, world_size = shard
         if not 0 <= rank < world_size:
@@ -178,6 +198,7 @@ class TrainData:
         self.labeled, self.unlabeled = list(labeled), list(unlabeled)
         self.batch_size_labeled, self.batch_size_unlabeled = batch_sizes
         self.rank, self.world_size = rank, world_size
+        self.gpus = gpus or world_size
         self.iters_per_epoch = self._count_iters()
         self._sampler = _PlanSampler()
         self.num_workers = resolve_num_workers(cfg.num_workers, device)
@@ -197,7 +218,7 @@ class TrainData:
             if self.unlabeled
             else (self.labeled, self.batch_size_labeled)
         )
-        iters = len(stream) // (batch * self.world_size)
+        iters = epoch_iterations(len(stream), self.gpus, batch * self.world_size // self.gpus)
         if iters == 0:
             raise DataError(
                 f"split {self.cfg.split_dir}: {len(stream)} ids give no full batch of {batch} x "
@@ -210,9 +231,10 @@ class TrainData:
         """Items of this rank for iterations start_iter .. iters_per_epoch - 1 of `epoch`."""
         b_l, b_u, world = self.batch_size_labeled, self.batch_size_unlabeled, self.world_size
         n_u = len(self.unlabeled)
-        length = max(n_u, self.iters_per_epoch * b_l * world) if n_u else len(self.labeled)
+        length = max(n_u or len(self.labeled), self.iters_per_epoch * b_l * world)
         lab = _stream_order(self.seed, epoch, LABELED, len(self.labeled), length)
-        unl = _stream_order(self.seed, epoch, UNLABELED, n_u, n_u) if self.need_unlabeled else []
+        used_u = self.iters_per_epoch * b_u * world
+        unl = _unlabeled_order(self.seed, epoch, n_u, used_u) if self.need_unlabeled else []
         plan = []
         for it in range(start_iter, self.iters_per_epoch):
             first_l = (it * world + self.rank) * b_l
@@ -241,11 +263,13 @@ def make_train_data(
     world_size: int = 1,
     *,
     device: torch.device | str | None = None,
+    gpus: int | None = None,
 ) -> TrainData:
     """TrainData over the split at cfg.split_dir, checked against the dataset's train ids; every
     file it will read is checked first, so bad data fails before training. The images it will
     read (only the labelled ones when `need_unlabeled` is false) are decoded into the cache, up
-    to `data.cache_mb`, labelled first; the rest get `check_samples`."""
+    to `data.cache_mb`, labelled first; the rest get `check_samples`. `gpus`: the GPUs whose
+    samplers the iterations per epoch follow (`train.gpus`; default the processes)."""
     samples = list_samples(cfg, "train")
     labeled_ids, unlabeled_ids = load_split(Path(cfg.split_dir), samples.keys())
     labeled = [samples[i] for i in labeled_ids]
@@ -263,6 +287,7 @@ def make_train_data(
         (rank, world_size),
         cache=cache,
         device=device,
+        gpus=gpus,
     )
 
 

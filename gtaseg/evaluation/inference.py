@@ -19,6 +19,7 @@ from gtaseg.data.formats import color_palette, read_image
 from gtaseg.data.loaders import make_predict_images, make_val_data
 from gtaseg.evaluation.evaluate import evaluate, predict_logits
 from gtaseg.io import open_atomic, write_atomic
+from gtaseg.model.aux_head import without_aux_head
 from gtaseg.model.build import build_model, finish_model
 from gtaseg.model.decoder import use_original_head
 from gtaseg.model.resnet import register_original_encoders
@@ -66,8 +67,10 @@ class NormalizationWarning(UserWarning):
 
 def export_model(model: torch.nn.Module, model_dir: Path, data: DataConfig) -> None:
     """Save `model` in smp's save_pretrained format, with `data.mean` / `data.std` beside it in
-    NORMALIZATION_FILE, so `predict_folder` feeds it images as training did."""
-    model.save_pretrained(str(model_dir))
+    NORMALIZATION_FILE, so `predict_folder` feeds it images as training did. An auxiliary head
+    (`model.aux_head`, used only by the training loss) is left out: smp's model has none."""
+    with without_aux_head(model):
+        model.save_pretrained(str(model_dir))
     norm = {"mean": list(data.mean), "std": list(data.std), "scale": "0-255 RGB"}
     write_atomic(Path(model_dir) / NORMALIZATION_FILE, json.dumps(norm, indent=2) + "\n")
 

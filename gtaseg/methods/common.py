@@ -10,8 +10,10 @@ from torch import nn
 from gtaseg import IGNORE_INDEX
 from gtaseg.config import ConfigError
 from gtaseg.methods.state import TrainState, unwrap
+from gtaseg.model.aux_head import take_aux_logits
 from gtaseg.training.ema import copy_params
-from gtaseg.training.losses import confidence, supervised_loss
+from gtaseg.training.labelled_loss import labelled_loss
+from gtaseg.training.losses import confidence
 from gtaseg.training.mixing import mix_unlabeled
 
 
@@ -79,12 +81,24 @@ def bn_statistics_forward(state: TrainState, model: nn.Module, x: torch.Tensor) 
         return model(x)
 
 
+def student_labelled_loss(
+    state: TrainState, logits_BCHW: torch.Tensor, y_l: torch.Tensor
+) -> torch.Tensor:
+    """The labelled loss (`loss`: CE or OHEM, plus the auxiliary head's term) of the student's
+    last forward, whose first len(y_l) images are the labelled ones."""
+    n_l = y_l.shape[0]
+    aux = take_aux_logits(unwrap(state.student))
+    aux = None if aux is None else aux[:n_l]
+    scale = state.gpus_per_process  # OHEM's min_kept is per GPU of train.gpus
+    return labelled_loss(state.cfg.loss, logits_BCHW[:n_l], y_l, aux, min_kept_scale=scale)
+
+
 def supervised_update(state: TrainState, x_l: torch.Tensor, y_l: torch.Tensor) -> torch.Tensor:
-    """Student forward on the labelled batch, cross-entropy, optimiser step; returns the loss."""
+    """Student forward on the labelled batch, labelled loss, optimiser step; returns the loss."""
     state.student.train()
     with state.autocast():
         logits_BCHW = state.student(x_l)
-    loss = supervised_loss(logits_BCHW, y_l)
+    loss = student_labelled_loss(state, logits_BCHW, y_l)
     state.backward_step(loss, state.opt_student, "student")
     return loss.detach()
 

@@ -26,12 +26,13 @@ from gtaseg.methods.common import (
     learning_targets,
     maybe_mix,
     pseudo_label,
+    student_labelled_loss,
     warmup_step,
 )
 from gtaseg.methods.state import TrainState, student_classifier, unwrap
 from gtaseg.model.build import classifier_modules
 from gtaseg.training.ema import copy_params, decay_cap, ema_decay, ema_update
-from gtaseg.training.losses import conf_weighted_pseudo_loss, confidence, supervised_loss
+from gtaseg.training.losses import conf_weighted_pseudo_loss, confidence
 
 
 def train_step(state: TrainState, batch: Batch) -> StepOutput:
@@ -95,12 +96,11 @@ def student_update(
 ) -> torch.Tensor:
     """Student step on the labelled loss only. Faithful: forward over [labelled; mixed
     unlabelled] so BN sees both, as the original; efficient: labelled images only."""
-    n_l = x_l.shape[0]
     x_in = x_l if state.cfg.semi.efficient else torch.cat([x_l, x_u])
     state.student.train()
     with state.autocast():
         logits_BCHW = state.student(x_in)
-    loss = supervised_loss(logits_BCHW[:n_l], y_l)
+    loss = student_labelled_loss(state, logits_BCHW, y_l)
     state.backward_step(loss, state.opt_student, "student")
     return loss.detach()
 

@@ -14,11 +14,12 @@ from gtaseg.methods.common import (
     learning_targets,
     maybe_mix,
     pseudo_label,
+    student_labelled_loss,
     warmup_step,
 )
 from gtaseg.methods.state import TrainState, unwrap
 from gtaseg.training.ema import decay_cap, ema_decay, ema_update
-from gtaseg.training.losses import conf_weighted_pseudo_loss, confidence, supervised_loss
+from gtaseg.training.losses import conf_weighted_pseudo_loss, confidence
 
 
 def train_step(state: TrainState, batch: Batch) -> StepOutput:
@@ -37,7 +38,7 @@ def train_step(state: TrainState, batch: Batch) -> StepOutput:
     state.student.train()
     with state.autocast():
         logits_BCHW = state.student(x_all)
-    loss_sup = supervised_loss(logits_BCHW[:n_l], y_l)
+    loss_sup = student_labelled_loss(state, logits_BCHW, y_l)
     loss_u, kept = conf_weighted_pseudo_loss(
         logits_BCHW[n_l:], y_mix, conf_mix, kept_percent(state)
     )

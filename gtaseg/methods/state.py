@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gtaseg.config import Config
+from gtaseg.model.aux_head import aux_head, freeze_aux_head
 from gtaseg.model.build import (
     build_model,
     classifier_modules,
@@ -46,6 +47,7 @@ class TrainState:
     iters_per_epoch: int = 1
     mix_gen: torch.Generator = field(default_factory=torch.Generator)
     scalers: dict[str, Any] = field(default_factory=dict)
+    gpus_per_process: float = 1.0  # GPUs of train.gpus whose batch share each process holds
 
     @property
     def epoch(self) -> int:
@@ -186,6 +188,8 @@ def build_state(cfg: Config, device: torch.device, iters_per_epoch: int) -> Trai
     `cfg.train` asks for (channels_last, compile, a grad scaler for fp16 on CUDA)."""
     student = build_model(cfg.model, cfg.data.num_classes).to(device)
     assistant = copy.deepcopy(student) if needs_assistant(cfg) else None
+    if assistant is not None:
+        freeze_aux_head(assistant)  # no loss of the assistant's reads it (the original's TA)
     teacher = make_frozen_copy(student) if needs_teacher(cfg) else None
     if cfg.train.channels_last:
         use_channels_last(student, assistant, teacher)
@@ -213,8 +217,12 @@ def build_state(cfg: Config, device: torch.device, iters_per_epoch: int) -> Trai
 
 
 def student_classifier(state: TrainState) -> list[nn.Module]:
-    """The student's modules that the assistant -> student transfer leaves alone."""
-    return classifier_modules(unwrap(state.student), state.cfg.semi)
+    """The student's modules that the assistant -> student transfer leaves alone: the classifier,
+    and the auxiliary head (a mask predictor the assistant never trains)."""
+    student = unwrap(state.student)
+    head = aux_head(student)
+    excluded = classifier_modules(student, state.cfg.semi)
+    return excluded if head is None or head in excluded else [*excluded, head]
 
 
 def state_dict(state: TrainState) -> dict[str, Any]:

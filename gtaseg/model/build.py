@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gtaseg.config import ConfigError, ModelConfig, SemiConfig
+from gtaseg.model.aux_head import attach_aux_head
 from gtaseg.model.decoder import use_original_head
 from gtaseg.model.resnet import (
     ORIGINAL_ENCODERS,
@@ -52,6 +53,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     if cfg.head == "original":
         use_original_head(model, cfg.decoder_channels, cfg.atrous_rates, num_classes)
     finish_model(model, cfg.encoder_depth)
+    if cfg.aux_head:
+        attach_aux_head(model, num_classes)  # U2PL's auxiliary head (gtaseg/model/aux_head.py)
     if cfg.encoder_weights:
         load_encoder_weights(model, Path(cfg.encoder_weights))
     return model

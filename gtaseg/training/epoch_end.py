@@ -1,11 +1,12 @@
-"""The end of a training epoch: evaluate both networks, select, export the best student, save.
+"""The end of a training epoch: evaluate both networks, select, export the reported one, save.
 
 At an evaluation (every `train.eval_every` epochs and after the last iteration) `evaluate_epoch`
-scores the student and the teacher on the validation set, picks the original's selection metric
-and scores the pseudo-labels seen since the last evaluation; `save_after_evaluation` exports the
-student when it is the best so far and saves `best.pt` (when the selected metric improved)
-before `last.pt`. Between evaluations the loop saves only `last.pt` (`save_state`), which also
-rewrites history.csv. `LoopState` is the loop's bookkeeping that a checkpoint carries.
+scores the student and the teacher on the validation set, picks the reported network's mIoU
+(`eval.report`: the original's teacher after the warm-up, or the student) and scores the
+pseudo-labels seen since the last evaluation; `save_after_evaluation`, when the reported mIoU
+improved, exports that network and saves `best.pt`, before `last.pt`. Between evaluations the
+loop saves only `last.pt` (`save_state`), which also rewrites history.csv. `LoopState` is the
+loop's bookkeeping that a checkpoint carries.
 """
 
 from __future__ import annotations
@@ -57,10 +58,9 @@ def evaluate_epoch(
     epoch: int,
     images_per_step: int,
 ) -> dict[str, float]:
-    """Evaluate student (and teacher); pick the original's selection metric: the student after a
-    warm-up epoch (`epoch < sup_only_epochs`, the epoch just trained, as the original's
-    `validate`), the teacher afterwards. Also scores the pseudo-labels seen since the last
-    evaluation. Returns the history row, also appended to `loop.history`.
+    """Evaluate student (and teacher); `val_miou` is the reported network's (`reported_network`).
+    Also scores the pseudo-labels seen since the last evaluation. Returns the history row, also
+    appended to `loop.history`.
     Under DDP every rank first takes rank 0's networks (the teacher's BN statistics, and on CPU
     the student's and assistant's, are per rank), so the sharded evaluation scores exactly the
     networks rank 0 saves and exports.
@@ -74,14 +74,11 @@ def evaluate_epoch(
     res_s = evaluate(unwrap(state.student), val, cfg.eval, classes, device, **scored)
     row = {"epoch": float(epoch), "val_miou_student": res_s.miou}
     row.update(_per_class("val_iou_student", res_s, names))
-    selected = res_s.miou
     if state.teacher is not None:
         res_t = evaluate(state.teacher, val, cfg.eval, classes, device, **scored)
         row["val_miou_teacher"] = res_t.miou
         row.update(_per_class("val_iou_teacher", res_t, names))
-        # The teacher is a copy of the student only from the first semi-supervised step on.
-        selected = res_s.miou if epoch < cfg.semi.sup_only_epochs else res_t.miou
-    row["val_miou"] = selected
+    row["val_miou"] = row[f"val_miou_{reported_network(state, epoch)}"]
     pseudo_cm.mat.copy_(all_reduce_sum(pseudo_cm.mat))
     if int(pseudo_cm.mat.sum()) > 0:
         row["pseudo_miou"] = pseudo_cm.miou()
@@ -91,6 +88,18 @@ def evaluate_epoch(
     row["train_images_per_s"] = state.iteration * images_per_step / max(loop.train_seconds, 1e-9)
     loop.history.append(row)
     return row
+
+
+def reported_network(state: TrainState, epoch: int) -> str:
+    """The network a run reports and keeps after evaluating `epoch` (`eval.report`): with
+    "teacher", the original's choice (train_gta.py validates the student while `epoch <
+    sup_only_epoch`, the epoch just trained, and the teacher afterwards: it is a copy of the
+    student only from the first semi-supervised step on); "student" throughout otherwise, and
+    for a method without a teacher."""
+    cfg = state.cfg
+    if cfg.eval.report == "student" or state.teacher is None or epoch < cfg.semi.sup_only_epochs:
+        return "student"
+    return "teacher"
 
 
 def _per_class(prefix: str, result: EvalResult, names: list[str]) -> dict[str, float]:
@@ -120,13 +129,14 @@ def save_after_evaluation(
     row: dict[str, float],
     on_saved: Callable[[Path], None] | None = None,
 ) -> None:
-    """Record the evaluation `row` in the best metrics; export the student if it is the best so
-    far; save best.pt if the selected metric improved, then last.pt (`on_saved` as save_state)."""
+    """Record the evaluation `row` in the best metrics; when the reported mIoU (`val_miou`)
+    improved, export the network that scored it and save best.pt; then last.pt (`on_saved` as
+    save_state). The student's best is kept beside it."""
     is_best = row["val_miou"] > loop.best_val_miou
     loop.best_val_miou = max(loop.best_val_miou, row["val_miou"])
-    if row["val_miou_student"] > loop.best_student_miou:
-        loop.best_student_miou = row["val_miou_student"]
-        _export_student(out, state, info)
+    loop.best_student_miou = max(loop.best_student_miou, row["val_miou_student"])
+    if is_best:
+        _export_reported(out, state, info, reported_network(state, int(row["epoch"])))
     # best before last: a kill between the two then resumes before this evaluation and
     # redoes it, instead of resuming after it with best.pt never written.
     if is_best:
@@ -171,8 +181,9 @@ def _write_history(out: Path, history: list[dict[str, float]]) -> None:
         writer.writerows(history)
 
 
-def _export_student(out: Path, state: TrainState, info: DistInfo) -> None:
-    """The best student so far in smp's save_pretrained format (config.json + weights), with
-    the run's input normalisation."""
+def _export_reported(out: Path, state: TrainState, info: DistInfo, network: str) -> None:
+    """The reported network at its best so far (`network`: student or teacher) in smp's
+    save_pretrained format (config.json + weights), with the run's input normalisation."""
     if info.is_main:
-        export_model(unwrap(state.student), out / "model", state.cfg.data)
+        model = unwrap(state.student) if network == "student" else state.teacher
+        export_model(model, out / "model", state.cfg.data)

@@ -55,6 +55,7 @@ from gtaseg.training.epoch_end import (
     save_after_evaluation,
     save_state,
 )
+from gtaseg.training.global_batch import batch_plan, describe
 
 LOG_EVERY = 10  # iterations between loss/LR logs (a host sync point, so not every step)
 
@@ -71,16 +72,20 @@ def seed_everything(seed: int, deterministic: bool, device: torch.device) -> Non
 
 
 def run_data(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> TrainData:
-    """The batches a run of `cfg` trains on (a supervised run reads only the labelled images)."""
+    """The batches a run of `cfg` trains on (a supervised run reads only the labelled images):
+    each process's share of the global batch (`train.gpus`; ConfigError when `world_size`
+    processes cannot share it), with the profile's iterations per epoch."""
+    plan = batch_plan(cfg.train, world_size)
     return make_train_data(
         cfg.data,
-        cfg.train.batch_size_labeled,
-        cfg.train.batch_size_unlabeled,
+        plan.labeled,
+        plan.unlabeled,
         cfg.train.seed,
         need_unlabeled=cfg.train.method != "supervised",
         rank=rank,
         world_size=world_size,
         device=device,
+        gpus=plan.gpus,
     )
 
 
@@ -101,9 +106,13 @@ def train(
     tracker = tracker if (tracker is not None and info.is_main) else NullTracker()
     seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic, device)
     data = run_data(cfg, device, info.rank, info.world_size)
+    shared = describe(batch_plan(cfg.train, info.world_size), sync_bn=device.type == "cuda")
+    if shared and info.is_main:
+        print(f"[gtaseg] {shared}")
     # The val files are first read at the end of an epoch: check them before anything is written.
     check_samples(list(list_samples(cfg.data, "val").values())[: cfg.eval.max_images], cfg.data)
     state = build_state(cfg, device, data.iters_per_epoch)
+    state.gpus_per_process = batch_plan(cfg.train, info.world_size).gpus_per_process
     loop = LoopState(
         pseudo_cm=torch.zeros(cfg.data.num_classes, cfg.data.num_classes, dtype=torch.long)
     )
@@ -150,9 +159,8 @@ def _run_loop(
     pseudo_cm = ConfusionMatrix(cfg.data.num_classes, device)
     pseudo_cm.mat += loop.pseudo_cm.to(device)
     bar = progress_bar(state.total_iters, state.iteration, str(out), progress and info.is_main)
-    images_per_step = (
-        cfg.train.batch_size_labeled + cfg.train.batch_size_unlabeled
-    ) * info.world_size
+    plan = batch_plan(cfg.train, info.world_size)
+    images_per_step = plan.global_labeled + plan.global_unlabeled
     while state.iteration < state.total_iters:
         epoch = state.epoch
         lr = _train_epoch(
@@ -276,6 +284,7 @@ def _summary(cfg: Config, state: TrainState, loop: LoopState, info: DistInfo) ->
     last = loop.history[-1] if loop.history else {}
     summary: dict[str, Any] = {
         "method": cfg.train.method,
+        "report": cfg.eval.report,  # the network val_miou and best_val_miou are of
         "seed": cfg.train.seed,
         "split_dir": cfg.data.split_dir,
         "iterations": state.iteration,
