@@ -7,9 +7,10 @@ matrix, fewer epochs, so it takes minutes on two CPU cores), then points headles
 
     bash scripts/run.sh -- python scripts/screenshots.py [--out docs/screens] [--keep DIR]
 
-Writes the PNGs, `params.yaml` (the shrunk params the sweep ran) and `pages.json` (each
-screenshot's URL) into --out. The UIs are single-page apps: Chromium's virtual time budget lets
-them fetch and render before the shot.
+Writes the PNGs, `screenshots_params.yaml` (the shrunk params the sweep ran) and
+`screenshots_pages.json` (each screenshot's URL) into --out. The UIs are single-page apps:
+Chromium's virtual time budget lets them fetch and render before the shot. --no-sweep
+photographs again the sweep kept with --keep DIR (on the same ports, so its links hold).
 """
 
 from __future__ import annotations
@@ -111,8 +112,11 @@ def pages(mlflow: str, prefect_ui: str, scratch: Path) -> dict[str, str]:
             a.key: a.id for a in prefect.read_artifacts(artifact_filter=ArtifactFilter(key=key))
         }
     artifact = f"{prefect_ui}/artifacts/artifact"
+    runs = f"{mlflow}/#/experiments/{experiment}/runs"
     return {
-        "mlflow_experiment@2200x1000": f"{mlflow}/#/experiments/{experiment}/runs",
+        "mlflow_experiment@2200x1000": f"{runs}?workflowType=machine_learning",
+        "mlflow_experiment_charts@2200x1400": f"{runs}?workflowType=machine_learning"
+        "&compareRunsMode=CHART",
         "mlflow_sweep_run@1600x1900": run,
         "mlflow_miou_vs_ratio": f"{run}/artifacts/miou_vs_ratio.png",
         "prefect_sweep_run": f"{prefect_ui}/runs/flow-run/{flow_run.id}",
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.no_sweep:
         (scratch / "params.yaml").write_text(yaml.safe_dump(shrunk_params(), sort_keys=False))
-    shutil.copy(scratch / "params.yaml", args.out / "params.yaml")
+    shutil.copy(scratch / "params.yaml", args.out / "screenshots_params.yaml")
     ports_file = scratch / "ports.json"  # the same addresses again: the runs' links stay true
     if not args.no_sweep:
         ports_file.write_text(json.dumps([free_port(), free_port()]))
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, url in urls.items():
             name, _, size = name.partition("@")
             shoot(url, args.out / f"{name}.png", size.replace("x", ",") or WINDOW)
-        (args.out / "pages.json").write_text(json.dumps(urls, indent=2) + "\n")
+        (args.out / "screenshots_pages.json").write_text(json.dumps(urls, indent=2) + "\n")
     finally:
         for server in servers:
             os.killpg(server.pid, signal.SIGTERM)
