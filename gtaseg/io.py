@@ -35,9 +35,9 @@ def open_atomic(path: Path, mode: Literal["w", "wb"] = "w") -> Iterator[IO]:
     path = Path(path)
     # Unique per writer: two processes publishing the same file never share a temporary file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
+    encoding, newline = ("utf-8", "") if mode == "w" else (None, None)
     try:
-        with open(tmp, mode.replace("w", "x"), **text) as file:
+        with open(tmp, mode.replace("w", "x"), encoding=encoding, newline=newline) as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
@@ -62,7 +62,7 @@ def write_atomic_all(files: Mapping[Path, str | bytes]) -> None:
         # ExitStack closes in reverse: enter in reverse so that the renames run in order.
         opened = {}
         for path in reversed(list(files)):
-            mode = "wb" if isinstance(files[path], bytes) else "w"
+            mode: Literal["w", "wb"] = "wb" if isinstance(files[path], bytes) else "w"
             opened[path] = stack.enter_context(open_atomic(path, mode))
         for path, data in files.items():
             opened[path].write(data)
