@@ -33,7 +33,7 @@ def _hint_name(hint: Any) -> str:
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against the type `hint`; convert lists to tuples and ints to floats."""
     origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}.")
         return dataclass_from_dict(hint, value, key)
