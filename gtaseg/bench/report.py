@@ -88,6 +88,8 @@ def loop_variant_row(
     """One variant's loop figures: the median over its runs (`time_loop` results) per run and
     per iteration, images/s, the data path alone (`data_s` seconds for the same iterations)."""
     iters = base.train.max_iters
+    if not iters:
+        raise ValueError("loop_variant_row: expected a bench config with train.max_iters set")
     loop_s = statistics.median(r["loop_s"] for r in runs)
     images = base.train.batch_size_labeled + (
         0 if name == "supervised" else base.train.batch_size_unlabeled
