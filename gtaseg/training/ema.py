@@ -58,7 +58,7 @@ def ema_update(
     kept = [(t, s) for t, s in zip(targets, sources, strict=True) if id(t) not in skip]
     if not kept:
         return
-    t_list = [t for t, _ in kept]
+    t_list: list[torch.Tensor] = [t for t, _ in kept]
     s_list = [s.detach().to(t.dtype) for t, s in kept]
     # One fused kernel over all tensors instead of a Python loop of small ops.
     torch._foreach_lerp_(t_list, s_list, 1.0 - decay)
