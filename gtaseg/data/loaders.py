@@ -116,6 +116,7 @@ def _collate_train(views: list[tuple[int, torch.Tensor, torch.Tensor]]) -> Batch
 
     x_l, y_l = stack(LABELED)
     x_u, y_u = stack(UNLABELED)
+    assert x_l is not None and y_l is not None, "every batch has a labelled stream"
     return Batch(x_l, y_l, x_u, y_u)
 
 
