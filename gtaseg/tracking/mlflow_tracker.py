@@ -163,9 +163,9 @@ class MlflowTracker:
             try:
                 return self._client.create_experiment(name)
             except MlflowException as exc:  # created by a concurrent job in between
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
                 found = self._client.get_experiment_by_name(name)
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS" or found is None:
+                    raise
         if found.lifecycle_stage == "deleted":
             raise ConfigError(
                 f"MLflow experiment {name!r} is deleted. Restore it (mlflow experiments restore "
