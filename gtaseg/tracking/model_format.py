@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlflow
 import numpy as np
@@ -77,14 +77,14 @@ def save_model(model: nn.Module, folder: Path, input_example: np.ndarray | None)
 def load_saved_model(folder: str | Path) -> tuple[nn.Module, np.ndarray | None]:
     """The model `save_model` wrote to `folder`, and its example input (None if it has none)."""
     example = Model.load(str(folder)).load_input_example(str(folder))
-    return mlflow.pytorch.load_model(str(folder)), example
+    return mlflow.pytorch.load_model(str(folder)), cast("np.ndarray | None", example)
 
 
 def log_model_to_run(
     client: MlflowClient,
     tracking_uri: str,
-    experiment_id: str | None,
-    run_id: str | None,
+    experiment_id: str,
+    run_id: str,
     model: nn.Module,
     name: str,
     input_example: np.ndarray | None,
