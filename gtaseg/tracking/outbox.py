@@ -218,21 +218,26 @@ class Outbox:
             log.warning("MLflow rejected %s for run %s; dropped it: %s", what, self.run_id, exc)
         return True
 
+    def _open_run(self) -> str:
+        """The run's id: records are sent only once the owner has opened the run."""
+        assert self.run_id is not None, "a record sent before the run was opened"
+        return self.run_id
+
     def _send(self, record: dict[str, Any]) -> None:
-        kind, items = record["type"], record.get("items")
+        kind, items, run_id = record["type"], record.get("items"), self._open_run()
         if kind == "metrics":
-            metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in items]
-            self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+            metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in items or ()]
+            self.client.log_batch(run_id, metrics=metrics, synchronous=True)
         elif kind == "params":
-            params = [Param(key, value) for key, value in items.items()]
-            self.client.log_batch(self.run_id, params=params, synchronous=True)
+            params = [Param(key, value) for key, value in (items or {}).items()]
+            self.client.log_batch(run_id, params=params, synchronous=True)
         elif kind == "tags":
-            tags = [RunTag(key, value) for key, value in items.items()]
-            self.client.log_batch(self.run_id, tags=tags, synchronous=True)
+            tags = [RunTag(key, value) for key, value in (items or {}).items()]
+            self.client.log_batch(run_id, tags=tags, synchronous=True)
         elif kind == "artifact" and Path(record["path"]).is_dir():
-            self.client.log_artifacts(self.run_id, record["path"], record["artifact_path"])
+            self.client.log_artifacts(run_id, record["path"], record["artifact_path"])
         elif kind == "artifact":
-            self.client.log_artifact(self.run_id, record["path"], record["artifact_path"])
+            self.client.log_artifact(run_id, record["path"], record["artifact_path"])
         elif kind == "model":
             model, example = load_saved_model(record["path"])
             self._log_model_now(model, record["name"], example)
@@ -242,11 +247,12 @@ class Outbox:
             )
 
     def _log_model_now(self, model: nn.Module, name: str, input_example: np.ndarray | None) -> None:
+        assert self.experiment_id is not None, "the owner sets it when it opens the run"
         log_model_to_run(
             self.client,
             self.tracking_uri,
             self.experiment_id,
-            self.run_id,
+            self._open_run(),
             model,
             name,
             input_example,
@@ -272,7 +278,11 @@ class Outbox:
                 return False
             self._pending.pop(0)
         if status is not None and not self._terminated:
-            if not self._attempt(lambda: self.client.set_terminated(self.run_id, status), status):
+
+            def end() -> None:
+                self.client.set_terminated(self._open_run(), status)
+
+            if not self._attempt(end, status):
                 return False
             self._terminated = True
         return True
