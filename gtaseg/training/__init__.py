@@ -1,1 +1,2 @@
-"""The training loop and its parts: epoch end, checkpoint, EMA, losses, mixing, distributed."""
+"""The training loop and its parts: epoch end, checkpoint, EMA, losses (the pseudo-label loss; CE
+or OHEM on labelled pixels), the global batch, mixing, distributed."""
