@@ -26,10 +26,11 @@ def run_dir(ratio: str, method: str, seed: int) -> Path:
     return Path("runs") / ratio / method / f"seed{seed}"
 
 
-def storage_name(experiment: str, ratio: str, method: str, seed: int) -> str:
-    """Where the cell's run folder is mirrored under the storage root
-    (pipelines.cluster.storage)."""
-    return f"cells/{experiment}/{ratio}/{method}/seed{seed}"
+def storage_name(experiment: str, ratio: str, method: str, seed: int, digest: str) -> str:
+    """Where the cell's run folder is mirrored under the storage root (pipelines.cluster.storage):
+    `digest` is the cell's inputs and code (`runstate.cell_digest`), so a cell trained with other
+    inputs has a folder of its own."""
+    return f"cells/{experiment}/{ratio}/{method}/seed{seed}/{digest}"
 
 
 def run_config(

@@ -183,13 +183,30 @@ def cell_task(
     train_deployment: str | None,
     inputs: dict[str, str] | None,
 ) -> dict[str, Any]:
-    """One cell of the sweep as its own flow run under the sweep's concurrency limit (skipped
-    when its finished run is current); what it cost beyond the training loop."""
+    """One cell of the sweep as its own flow run under the sweep's concurrency limit, launched
+    once (pipelines.cluster.fanout: a flow run of the cell still scheduled or running, or one
+    that completed, is waited for, not launched again); skipped when its finished MLflow run is
+    current. Its MLflow run is settled at the end (unsent records replayed,
+    pipelines.cluster.settle). Returns what the cell cost beyond the training loop."""
+    from pipelines.cluster.settle import settle
+    from pipelines.runstate import cell_digest, code_fingerprint
+
     cell = f"{ratio}/{method}/seed{seed}"
     if (done := _finished(params_path, ratio, method, seed)) is not None:
         get_run_logger().info("%s: finished and current (run %s), skipped", cell, done.run_id)
         return {"cell": cell, "run_id": done.run_id, "trained": False}
+    params = load_params(params_path)
+    cfg = stages.run_config(params, ratio, method, seed)
+    folder = None  # a cell run in this process keeps its unsent records in its run folder
     if train_deployment:
+        folder = stages.cell_folder(params, cfg, ratio)
+        digest = cell_digest(params, cfg, code_fingerprint())
+        tag = fanout.cell_tag(params.tracking.experiment, digest)
+        found = fanout.current(fanout.cell_runs(train_deployment, tag))
+        if found is not None:  # launched before: by a sweep that died, or one running now
+            fanout.attach(found, train_deployment)  # outside the limit: its launcher took a slot
+            done = settle(params, ratio, method, seed, folder)
+            return {"cell": cell, "run_id": done.run_id, "trained": True, "attached": True}
         parameters = {
             "config_path": params_path,
             "ratio": ratio,
@@ -199,19 +216,16 @@ def cell_task(
             "parent_run_id": parent_run_id,
         }
         name = f"{ratio}-{method}-seed{seed}"
-        launch = partial(fanout.launch_on_pool, train_deployment, parameters, name)
+        launch = partial(fanout.launch_on_pool, train_deployment, parameters, name, tag)
     else:
 
         def launch() -> None:
             train_flow(params_path, ratio, method, seed, None, None, parent_run_id)
 
-    from pipelines.results import finished_run
-
-    params = load_params(params_path)
     run = {}
 
     def train_s() -> float:
-        run["cell"] = finished_run(params, ratio, method, seed)
+        run["cell"] = settle(params, ratio, method, seed, folder)
         return float(run["cell"].metrics["wall_time_s"])
 
     timing = fanout.run_cell(limit, launch, train_s)
@@ -241,7 +255,11 @@ def compare_task(params_path: str) -> dict[str, str]:
 
 @task(name="register-champion", retries=3, retry_delay_seconds=5)
 def register_task(params_path: str) -> dict[str, Any]:
-    return stages.register(load_params(params_path))
+    """Promotion, one at a time for a model across machines (a Prefect concurrency limit named
+    for it, pipelines.cluster.fanout.promotion_slot)."""
+    params = load_params(params_path)
+    with fanout.promotion_slot(params.tracking.model_name):
+        return stages.register(params)
 
 
 @task(name="sweep-report")

@@ -76,6 +76,13 @@ def cell_key(params: PipelineParams, cfg: Config) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cell_digest(params: PipelineParams, cfg: Config, code: str) -> str:
+    """What a cell trains (`cell_key`) and the code that trains it, in one digest. It names the
+    cell's stored run folder and tags its flow runs: two cells whose inputs or code differ never
+    share a folder (a mirror push deletes what its folder no longer holds) or a launch."""
+    return hashlib.sha256(f"{cell_key(params, cfg)}\0{code}".encode()).hexdigest()[:16]
+
+
 def read_record(out: Path) -> RunRecord | None:
     """The run folder's record, or None when there is none (or it is not one we wrote)."""
     try:

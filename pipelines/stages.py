@@ -41,6 +41,7 @@ from pipelines.params import PipelineParams, load_params, tracking_uri
 from pipelines.pretraining import pretrain
 
 if TYPE_CHECKING:
+    from gtaseg.config import Config
     from pipelines.cluster.mirror import FolderMirror
 
 __all__ = [
@@ -102,7 +103,7 @@ def train(
     cfg = run_config(params, ratio, method, seed, overrides)
     tags = run_tags(params, ratio, method, seed)
     out = run_dir(ratio, method, seed)
-    mirror = cell_mirror(params, ratio, method, seed)
+    mirror = cell_mirror(params, cfg, ratio)
     # checkpoints upload in the background while training goes on; start and end wait for it
     keep = {"on_state": mirror.push_or_warn, "on_checkpoint": mirror.push_soon} if mirror else {}
     try:
@@ -113,9 +114,10 @@ def train(
         raise
 
 
-def cell_mirror(params: PipelineParams, ratio: str, method: str, seed: int) -> FolderMirror | None:
-    """The cell's run folder mirrored in storage (`pipelines.cluster.mirror`; None
-    without GTASEG_STORAGE_URI, or on a torchrun rank other than 0). A folder without a run
+def cell_mirror(params: PipelineParams, cfg: Config, ratio: str) -> FolderMirror | None:
+    """The run folder of the cell `cfg` trains, mirrored in storage under `cell_folder`
+    (`pipelines.cluster.mirror`; None without GTASEG_STORAGE_URI, or on a torchrun rank other
+    than 0). A folder without a run
     record, as a new job on a work pool has, gets the stored copy first: a job restarted after
     pre-emption resumes from the last checkpoint pushed. Rank 0 pulls before it opens the process
     group, so the other ranks (waiting there) read the pulled checkpoints."""
@@ -128,12 +130,20 @@ def cell_mirror(params: PipelineParams, ratio: str, method: str, seed: int) -> F
     storage = Storage.from_env()
     if storage is None:
         return None
-    out = run_dir(ratio, method, seed)
-    name = storage_name(params.tracking.experiment, ratio, method, seed)
+    out = run_dir(ratio, cfg.train.method, cfg.train.seed)
+    name = cell_folder(params, cfg, ratio)
     mirror = FolderMirror(storage, out, name)
     if not (out / RECORD).is_file() and mirror.pull():
         print(f"[{out}] restored from {storage.root}/{name}", file=sys.stderr)
     return mirror
+
+
+def cell_folder(params: PipelineParams, cfg: Config, ratio: str) -> str:
+    """The cell's folder under the storage root, named by its inputs and code."""
+    from pipelines.runstate import cell_digest, code_fingerprint
+
+    digest = cell_digest(params, cfg, code_fingerprint())
+    return storage_name(params.tracking.experiment, ratio, cfg.train.method, cfg.train.seed, digest)
 
 
 def compare(params: PipelineParams) -> dict[str, Path]:

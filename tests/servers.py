@@ -130,6 +130,12 @@ class Service:
             kill_tree(self.process.pid)
             self.process.wait(timeout=30)
 
+    def restart(self) -> None:
+        """Kill it (a crash) and start it again on the same port, with the same data."""
+        self.stop()
+        self.launch()
+        self.wait_healthy()
+
 
 def moto_server(root: Path) -> Service:
     """moto's S3 server (server mode: a separate process, as a real S3 endpoint is)."""
@@ -145,7 +151,14 @@ def prefect_server(root: Path) -> Service:
     port = free_port()
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
            "--port", str(port)]  # fmt: skip
-    env = {"PREFECT_HOME": str(root / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        "PREFECT_HOME": str(root / "home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # concurrency leases on disk, not in memory: a restarted server still knows who holds
+        # a slot (else the slots held across a restart are never released)
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage"
+        ".filesystem",
+    }
     service = Service("prefect", root, cmd, f"http://127.0.0.1:{port}/api/health", env)
     service.url = f"http://127.0.0.1:{port}/api"
     return service

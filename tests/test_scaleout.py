@@ -1,14 +1,24 @@
 """The sweep on a work pool whose workers share no disk, on loopback: a stand-in for the GPU cluster
 (infra/README.md). Started here: a Prefect server, moto's S3 server, an MLflow server whose artifact
-root is in that S3, a process work pool `gtaseg-local` with two training workers (`--limit 1`:
-one device each) and one for the sweep, each in its own empty folder. The deployments come from
-prefect.yaml (`prefect deploy`), the zombie-run automation from infra/. The tests share the
-stack and run in file order:
+root is in that S3, a process work pool `gtaseg-local` with two training workers and one for the
+sweep, each in its own empty folder. The training workers take as many runs as they are given (no
+`--limit`): only the sweep's concurrency limit bounds how many cells train at once. The
+deployments come from prefect.yaml (`prefect deploy`), the zombie-run automation from infra/. The
+tests share the stack and run in file order; each counts the training flow runs (jobs) and the
+MLflow runs of every cell, and nothing may be trained twice:
 
 1. the sweep deployment on a tiny config: every cell its own flow run, both training workers
    took cells, never more than `sweep.max_parallel` at once; every MLflow run FINISHED with its
    artifacts in S3; `champion` set; the orchestration cost per cell is reported;
-2. a training worker killed (SIGKILL, its flow run with it) mid-training: Prefect marks the run
+2. SIGTERM to a training job (pre-emption): it checkpoints at the next step, pushes, and its
+   flow run is Crashed; the sweep launches the cell again, which resumes at that very step and
+   ends with test 1's metrics;
+3. the sweep's process killed mid-sweep, then two sweeps of the same params at once (the rerun
+   and a second one): both attach to the cells still training, none is launched again;
+4. the Prefect server restarted mid-sweep: the sweep and its job wait through it;
+5. MLflow down from mid-training until after the job ended: the job's unsent records are in S3,
+   and the sweep replays them once MLflow is back;
+6. a training worker killed (SIGKILL, its flow run with it) mid-training: Prefect marks the run
    Crashed, the sweep launches the cell again, and the new job resumes from the checkpoint in S3,
    ending with the same metrics as the uninterrupted run of test 1.
 
@@ -21,8 +31,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import boto3
@@ -120,9 +132,8 @@ class Stack:
     def start_worker(self, name: str, queue: str) -> None:
         home = self.root / "workers" / name  # empty: nothing shared with the others
         (home / "tmp").mkdir(parents=True)
-        limit = ["--limit", "1"] if queue == "train" else []
         cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "gtaseg-local",
-               "--work-queue", queue, "--name", name, *limit]  # fmt: skip
+               "--work-queue", queue, "--name", name]  # fmt: skip
         worker = Service(name, home, cmd, f"{self.prefect.url}/health",
                          {**self.env, "TMPDIR": str(home / "tmp")})  # fmt: skip
         worker.launch()
@@ -182,11 +193,11 @@ def train_runs(sweep_run_id=None) -> list:
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
     from prefect.client.schemas.filters import FlowRunFilterParentFlowRunId as Parent
 
-    runs_filter = FlowRunFilter(parent_flow_run_id=Parent(any_=[sweep_run_id]))
+    parent = Parent(any_=[sweep_run_id]) if sweep_run_id else None
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=["gtaseg-train"])),
-            flow_run_filter=runs_filter if sweep_run_id else None,
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=parent) if parent else None,
         )
 
 
@@ -264,11 +275,14 @@ def test_sweep_deployment_fans_cells_out_over_workers_without_shared_disk(stack)
     assert sorted(r.parameters["method"] for r in cells) == ["gta", "mean_teacher", "supervised"]
     assert all(r.state.is_completed() and r.parent_task_run_id for r in cells)
     assert {r.parameters["ratio"] for r in cells} == {"1_4"}
-    # both training workers took cells; never more than max_parallel ran at once
+    # never more than max_parallel ran at once
     took = {name: {r.id for r in cells if f"submitting flow run '{r.id}'" in w.log.read_text()}
             for name, w in stack.workers.items()}  # fmt: skip
-    assert took["train-a"] and took["train-b"] and not took["sweep"], took
+    # on the training workers, which take any number of runs (no `--limit`): the sweep's limit
+    # alone kept the overlap at 2 of 3
+    assert took["train-a"] | took["train-b"] == {r.id for r in cells} and not took["sweep"], took
     assert max_overlap(cells) == MAX_PARALLEL
+    assert jobs_per_cell("scaleout") == {"supervised": 1, "mean_teacher": 1, "gta": 1}
     # every MLflow run FINISHED, each with its artifacts in the S3 bucket behind MLflow
     runs = cell_mlflow_runs(stack, "scaleout")
     assert set(runs) == {"parent", "pretrain", "supervised", "mean_teacher", "gta"}
@@ -300,14 +314,92 @@ def test_sweep_deployment_fans_cells_out_over_workers_without_shared_disk(stack)
         assert 0 <= float(start_s) <= float(overhead_s), cell  # starting is part of the rest
 
 
+def test_sigterm_to_a_training_job_checkpoints_and_the_relaunch_resumes_there(stack):
+    sweep = _sweep(stack, tiny_params("scaleout-term", ["gta"]))
+    run = _running_at_first_checkpoint(stack, sweep.id, "scaleout/cells/scaleout-term/")
+    os.kill(_pid(run), signal.SIGTERM)  # what Kubernetes sends a pre-empted pod
+    assert (state := _wait_final(sweep.id)).is_completed(), state
+    attempts = sorted(train_runs(sweep.id), key=lambda r: r.start_time)
+    assert [r.state.type.value for r in attempts] == ["CRASHED", "COMPLETED"]
+    assert attempts[0].id == run.id
+    log = "".join(w.log.read_text() for n, w in stack.workers.items() if n.startswith("train"))
+    stopped = re.findall(r"stopped on SIGTERM after iteration (\d+)", log)
+    resumed = re.findall(r"resumed from runs/1_4/gta/seed0/checkpoints/last.pt at iteration "
+                         r"(\d+)/18", log)  # fmt: skip
+    # it stopped past the first checkpoint (3) and the relaunch lost none of its steps
+    assert len(stopped) == 1 and int(stopped[0]) >= 3, log[-3000:]
+    assert resumed == stopped, log[-3000:]
+    runs = mlflow_runs_per_cell(stack, "scaleout-term")
+    assert len(runs["gta"]) == 1 and runs["gta"][0].info.status == "FINISHED"
+    straight = cell_mlflow_runs(stack, "scaleout")["gta"]
+    for key in ("best_val_miou_student", "val_miou_student", "val_miou_teacher", "pseudo_miou"):
+        assert runs["gta"][0].data.metrics[key] == straight.data.metrics[key], key
+
+
+def test_a_dead_sweep_rerun_and_a_second_sweep_at_once_launch_no_cell_twice(stack):
+    params = tiny_params("scaleout-twice", ["supervised", "gta"])
+    first = _sweep(stack, params)
+    cell = _wait_for(lambda: [r for r in train_runs(first.id) if r.state.is_running()],
+                     "a cell of the first sweep training")[0]  # fmt: skip
+    sweep_run = _wait_for(lambda: _flow_run(first.id).infrastructure_pid, "the sweep's process")
+    kill_tree(int(str(sweep_run).rsplit(":", 1)[-1]))  # the sweep dies; its jobs train on
+    again = [_sweep(stack, params) for _ in range(2)]  # its rerun, and a second sweep at once
+    for sweep in again:
+        assert (state := _wait_final(sweep.id)).is_completed(), state
+    assert jobs_per_cell("scaleout-twice") == {"supervised": 1, "gta": 1}
+    assert cell.id in {r.id for r in train_runs()}  # attached to, not launched again
+    runs = mlflow_runs_per_cell(stack, "scaleout-twice")
+    assert {m: [r.info.status for r in rs] for m, rs in runs.items()} == {
+        "supervised": ["FINISHED"], "gta": ["FINISHED"]}  # fmt: skip
+
+
+def test_a_prefect_server_restart_mid_sweep_is_waited_through(stack):
+    sweep = _sweep(stack, tiny_params("scaleout-restart", ["gta"]))
+    _running_at_first_checkpoint(stack, sweep.id, "scaleout/cells/scaleout-restart/")
+    stack.prefect.restart()
+    assert (state := _wait_final(sweep.id)).is_completed(), state
+    assert jobs_per_cell("scaleout-restart") == {"gta": 1}
+    runs = mlflow_runs_per_cell(stack, "scaleout-restart")
+    assert len(runs["gta"]) == 1 and runs["gta"][0].info.status == "FINISHED"
+
+
+def test_mlflow_down_at_a_cells_end_its_records_are_replayed(stack):
+    sweep = _sweep(stack, tiny_params("scaleout-mlflow", ["gta"]))
+    cell = "scaleout/cells/scaleout-mlflow/"
+    run = _running_at_first_checkpoint(stack, sweep.id, cell)
+    stack.mlflow.kill()
+    try:  # the job trains on, ends, and leaves what it could not send in the run folder
+        assert (job := _wait_final(run.id)).is_completed(), job
+        unsent = [k for k in stack.keys("gtaseg-runs", cell) if "/tracking-fallback/" in k]
+        assert any(k.endswith(".jsonl") for k in unsent), unsent
+    finally:
+        stack.mlflow.start()  # same port, same store
+    assert (state := _wait_final(sweep.id)).is_completed(), state
+    assert jobs_per_cell("scaleout-mlflow") == {"gta": 1}
+    runs = mlflow_runs_per_cell(stack, "scaleout-mlflow")
+    assert len(runs["gta"]) == 1 and runs["gta"][0].info.status == "FINISHED"
+    straight = cell_mlflow_runs(stack, "scaleout")["gta"]
+    assert runs["gta"][0].data.metrics["best_val_miou_student"] == (
+        straight.data.metrics["best_val_miou_student"])  # fmt: skip
+    stored = [k for k in stack.keys("gtaseg-runs", cell) if k.endswith(".jsonl")]
+    assert stored == []  # replayed once, then removed
+
+
+def _flow_run(flow_run_id):
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
 def test_a_worker_killed_mid_training_its_cell_resumes_from_s3(stack):
     from prefect.deployments import run_deployment
 
     params = tiny_params("scaleout-kill", ["gta"])
     sweep = run_deployment("gtaseg-sweep/sweep-local", timeout=0,
                            parameters={"config_path": stack.put_config(params)})  # fmt: skip
-    checkpoint = "scaleout/cells/scaleout-kill/1_4/gta/seed0/checkpoints/last.pt"
-    victim, killed_run = _kill_at_first_checkpoint(stack, sweep.id, checkpoint)
+    cell = "scaleout/cells/scaleout-kill/1_4/gta/seed0/"
+    victim, killed_run = _kill_at_first_checkpoint(stack, sweep.id, cell)
     deadline = time.monotonic() + 900
     while not (state := _state(sweep.id)).is_final() and time.monotonic() < deadline:
         time.sleep(3)
@@ -337,18 +429,77 @@ def _state(flow_run_id):
         return client.read_flow_run(flow_run_id).state
 
 
-def _kill_at_first_checkpoint(stack: Stack, sweep_id, key: str) -> tuple[str, object]:
-    """Once the cell's first checkpoint is in S3, SIGKILL the worker running it and the flow
-    run process under it (its machine dying); which worker, and the killed flow run's id."""
+def _kill_at_first_checkpoint(stack: Stack, sweep_id, cell: str) -> tuple[str, object]:
+    """Once the first checkpoint of the cell stored under `cell` is in S3, SIGKILL the worker
+    running it and the flow run process under it (its machine dying); which worker, and the
+    killed flow run's id."""
+    run = _running_at_first_checkpoint(stack, sweep_id, cell)
+    worker_pid = psutil.Process(_pid(run)).ppid()
+    name = next(n for n, w in stack.workers.items() if w.process.pid == worker_pid)
+    kill_tree(worker_pid)
+    return name, run.id
+
+
+def _running_at_first_checkpoint(stack: Stack, sweep_id, cell: str):
+    """The sweep's one running training flow run, once its first checkpoint is stored in S3
+    under `cell` (the prefix of the cell's folders; the folder itself is named by a digest)."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         running = [r for r in train_runs(sweep_id) if r.state.is_running()]
-        if running and stack.keys("gtaseg-runs", key):
+        stored = stack.keys("gtaseg-runs", cell)
+        if running and any(k.endswith("/checkpoints/last.pt") for k in stored):
             (run,) = running
-            pid = int(str(run.infrastructure_pid).rsplit(":", 1)[-1])
-            worker_pid = psutil.Process(pid).ppid()
-            name = next(n for n, w in stack.workers.items() if w.process.pid == worker_pid)
-            kill_tree(worker_pid)
-            return name, run.id
+            return run
         time.sleep(0.5)
-    pytest.fail(f"no checkpoint at s3://gtaseg-runs/{key} within 600 s")
+    pytest.fail(f"no checkpoint under s3://gtaseg-runs/{cell} within 600 s")
+
+
+def _pid(flow_run) -> int:
+    """The process of a flow run on a process worker ("host:pid")."""
+    return int(str(flow_run.infrastructure_pid).rsplit(":", 1)[-1])
+
+
+def _wait_final(flow_run_id, timeout_s: float = 900):
+    deadline = time.monotonic() + timeout_s
+    while not (state := _state(flow_run_id)).is_final() and time.monotonic() < deadline:
+        time.sleep(3)
+    return state
+
+
+def _wait_for(find, what: str, timeout_s: float = 600):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if found := find():
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"{what}: not within {timeout_s:.0f} s")
+
+
+def _sweep(stack: Stack, params: dict):
+    """Start the sweep deployment on `params`; its flow run, at once."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment("gtaseg-sweep/sweep-local", timeout=0,
+                          parameters={"config_path": stack.put_config(params)})  # fmt: skip
+
+
+def jobs_per_cell(name: str) -> Counter:
+    """How many training flow runs (jobs) each method's cell of experiment `name` got, from
+    any sweep."""
+    config = f"/{name}.yaml"  # the sweep hands its cells the local copy of the params file
+    return Counter(r.parameters["method"] for r in train_runs()
+                   if r.parameters.get("config_path", "").endswith(config))  # fmt: skip
+
+
+def mlflow_runs_per_cell(stack: Stack, name: str) -> dict[str, list]:
+    """The MLflow runs of each method's cell in experiment `name` (parent runs left out)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(stack.mlflow.uri)
+    experiment = client.get_experiment_by_name(name)
+    by_method: dict[str, list] = {}
+    for run in client.search_runs([experiment.experiment_id]):
+        tags = run.data.tags
+        if "gtaseg.sweep" not in tags and tags.get("gtaseg.ratio") != "pretrain":
+            by_method.setdefault(tags["gtaseg.method"], []).append(run)
+    return by_method
