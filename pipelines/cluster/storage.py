@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import boto3
 from boto3.exceptions import Boto3Error
@@ -261,7 +261,7 @@ def inside_folder(root: Path, rel: str) -> Path:
     return root.joinpath(*parts)
 
 
-def in_parallel(fn: Callable[[str], T], items: Iterable) -> list[T]:
+def in_parallel(fn: Callable[[Any], T], items: Iterable) -> list[T]:
     """`fn` over `items` on a few threads (transfers wait on the network, not the CPU)."""
     items = list(items)
     if len(items) <= 1:
