@@ -80,7 +80,7 @@ def champion(
         return None
     model_version = client.get_model_version(model_name, str(version))
     name = metric_name or model_version.tags.get(METRIC_NAME_TAG, "val_miou_student")
-    metric = model_version.tags.get(name)
+    metric: str | float | None = model_version.tags.get(name)
     if metric is None and model_version.run_id:
         metric = client.get_run(model_version.run_id).data.metrics.get(name)
     return {
