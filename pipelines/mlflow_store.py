@@ -58,9 +58,10 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException as exc:  # created by a concurrent stage in between
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+        found = client.get_experiment_by_name(name)
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or found is None:
             raise
-        return client.get_experiment_by_name(name).experiment_id
+        return found.experiment_id
 
 
 def dvc_experiment_tags() -> dict[str, str]:
