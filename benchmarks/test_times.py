@@ -1,0 +1,104 @@
+"""Wall time of the test suite's two tiers, as the README states them.
+
+    python benchmarks/test_times.py                 # both tiers
+    python benchmarks/test_times.py --tier fast     # `bash scripts/run.sh test -m "not slow"`
+
+Each tier runs as a user runs it (`bash scripts/run.sh test ...`, a fresh process) and appends a
+row to `--out` (default benchmarks/results/test_times.csv): the tier, its command, wall seconds,
+the CPU seconds its processes used (user + system, children included: nearly the same on a busy
+machine, where wall seconds grow with the load), pytest's counts, the load average over the
+minute before it started, the CPU, and the commit. On 2 idle cores the wall time lies between
+half the CPU seconds (both cores busy throughout) and all of them (one at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIERS = {
+    "fast": ["bash", "scripts/run.sh", "test", "-m", "not slow"],
+    "full": ["bash", "scripts/run.sh", "test"],
+}
+FIELDS = ["date", "tier", "command", "wall_s", "cpu_s", "passed", "failed", "skipped", "deselected",
+          "errors", "load_1min_before", "cpus", "cpu", "commit"]  # fmt: skip
+COUNT = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?)\b")
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                          capture_output=True).stdout.strip()  # fmt: skip
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           text=True, capture_output=True).stdout.strip()  # fmt: skip
+    return f"{head}{'+dirty' if dirty else ''}"
+
+
+def run_tier(tier: str) -> dict[str, object]:
+    """Run `tier` once; its row. The last line pytest prints holds the counts."""
+    command = TIERS[tier]
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.monotonic()
+    out = subprocess.run(command, cwd=ROOT, text=True, capture_output=True)
+    wall = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    counts = {kind.rstrip("s") if kind.startswith("error") else kind: int(n)
+              for n, kind in COUNT.findall(summary)}  # fmt: skip
+    if out.returncode not in (0, 1):  # 1: some tests failed (counted); anything else: no run
+        sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
+        raise SystemExit(f"{' '.join(command)} exited {out.returncode}")
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "tier": tier,
+        "command": " ".join(c if " " not in c else f'"{c}"' for c in command),
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "passed": counts.get("passed", 0),
+        "failed": counts.get("failed", 0),
+        "skipped": counts.get("skipped", 0),
+        "deselected": counts.get("deselected", 0),
+        "errors": counts.get("error", 0),
+        "load_1min_before": round(load, 2),
+        "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
+        "commit": commit(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tier", choices=[*TIERS, "both"], default="both")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "test_times.csv"))
+    args = ap.parse_args()
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for tier in TIERS if args.tier == "both" else [args.tier]:
+        row = run_tier(tier)
+        fresh = not path.exists()
+        with path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, FIELDS)
+            if fresh:
+                writer.writeheader()
+            writer.writerow(row)
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
