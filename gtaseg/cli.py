@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    modules = COMMAND_MODULES.get(args.command, ())
+    modules: tuple[str, ...] = COMMAND_MODULES.get(args.command, ())
     if getattr(args, "mlflow_experiment", None):
         modules += ("gtaseg.tracking.mlflow_tracker",)
     import_without_gc(*modules)
