@@ -34,7 +34,7 @@ from gtaseg.bench.report import (
 )
 from gtaseg.bench.step import DEFAULT_RUN, BenchOptions, run_bench
 from gtaseg.cli import device_arg
-from gtaseg.config import Config, ConfigError, config_from_dict, load_config
+from gtaseg.config import Config, ConfigError, Method, config_from_dict, load_config
 from gtaseg.data.embedded import SceneStyle, make_embedded
 from gtaseg.data.splits import make_split, write_split
 from gtaseg.io import write_atomic
@@ -157,7 +157,7 @@ def prepare_dataset(work: Path, size: int, n_train: int, num_classes: int) -> tu
 
 
 def variant_config(base: Config, name: str) -> Config:
-    method = "supervised" if name == "supervised" else "gta"
+    method: Method = "supervised" if name == "supervised" else "gta"
     semi = replace(base.semi, efficient=name == "gta_efficient")
     return replace(base, train=replace(base.train, method=method), semi=semi)
 
