@@ -111,6 +111,7 @@ def _compare_steps(state, batches, our_step, steps):
     return loss_gap, _relative_gaps(ours, ref)
 
 
+@pytest.mark.slow  # minutes each on a busy 2-core machine: the full suite runs them
 @pytest.mark.parametrize(
     "dropout, mix, head",
     [(False, "cutmix", "smp"), (True, "cutmix", "smp"), (True, "classmix", "original")],
@@ -140,6 +141,7 @@ def test_faithful_steps_equal_the_original_through_the_alias_epoch(tiny_raw, dro
     assert gaps[worst] < 1e-6, (worst, gaps[worst])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [{"efficient": True}, {"classifier_tie": "off"}])
 def test_equality_check_catches_a_different_step(tiny_raw, change):
     """Controls: the efficient step (fewer passes), and the faithful step without the lasting

@@ -22,6 +22,7 @@ def _cfg(raw, **train):
     return config_from_dict({**raw, "train": {**raw["train"], **train}})
 
 
+@pytest.mark.slow  # trains twice in subprocesses
 def test_sigterm_checkpoints_at_the_next_step_and_the_resumed_run_loses_nothing(
     tiny_raw, tmp_path, monkeypatch
 ):
