@@ -163,6 +163,7 @@ def load_params(path: str | Path = "params.yaml") -> PipelineParams:
     params = PipelineParams(params.data_prep, params.pretrain, params.sweep, params.tracking, run)
     _check_names(params)
     _check_champion_metric(params)
+    _check_no_oracle(params)
     _check_overlap(params)
     _check_weights_folder(params.run.model.encoder_weights)
     return params
@@ -188,6 +189,17 @@ def _check_champion_metric(params: PipelineParams) -> None:
             f"run.eval.report: teacher each run exports and registers its teacher. Expected "
             f"champion_metric: best_val_miou (the reported network's), or run.eval.report: "
             f"student."
+        )
+
+
+def _check_no_oracle(params: PipelineParams) -> None:
+    """The oracle diagnostic trains on the unlabelled images' true masks: a pipeline run with it
+    would register a model that saw labels the split hides."""
+    if params.run.semi.oracle_labels:
+        raise ConfigError(
+            "run.semi.oracle_labels: true trains on the true masks of the unlabelled images, a "
+            "diagnostic of benchmarks/quality.py (--oracle), never a pipeline setting. Expected "
+            "false; set it to false (or remove it) to train on pseudo-labels."
         )
 
 

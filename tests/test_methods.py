@@ -361,3 +361,22 @@ def test_drop_anneal_keeps_more_pixels_over_the_run(tiny_raw):
     assert kept_percent(state) == pytest.approx(half) and kept_percent(fixed) == 80.0
     state.iteration = state.total_iters
     assert kept_percent(state) == 100.0
+
+
+def test_the_pipeline_refuses_the_oracle_diagnostic(tmp_path) -> None:
+    """semi.oracle_labels trains on the masks the split hides: quality.py's diagnostic only."""
+    from pathlib import Path
+
+    import yaml
+
+    from pipelines.params import load_params
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["run"]["semi"]["oracle_labels"] = True
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match="run.semi.oracle_labels: true trains on the true masks"):
+        load_params(path)
+    params["run"]["semi"]["oracle_labels"] = False
+    path.write_text(yaml.safe_dump(params))
+    assert load_params(path).run.semi.oracle_labels is False
