@@ -15,7 +15,9 @@ from dvc_workspace import ROOT, make_workspace, mlflow_runs, run, stages_run
 
 TINY_MODEL = {"encoder": "resnet18", "encoder_depth": 3, "output_stride": 8,
               "atrous_rates": [1, 2, 3], "decoder_channels": 16}  # fmt: skip
-TINY_TRAIN = {"batch_size_labeled": 2, "batch_size_unlabeled": 2, "checkpoint_every_iters": 0}
+# one process, its own batch: a profile's train.gpus (4 x the batch) would ask 8 + 8 of tiny splits
+TINY_TRAIN = {"batch_size_labeled": 2, "batch_size_unlabeled": 2, "checkpoint_every_iters": 0,
+              "gpus": None}  # fmt: skip
 
 
 def own_data_params(base: dict, data: dict, sweep: dict, experiment: str) -> dict:
