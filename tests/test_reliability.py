@@ -520,7 +520,7 @@ def test_prefect_retry_resumes_from_the_checkpoint(tiny_dataset, tmp_path, monke
     client = MlflowClient(tracking_run.tracking_uri(params))
     experiment = client.get_experiment_by_name(params.tracking.experiment)
     runs = client.search_runs([experiment.experiment_id])
-    runs = [r for r in runs if r.info.run_name == "1_4-supervised-seed0"]  # not the sweep's
+    runs = [r for r in runs if r.data.tags.get("gtaseg.ratio") == "1_4"]  # not the sweep's
     assert [(r.info.run_id, r.info.status) for r in runs] == [(summary["run_id"], "FINISHED")]
     record = json.loads(record_file.read_text())
     assert record["run_id"] == summary["run_id"] and record["status"] == "FINISHED"
