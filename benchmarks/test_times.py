@@ -7,8 +7,10 @@ Each tier runs as a user runs it (`bash scripts/run.sh test ...`, a fresh proces
 row to `--out` (default benchmarks/results/test_times.csv): the tier, its command, wall seconds,
 the CPU seconds its processes used (user + system, children included: nearly the same on a busy
 machine, where wall seconds grow with the load), pytest's counts, the load average over the
-minute before it started, the CPU, and the commit. On 2 idle cores the wall time lies between
-half the CPU seconds (both cores busy throughout) and all of them (one at a time).
+minute before it started, the CPU, the commit, and the most disk the run held at once (the rise
+in used bytes on the file system of the temporary directory, sampled each second). pytest's 30
+slowest tests go to `test_durations_<tier>.txt` beside the CSV. On 2 idle cores the wall time lies
+between half the CPU seconds (both cores busy throughout) and all of them (one at a time).
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import csv
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +34,7 @@ TIERS = {
     "full": ["bash", "scripts/run.sh", "test"],
 }
 FIELDS = ["date", "tier", "command", "wall_s", "cpu_s", "passed", "failed", "skipped", "deselected",
-          "errors", "load_1min_before", "cpus", "cpu", "commit"]  # fmt: skip
+          "errors", "load_1min_before", "cpus", "cpu", "commit", "peak_disk_mb"]  # fmt: skip
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?)\b")
 
 
@@ -48,14 +53,38 @@ def commit() -> str:
     return f"{head}{'+dirty' if dirty else ''}"
 
 
-def run_tier(tier: str) -> dict[str, object]:
+class DiskPeak:
+    """The most bytes used above the starting point on `path`'s file system, sampled each second."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.base, self.peak = path, shutil.disk_usage(path).used, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(1.0):
+            self.peak = max(self.peak, shutil.disk_usage(self.path).used - self.base)
+
+    def __enter__(self) -> DiskPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_tier(tier: str, durations: Path) -> dict[str, object]:
     """Run `tier` once; its row. The last line pytest prints holds the counts."""
     command = TIERS[tier]
     load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
-    out = subprocess.run(command, cwd=ROOT, text=True, capture_output=True)
+    with DiskPeak(tempfile.gettempdir()) as disk:
+        out = subprocess.run([*command, "--durations=30"], cwd=ROOT, text=True, capture_output=True)
     wall = time.monotonic() - start
+    slowest = re.search(r"=+ slowest 30 durations =+\n(.*?)\n(?:=|\n)", out.stdout, re.S)
+    durations.write_text(slowest.group(1) + "\n" if slowest else "")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
@@ -79,6 +108,7 @@ def run_tier(tier: str) -> dict[str, object]:
         "cpus": os.cpu_count(),
         "cpu": cpu_model(),
         "commit": commit(),
+        "peak_disk_mb": round(disk.peak / 2**20),
     }
 
 
@@ -90,7 +120,7 @@ def main() -> None:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     for tier in TIERS if args.tier == "both" else [args.tier]:
-        row = run_tier(tier)
+        row = run_tier(tier, path.parent / f"test_durations_{tier}.txt")
         fresh = not path.exists()
         with path.open("a", newline="") as fh:
             writer = csv.DictWriter(fh, FIELDS)

@@ -12,6 +12,7 @@ batch arithmetic is checked on the profile's config, where it lives, not by runn
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -135,3 +136,4 @@ def test_profile_two_iterations_of_each_method(name: str, tmp_path: Path) -> Non
         assert saved["best_val_miou_student"] == pytest.approx(saved["val_miou_student"])
         config = json.loads((out / "model" / "config.json").read_text())
         assert config["classes"] == classes
+        shutil.rmtree(out / "checkpoints")  # ResNet-101 x 3 networks + optimisers: ~1 GB a file
