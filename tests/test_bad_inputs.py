@@ -243,6 +243,16 @@ def weights_of_another_encoder(ws: Path) -> list[str]:
     return train_argv()
 
 
+def original_encoder_with_smps_head(ws: Path) -> list[str]:
+    edit_config(ws, "model", encoder="original_resnet101", head="smp")
+    return train_argv()
+
+
+def aux_head_without_layer3(ws: Path) -> list[str]:
+    edit_config(ws, "model", encoder="mobilenet_v2", aux_head=True)
+    return train_argv()
+
+
 def weights_not_a_state_dict(ws: Path) -> list[str]:
     (ws / "weights.pth").write_text("<html>404 Not Found</html>")
     edit_config(ws, "model", encoder_weights="weights.pth")
@@ -372,6 +382,14 @@ CASES = {
     "pretrained weights file is not a state dict": Case(
         weights_not_a_state_dict,
         ("model.encoder_weights: cannot read weights.pth as a torch state dict",),
+    ),
+    "the original's encoder with smp's head": Case(
+        original_encoder_with_smps_head,
+        ("model.encoder 'original_resnet101' is the original's network: expected", "head: 'smp'"),
+    ),
+    "auxiliary head on an encoder without layer3": Case(
+        aux_head_without_layer3,
+        ("model.aux_head: expected an encoder with a ResNet-style layer3 stage",),
     ),
 }
 
