@@ -9,9 +9,11 @@ import dataclasses
 import hashlib
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
-from gtaseg.config import Config, apply_overrides
+from gtaseg.config import Config, Method, apply_overrides
 from gtaseg.errors import DataError
 from pipelines.params import PipelineParams
 
@@ -34,13 +36,14 @@ def storage_name(experiment: str, ratio: str, method: str, seed: int, digest: st
 
 
 def run_config(
-    params: PipelineParams, ratio: str, method: str, seed: int, overrides: list[str] = ()
+    params: PipelineParams, ratio: str, method: str, seed: int, overrides: Sequence[str] = ()
 ) -> Config:
     """The run config of one sweep cell: the shared `run:` section plus the cell's coordinates."""
+    train_method = cast(Method, method)  # checked below: apply_overrides re-validates the config
     cfg = dataclasses.replace(
         params.run,
         data=dataclasses.replace(params.run.data, split_dir=str(split_dir(ratio, seed))),
-        train=dataclasses.replace(params.run.train, method=method, seed=seed),
+        train=dataclasses.replace(params.run.train, method=train_method, seed=seed),
     )
     if ratio in params.sweep.epochs:
         cfg = dataclasses.replace(

@@ -47,7 +47,7 @@ CURVE_METRIC = "val_miou"  # the per-epoch curves of the DVC plots: the reported
 PER_EPOCH_DIR = "per_epoch"  # plots/per_epoch/<ratio>.csv: one DVC plot per label ratio
 
 
-def labeled_fraction(ratio: str) -> float:
+def labeled_fraction(ratio: object) -> float:
     """ "1/16" -> 0.0625, "0.25" -> 0.25, "full" -> 1.0; DataError for anything else."""
     text = str(ratio).strip().lower()
     if text == "full":
@@ -245,7 +245,7 @@ def _miou_sections(df: pd.DataFrame, report: str) -> list[str]:
     return sections
 
 
-def ratio_key(ratio: str) -> str:
+def ratio_key(ratio: object) -> str:
     """A label ratio as a metrics key and file name: "1/16" -> "1_16" (DVC splits keys on dots)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", str(ratio))
 

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -216,7 +217,9 @@ def cell_task(
             "parent_run_id": parent_run_id,
         }
         name = f"{ratio}-{method}-seed{seed}"
-        launch = partial(fanout.launch_on_pool, train_deployment, parameters, name, tag)
+        launch: Callable[[], float | None] = partial(
+            fanout.launch_on_pool, train_deployment, parameters, name, tag
+        )
     else:
 
         def launch() -> None:
@@ -286,10 +289,11 @@ def train_flow(
     config_path = jobs.local_config(config_path)
     params = load_params(config_path)
     if not inputs:
-        if params.dataset_entry() is not None and not Path(params.run.data.root).is_dir():
-            prepare_task(config_path, params.dataset_entry())
-        if params.pretrain_entry() is not None:
-            pretrain_task(config_path, params.pretrain_entry())
+        dataset = params.dataset_entry()
+        if dataset is not None and not Path(params.run.data.root).is_dir():
+            prepare_task(config_path, dataset)
+        if (encoder := params.pretrain_entry()) is not None:
+            pretrain_task(config_path, encoder)
         if not stages.split_dir(ratio, seed).is_dir() and ratio != stages.FULL:
             split_task(config_path, ratio, seed)
     return train_task(config_path, ratio, method, seed, overrides, parent_run_id)
@@ -331,10 +335,10 @@ def sweep_flow(
     cells = [(r, m, s) for r in ratios for m in methods for s in seeds]
     cells += [(stages.FULL, "supervised", s) for s in params.sweep.full_seeds]
     limit = fanout.set_limit(params)
-    inputs = publish_task(config_path, cells) if train_deployment else {}
+    cell_inputs = publish_task(config_path, cells) if train_deployment else {}
     futures = [
         cell_task.submit(
-            config_path, r, m, s, parent, limit, train_deployment, inputs.get(f"{r}/{s}")
+            config_path, r, m, s, parent, limit, train_deployment, cell_inputs.get(f"{r}/{s}")
         )
         for r, m, s in cells
     ]

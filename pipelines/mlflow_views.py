@@ -17,11 +17,11 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import mlflow
 import pandas as pd
 import requests
+from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import DatasetInput, InputTag, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -78,7 +78,7 @@ def split_dataset(split: Path, name: str, digest: str) -> Any:
     )
     with warnings.catch_warnings():  # a local path matches two of mlflow's local source types
         warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
-        return mlflow.data.from_pandas(frame, source=str(split), name=name, digest=digest)
+        return from_pandas(frame, source=str(split), name=name, digest=digest)
 
 
 def log_split_input(uri: str, run_id: str, split: Path, name: str, digest: str) -> None:
@@ -127,7 +127,7 @@ def comparison_metrics(stats: pd.DataFrame, metric: str) -> dict[str, float]:
     pipelines.compare.summary_stats (percentages there); "1/16" is written 1_16 as in params."""
     return {
         f"{metric}/{row.method}/{str(row.ratio).replace('/', '_')}": round(
-            row.mean_miou_pct / 100, 6
+            cast(float, row.mean_miou_pct) / 100, 6
         )
         for row in stats.itertuples()
     }

@@ -19,7 +19,8 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from gtaseg.config import Config
 from pipelines.params import PipelineParams
@@ -88,10 +89,14 @@ class CellProgress:
         self.cell = cell
         self.epochs, self.max_iters = cfg.train.epochs, cfg.train.max_iters
         self._log = get_run_logger()
-        self._artifact = create_progress_artifact(
-            0.0,
-            key=artifact_key("train", cell),
-            description=f"{cell}: share of its {self.epochs} epochs trained",
+        # Called from sync code: Prefect's sync_compatible returns the artifact's id, no coroutine.
+        self._artifact = cast(
+            UUID,
+            create_progress_artifact(
+                0.0,
+                key=artifact_key("train", cell),
+                description=f"{cell}: share of its {self.epochs} epochs trained",
+            ),
         )
 
     @classmethod
@@ -138,8 +143,12 @@ class SweepProgress:
         from prefect.artifacts import create_progress_artifact
 
         self.total = max(total, 1)
-        self._artifact = create_progress_artifact(
-            0.0, key=artifact_key(sweep, "cells"), description=f"{sweep}: cells done of {total}"
+        # Called from sync code: Prefect's sync_compatible returns the artifact's id, no coroutine.
+        self._artifact = cast(
+            UUID,
+            create_progress_artifact(
+                0.0, key=artifact_key(sweep, "cells"), description=f"{sweep}: cells done of {total}"
+            ),
         )
 
     def done(self, count: int) -> None:
@@ -201,7 +210,10 @@ def report_sweep(
     from pipelines.results import current_runs
 
     uri, t = tracking_uri(params), params.tracking
-    experiment = MlflowClient(uri).get_experiment_by_name(t.experiment).experiment_id
+    found = MlflowClient(uri).get_experiment_by_name(t.experiment)
+    if found is None:
+        raise RuntimeError(f"MLflow at {uri}: expected the sweep's experiment {t.experiment!r}")
+    experiment = found.experiment_id
     runs = current_runs(params)
     metrics = {c.run_id: c.metrics.get(t.champion_metric) for c in runs}
     rows = []

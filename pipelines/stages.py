@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,7 +89,7 @@ def train(
     ratio: str,
     method: str,
     seed: int,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     parent_run_id: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import requests
@@ -48,6 +48,14 @@ from pipelines.registry.run_models import EXPORT_ARTIFACTS, MODEL_NAME, input_ex
 
 SWEEP_TAG = "gtaseg.sweep"  # on parent runs: tracking.sweep_name
 log = logging.getLogger(__name__)
+
+
+@overload
+def sweep_parent_run(params: PipelineParams, create: Literal[True] = True) -> str: ...
+
+
+@overload
+def sweep_parent_run(params: PipelineParams, create: bool) -> str | None: ...
 
 
 def sweep_parent_run(params: PipelineParams, create: bool = True) -> str | None:
@@ -105,7 +113,7 @@ def _log_sweep_comparison(
     champion = next((dict(r) for r in rows if r["run_id"] == champion_run), None)
     champion = champion if version is not None else None
     links = {}
-    if champion is not None:
+    if champion is not None and version is not None:  # champion is None when version is
         champion.update(version=version, metric=champion[t.champion_metric])
         links["champion"] = model_version_url(uri, t.model_name, version) or ""
     if link := flow_run_link():

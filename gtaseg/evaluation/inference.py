@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import segmentation_models_pytorch as smp
@@ -30,7 +31,7 @@ NETWORKS = ("student", "assistant", "teacher")
 
 
 def evaluate_checkpoint(
-    path: Path, network: str = "student", overrides: list[str] = (), device: str = "auto"
+    path: Path, network: str = "student", overrides: Sequence[str] = (), device: str = "auto"
 ) -> dict[str, Any]:
     """mIoU of one network stored in a training checkpoint, on the val set of its config."""
     dev = resolve_device(device)
@@ -70,7 +71,7 @@ def export_model(model: torch.nn.Module, model_dir: Path, data: DataConfig) -> N
     NORMALIZATION_FILE, so `predict_folder` feeds it images as training did. An auxiliary head
     (`model.aux_head`, used only by the training loss) is left out: smp's model has none."""
     with without_aux_head(model):
-        model.save_pretrained(str(model_dir))
+        cast(smp.base.SegmentationModel, model).save_pretrained(str(model_dir))
     norm = {"mean": list(data.mean), "std": list(data.std), "scale": "0-255 RGB"}
     write_atomic(Path(model_dir) / NORMALIZATION_FILE, json.dumps(norm, indent=2) + "\n")
 
@@ -173,7 +174,8 @@ def export_encoder(model_dir: Path, out: Path) -> dict[str, Any]:
     """
     model = load_exported(model_dir, torch.device("cpu"))
     kwargs = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    state = {k: v.contiguous() for k, v in model.encoder.state_dict().items()}
+    encoder = cast(torch.nn.Module, model.encoder)
+    state = {k: v.contiguous() for k, v in encoder.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     with open_atomic(out, "wb") as file:
         torch.save(state, file)
@@ -203,7 +205,8 @@ def predict_folder(
     dev = resolve_device(device)
     model = load_exported(model_dir, dev)
     mean, std = load_normalization(model_dir)
-    num_classes = model.segmentation_head[0].out_channels
+    head = cast(torch.nn.Sequential, model.segmentation_head)
+    num_classes = cast(torch.nn.Conv2d, head[0]).out_channels
     out_dir.mkdir(parents=True, exist_ok=True)
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gtaseg.config import Method
+from gtaseg.data.loaders import Batch
 from gtaseg.methods import gta, mean_teacher, supervised
 from gtaseg.methods.common import StepOutput
 from gtaseg.methods.state import TrainState
 
-StepFn = Callable[[TrainState, object], StepOutput]
+StepFn = Callable[[TrainState, Batch], StepOutput]
 
 STEPS: dict[str, StepFn] = {
     "supervised": supervised.train_step,

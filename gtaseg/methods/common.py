@@ -9,6 +9,7 @@ from torch import nn
 
 from gtaseg import IGNORE_INDEX
 from gtaseg.config import ConfigError
+from gtaseg.data.loaders import Batch
 from gtaseg.methods.state import TrainState, unwrap
 from gtaseg.model.aux_head import take_aux_logits
 from gtaseg.training.ema import copy_params
@@ -25,10 +26,17 @@ class StepOutput(NamedTuple):
     pseudo_BHW: torch.Tensor | None = None
 
 
+def unlabelled_images(batch: Batch) -> torch.Tensor:
+    """The batch's unlabelled images, which the loader draws for every semi-supervised method."""
+    if batch.x_u is None:
+        raise ValueError("a semi-supervised step needs unlabelled images; the batch has none")
+    return batch.x_u
+
+
 @torch.no_grad()
 def pseudo_label(state: TrainState, x_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher in eval mode on the unlabelled batch -> (confidence, pseudo-label), (B, H, W)."""
-    teacher = state.teacher
+    teacher = state.require_teacher()
     teacher.eval()
     with state.autocast():
         logits_BCHW = teacher(x_u)

@@ -27,6 +27,7 @@ from gtaseg.methods.common import (
     maybe_mix,
     pseudo_label,
     student_labelled_loss,
+    unlabelled_images,
     warmup_step,
 )
 from gtaseg.methods.state import TrainState, student_classifier, unwrap
@@ -41,27 +42,29 @@ def train_step(state: TrainState, batch: Batch) -> StepOutput:
         return warmup_step(state, batch.x_l, batch.y_l)
     aliasing = semi.warmup_copy == "alias" and state.semi_step < state.iters_per_epoch
     tied = semi.tie_lasts and not aliasing
+    teacher = state.require_teacher()
     if aliasing or state.semi_step == 0:
-        copy_from_student(state, state.teacher, unwrap(state.assistant))
-    conf_u, pseudo_u = pseudo_label(state, batch.x_u)
+        copy_from_student(state, teacher, unwrap(state.require_assistant()))
+    x_u_raw = unlabelled_images(batch)
+    conf_u, pseudo_u = pseudo_label(state, x_u_raw)
     targets_u = learning_targets(state, pseudo_u, batch.y_u)
-    x_u, y_u, conf_u_mix = maybe_mix(state, batch.x_u, targets_u, conf_u)
+    x_u, y_u, conf_u_mix = maybe_mix(state, x_u_raw, targets_u, conf_u)
     loss_u, kept = assistant_update(state, batch.x_l, x_u, y_u, conf_u_mix)
     if aliasing:
         share_assistant_update(state)
     elif tied:
-        copy_classifier(state, unwrap(state.assistant), unwrap(state.student))
-    student, assistant = unwrap(state.student), unwrap(state.assistant)
+        copy_classifier(state, unwrap(state.require_assistant()), unwrap(state.student))
+    student, assistant = unwrap(state.student), unwrap(state.require_assistant())
     cap = decay_cap(semi.transfer_decay, semi.transfer_horizon, state.semi_iters)
     decay = ema_decay(state.semi_step, cap) if semi.transfer_ramp else cap
     ema_update(student, assistant, decay, exclude=student_classifier(state))
     loss_sup = student_update(state, batch.x_l, batch.y_l, x_u)
     if aliasing:
-        copy_classifier(state, student, assistant, state.teacher)
+        copy_classifier(state, student, assistant, teacher)
     elif tied:
         copy_classifier(state, student, assistant)
     cap = decay_cap(semi.ema_decay, semi.ema_horizon, state.semi_iters)
-    ema_update(state.teacher, student, ema_decay(state.semi_step, cap))
+    ema_update(teacher, student, ema_decay(state.semi_step, cap))
     losses = {"loss_sup": loss_sup, "loss_unsup": loss_u, "kept_frac": kept}
     return StepOutput(losses, pseudo_u)
 
@@ -79,15 +82,17 @@ def assistant_update(
     semi = state.cfg.semi
     n_l = 0 if semi.efficient else x_l.shape[0]
     x_in = x_u if semi.efficient else torch.cat([x_l, x_u])
-    state.assistant.train()
+    assistant = state.require_assistant()
+    assistant.train()
     with state.autocast():
-        logits_BCHW = state.assistant(x_in)
+        logits_BCHW = assistant(x_in)
     # The teacher's pass comes after the assistant's, as in the original: dropout draws from the
     # global RNG in this order, so the step reproduces the original's iteration exactly.
     if semi.teacher_forward == "train" and not semi.efficient:
-        conf_u, _ = confidence(bn_statistics_forward(state, state.teacher, x_in)[n_l:])
+        conf_u, _ = confidence(bn_statistics_forward(state, state.require_teacher(), x_in)[n_l:])
     loss_u, kept = conf_weighted_pseudo_loss(logits_BCHW[n_l:], y_u, conf_u, kept_percent(state))
-    state.backward_step(semi.loss_weight * loss_u, state.opt_assistant, "assistant")
+    opt = state.require_opt_assistant()
+    state.backward_step(semi.loss_weight * loss_u, opt, "assistant")
     return loss_u.detach(), kept
 
 
@@ -109,9 +114,9 @@ def student_update(
 def share_assistant_update(state: TrainState) -> None:
     """Alias epoch: the original's three networks share each parameter tensor at the step's start,
     so the assistant's optimiser step moves the student and the teacher too."""
-    assistant = unwrap(state.assistant)
+    assistant = unwrap(state.require_assistant())
     copy_params(unwrap(state.student), assistant)
-    copy_params(state.teacher, assistant)
+    copy_params(state.require_teacher(), assistant)
 
 
 @torch.no_grad()

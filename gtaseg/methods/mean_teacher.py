@@ -15,6 +15,7 @@ from gtaseg.methods.common import (
     maybe_mix,
     pseudo_label,
     student_labelled_loss,
+    unlabelled_images,
     warmup_step,
 )
 from gtaseg.methods.state import TrainState, unwrap
@@ -26,15 +27,17 @@ def train_step(state: TrainState, batch: Batch) -> StepOutput:
     semi = state.cfg.semi
     if state.in_warmup:
         return warmup_step(state, batch.x_l, batch.y_l)
+    teacher = state.require_teacher()
     if state.semi_step == 0:
-        copy_from_student(state, state.teacher)
+        copy_from_student(state, teacher)
     x_l, y_l, n_l = batch.x_l, batch.y_l, batch.x_l.shape[0]
-    conf_u, pseudo_u = pseudo_label(state, batch.x_u)
+    x_u = unlabelled_images(batch)
+    conf_u, pseudo_u = pseudo_label(state, x_u)
     targets_u = learning_targets(state, pseudo_u, batch.y_u)
-    x_mix, y_mix, conf_mix = maybe_mix(state, batch.x_u, targets_u, conf_u)
+    x_mix, y_mix, conf_mix = maybe_mix(state, x_u, targets_u, conf_u)
     x_all = torch.cat([x_l, x_mix])
     if semi.teacher_forward == "train":
-        conf_mix, _ = confidence(bn_statistics_forward(state, state.teacher, x_all)[n_l:])
+        conf_mix, _ = confidence(bn_statistics_forward(state, teacher, x_all)[n_l:])
     state.student.train()
     with state.autocast():
         logits_BCHW = state.student(x_all)
@@ -44,6 +47,6 @@ def train_step(state: TrainState, batch: Batch) -> StepOutput:
     )
     state.backward_step(loss_sup + semi.loss_weight * loss_u, state.opt_student, "student")
     cap = decay_cap(semi.ema_decay, semi.ema_horizon, state.semi_iters)
-    ema_update(state.teacher, unwrap(state.student), ema_decay(state.semi_step, cap))
+    ema_update(teacher, unwrap(state.student), ema_decay(state.semi_step, cap))
     losses = {"loss_sup": loss_sup.detach(), "loss_unsup": loss_u.detach(), "kept_frac": kept}
     return StepOutput(losses, pseudo_u)

@@ -45,7 +45,7 @@ from torch import nn
 from gtaseg import IGNORE_INDEX
 from gtaseg.config import ConfigError
 from gtaseg.data.loaders import Batch
-from gtaseg.methods.common import StepOutput
+from gtaseg.methods.common import StepOutput, unlabelled_images
 from gtaseg.methods.state import TrainState
 
 # Parameter-name substrings of the classifier (smp's DeepLabV3+): the transfer skips them.
@@ -57,35 +57,36 @@ def reference_step(state: TrainState, batch: Batch) -> StepOutput:
     optimisers and `state.mix_gen`. Returns detached losses and the unmixed pseudo-labels."""
     _check_phase(state)
     semi = state.cfg.semi
-    x_l, y_l, x_u = batch.x_l, batch.y_l, batch.x_u
+    x_l, y_l, x_u = batch.x_l, batch.y_l, unlabelled_images(batch)
+    teacher, assistant = state.require_teacher(), state.require_assistant()
     n_l = x_l.shape[0]
     if state.semi_step < state.iters_per_epoch:  # the original's `epoch == sup_only_epoch`
-        _alias(state.teacher, state.student)
-        _alias(state.assistant, state.student)
-    state.teacher.eval()
+        _alias(teacher, state.student)
+        _alias(assistant, state.student)
+    teacher.eval()
     with torch.no_grad(), state.autocast():
-        prob_u = F.softmax(state.teacher(x_u).float(), dim=1)
+        prob_u = F.softmax(teacher(x_u).float(), dim=1)
         conf_u, pseudo_u = torch.max(prob_u, dim=1)
     x_mix, y_mix, _ = _mix_like_the_original(state, x_u, pseudo_u.clone(), conf_u.clone())
     x_all = torch.cat((x_l, x_mix))
-    state.assistant.train()
+    assistant.train()
     with state.autocast():
-        logits_a = state.assistant(x_all)
-    state.teacher.train()
+        logits_a = assistant(x_all)
+    teacher.train()
     with torch.no_grad(), state.autocast():
-        logits_t = state.teacher(x_all)
+        logits_t = teacher(x_all)
         F.softmax(logits_t.float(), dim=1)  # the original's prob_all_teacher, computed, unused
     loss_u = original_unsup_loss(logits_a[n_l:], y_mix.clone(), semi.drop_percent, logits_t[n_l:])
     loss_u = loss_u * semi.loss_weight
-    _plain_step(state.opt_assistant, loss_u)
+    _plain_step(state.require_opt_assistant(), loss_u)
     t = state.semi_step
-    _named_ema(state.student, state.assistant, min(1 - 1 / (t + 1), semi.transfer_decay), True)
+    _named_ema(state.student, assistant, min(1 - 1 / (t + 1), semi.transfer_decay), True)
     state.student.train()
     with state.autocast():
         logits_s = state.student(x_all)
     loss_sup = F.cross_entropy(logits_s[:n_l].float(), y_l, ignore_index=IGNORE_INDEX)
     _plain_step(state.opt_student, loss_sup)
-    _named_ema(state.teacher, state.student, min(1 - 1 / (t + 1), semi.ema_decay), False)
+    _named_ema(teacher, state.student, min(1 - 1 / (t + 1), semi.ema_decay), False)
     _read_back_for_logging(loss_sup, loss_u)
     losses = {"loss_sup": loss_sup.detach(), "loss_unsup": loss_u.detach()}
     return StepOutput(losses, pseudo_u)
@@ -162,7 +163,7 @@ def _mix_like_the_original(
             mask = original_cutout_mask(h, w, state.mix_gen).to(x_u.device)
         if semi.mix == "cutout":
             y_u[i][(1 - mask).bool()] = IGNORE_INDEX
-            parts = (x_u[i] * mask, y_u[i], conf_u[i] * mask)
+            parts: tuple[torch.Tensor, ...] = (x_u[i] * mask, y_u[i], conf_u[i] * mask)
         else:
             nxt = (i + 1) % b
             parts = tuple(v[i] * mask + v[nxt] * (1 - mask) for v in (x_u, y_u, conf_u))

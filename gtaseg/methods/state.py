@@ -49,6 +49,24 @@ class TrainState:
     scalers: dict[str, Any] = field(default_factory=dict)
     gpus_per_process: float = 1.0  # GPUs of train.gpus whose batch share each process holds
 
+    def require_teacher(self) -> nn.Module:
+        """The teacher, which every method with one (`needs_teacher`) has."""
+        if self.teacher is None:
+            raise RuntimeError(f"train.method {self.cfg.train.method!r} has no teacher")
+        return self.teacher
+
+    def require_assistant(self) -> nn.Module:
+        """The assistant, which GTA-Seg's state has (`needs_assistant`)."""
+        if self.assistant is None:
+            raise RuntimeError(f"train.method {self.cfg.train.method!r} has no assistant")
+        return self.assistant
+
+    def require_opt_assistant(self) -> torch.optim.Optimizer:
+        """The assistant's optimiser, built with the assistant (`needs_assistant`)."""
+        if self.opt_assistant is None:
+            raise RuntimeError(f"train.method {self.cfg.train.method!r} has no assistant optimiser")
+        return self.opt_assistant
+
     @property
     def epoch(self) -> int:
         return self.iteration // self.iters_per_epoch
@@ -111,7 +129,7 @@ def make_optimizer(
     ]
     fast = next(model.parameters()).is_cuda if fast is None else fast
     # Not fused=False: that would also turn off torch's default foreach implementation.
-    fused = {"fused": True} if fast else {}
+    fused: dict[str, Any] = {"fused": True} if fast else {}
     if o.optimizer == "adamw":
         # Fused AdamW honours a step the fp16 GradScaler skips: its moments start at zero and
         # the step count is rolled back.
@@ -236,7 +254,7 @@ def state_dict(state: TrainState) -> dict[str, Any]:
     }
     if state.assistant is not None:
         out["assistant"] = unwrap(state.assistant).state_dict()
-        out["opt_assistant"] = state.opt_assistant.state_dict()
+        out["opt_assistant"] = state.require_opt_assistant().state_dict()
     if state.teacher is not None:
         out["teacher"] = state.teacher.state_dict()
     return out
@@ -248,7 +266,7 @@ def load_state_dict(state: TrainState, saved: dict[str, Any]) -> None:
     state.opt_student.load_state_dict(saved["opt_student"])
     if state.assistant is not None:
         unwrap(state.assistant).load_state_dict(saved["assistant"])
-        state.opt_assistant.load_state_dict(saved["opt_assistant"])
+        state.require_opt_assistant().load_state_dict(saved["opt_assistant"])
     if state.teacher is not None:
         state.teacher.load_state_dict(saved["teacher"])
     state.iteration = int(saved["iteration"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
+from typing import cast
 
 import segmentation_models_pytorch as smp
 import torch
@@ -78,7 +79,7 @@ def _check_original_encoder(cfg: ModelConfig) -> None:
 
 def finish_model(model: nn.Module, encoder_depth: int) -> None:
     """What every network gets after smp builds it (also when read back from an export)."""
-    _drop_unused_stages(model.encoder, encoder_depth)
+    _drop_unused_stages(cast(nn.Module, model.encoder), encoder_depth)
     if _takes_any_size(model):
         _resize_to_input(model)
     else:
@@ -95,7 +96,7 @@ def _resize_to_input(model: nn.Module) -> None:
     """The original's geometry: no padding; the logits (at the stride-4 grid) are upsampled
     to the input's size, bilinear with align_corners=True (129 -> 513 and 193 -> 769 exactly).
     smp's own size check (sides divisible by the stride) is switched off for this model."""
-    model.requires_divisible_input_shape = False
+    cast(smp.base.SegmentationModel, model).requires_divisible_input_shape = False
 
     def resize(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         return _logits_at(output, args[0].shape[-2:])
@@ -237,12 +238,13 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
         state = encoder_state(state)  # the original's layouts, by name (fc and prefixes dropped)
     dropped = tuple(f"{name}." for name in _stages_beyond(getattr(model.encoder, "_depth", 5)))
     state = {k: v for k, v in state.items() if not k.startswith(dropped)}  # stages not built
+    encoder = cast(nn.Module, model.encoder)
     try:
-        model.encoder.load_state_dict(state)
+        encoder.load_state_dict(state)
     except RuntimeError:
         raise ConfigError(
             f"model.encoder_weights: {path} does not match encoder {type(model.encoder).__name__} "
-            f"(model.encoder): {_state_mismatch(model.encoder.state_dict(), state)}. Use weights "
+            f"(model.encoder): {_state_mismatch(encoder.state_dict(), state)}. Use weights "
             f"saved from the same encoder architecture."
         ) from None
 
@@ -287,7 +289,7 @@ def classifier_modules(model: nn.Module, scope: SemiConfig | str) -> list[nn.Mod
     scope = scope.transfer_scope if isinstance(scope, SemiConfig) else scope
     if scope == "encoder":
         return [m for name, m in model.named_children() if name != "encoder"]
-    head: list[nn.Module] = [model.segmentation_head]
+    head: list[nn.Module] = [cast(nn.Module, model.segmentation_head)]
     block2 = getattr(getattr(model, "decoder", None), "block2", None)
     if isinstance(model, smp.DeepLabV3Plus) and block2 is not None:
         head.insert(0, block2)
@@ -299,7 +301,7 @@ def head_parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn
 
     The original code gives the decoder x10 LR; the split is by module, never by name string.
     """
-    backbone_ids = {id(p) for p in model.encoder.parameters()}
+    backbone_ids = {id(p) for p in cast(nn.Module, model.encoder).parameters()}
     backbone = [p for p in model.parameters() if id(p) in backbone_ids]
     head = [p for p in model.parameters() if id(p) not in backbone_ids]
     return backbone, head

@@ -18,6 +18,7 @@ multiple), or to the input's exact size by the model on the original ResNet (129
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +91,8 @@ def use_original_head(
 ) -> None:
     """Replace an smp DeepLabV3+'s decoder and segmentation head with the original's, in place;
     recorded in the model's export config (`_gtaseg_head`) so that exports load it back."""
-    model.decoder = OriginalDecoder(model.encoder.out_channels, channels, dilations)
+    encoder = cast(nn.Module, model.encoder)
+    model.decoder = OriginalDecoder(cast(Sequence[int], encoder.out_channels), channels, dilations)
     # An encoder that takes any size (the original ResNet) gets its logits resized to the input
     # by the model; the others' sides are padded to a stride multiple, where x4 is exact.
     upsample = not getattr(model.encoder, "takes_any_size", False)

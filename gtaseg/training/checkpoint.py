@@ -16,8 +16,8 @@ import pickle
 import random
 import shutil
 import warnings
-from pathlib import Path
-from typing import Any, BinaryIO
+from pathlib import Path, PurePath
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -41,7 +41,10 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def prev_path(path: Path) -> Path:
+PathT = TypeVar("PathT", bound=PurePath)
+
+
+def prev_path(path: PathT) -> PathT:
     """`last.pt` -> `last.prev.pt`: the one rotated previous checkpoint."""
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 

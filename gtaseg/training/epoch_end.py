@@ -65,12 +65,13 @@ def evaluate_epoch(
     the student's and assistant's, are per rank), so the sharded evaluation scores exactly the
     networks rank 0 saves and exports.
     """
-    sync_from_rank0(unwrap(state.student), unwrap(state.assistant), state.teacher)
+    assistant = None if state.assistant is None else unwrap(state.assistant)
+    sync_from_rank0(unwrap(state.student), assistant, state.teacher)
     val = make_val_data(
         cfg.data, cfg.eval.max_images, rank=info.rank, world_size=info.world_size, device=device
     )
     classes, names = cfg.data.num_classes, class_names(cfg.data)
-    scored = {"reduce": all_reduce_sum, "pad_label": cfg.data.pad_label}
+    scored: dict[str, Any] = {"reduce": all_reduce_sum, "pad_label": cfg.data.pad_label}
     res_s = evaluate(unwrap(state.student), val, cfg.eval, classes, device, **scored)
     row = {"epoch": float(epoch), "val_miou_student": res_s.miou}
     row.update(_per_class("val_iou_student", res_s, names))
@@ -185,5 +186,5 @@ def _export_reported(out: Path, state: TrainState, info: DistInfo, network: str)
     """The reported network at its best so far (`network`: student or teacher) in smp's
     save_pretrained format (config.json + weights), with the run's input normalisation."""
     if info.is_main:
-        model = unwrap(state.student) if network == "student" else state.teacher
+        model = unwrap(state.student) if network == "student" else state.require_teacher()
         export_model(model, out / "model", state.cfg.data)

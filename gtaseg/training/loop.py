@@ -157,6 +157,7 @@ def _run_loop(
     epochs and at the end) with its saves, else a checkpoint (see gtaseg.training.epoch_end)."""
     step_fn = get_step(cfg.train.method)
     pseudo_cm = ConfusionMatrix(cfg.data.num_classes, device)
+    assert loop.pseudo_cm is not None, "train() and every checkpoint give the loop this matrix"
     pseudo_cm.mat += loop.pseudo_cm.to(device)
     bar = progress_bar(state.total_iters, state.iteration, str(out), progress and info.is_main)
     plan = batch_plan(cfg.train, info.world_size)
@@ -214,7 +215,10 @@ def _train_epoch(
     tic = time.perf_counter()
     for batch in data.epoch(epoch, start_iter=start):
         batch = type(batch)(
-            *(t.to(device, non_blocking=True) if t is not None else None for t in batch)
+            batch.x_l.to(device, non_blocking=True),
+            batch.y_l.to(device, non_blocking=True),
+            _to_device(batch.x_u, device),
+            _to_device(batch.y_u, device),
         )
         lr = set_lrs(state)
         result = step_fn(state, batch)
@@ -238,6 +242,11 @@ def _train_epoch(
             raise preemption.Preempted(state.iteration, str(out / "checkpoints" / "last.pt"))
     loop.train_seconds += time.perf_counter() - tic
     return lr
+
+
+def _to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """`t` on `device` (copied without blocking), or None."""
+    return t.to(device, non_blocking=True) if t is not None else None
 
 
 def _accumulate(loop: LoopState, result, batch, pseudo_cm: ConfusionMatrix) -> None:

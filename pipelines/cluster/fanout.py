@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
 import httpx
@@ -193,13 +193,17 @@ def launch_on_pool(deployment: str, parameters: dict[str, Any], name: str, tag: 
     attempt = len(runs)
 
     def create() -> FlowRun:
-        return run_deployment(
-            deployment,
-            parameters=parameters,
-            flow_run_name=f"{name}-attempt{attempt}",
-            tags=["gtaseg", "sweep-cell", tag],
-            idempotency_key=f"{tag}-attempt{attempt}",
-            timeout=0,
+        # Called from sync code: Prefect's sync_compatible returns the flow run, no coroutine.
+        return cast(
+            FlowRun,
+            run_deployment(
+                deployment,
+                parameters=parameters,
+                flow_run_name=f"{name}-attempt{attempt}",
+                tags=["gtaseg", "sweep-cell", tag],
+                idempotency_key=f"{tag}-attempt{attempt}",
+                timeout=0,
+            ),
         )
 
     run = through_outage(create, f"launching {name} on {deployment}")
@@ -221,6 +225,8 @@ def _outcome(run: FlowRun, deployment: str) -> float:
             f"log in the Prefect UI says why; fix that and run the sweep again (finished cells "
             f"are not trained again)."
         )
+    if run.start_time is None or run.created is None:  # Prefect sets both on a run that started
+        raise RuntimeError(f"flow run {run.name} ({run.id}): completed without a start time")
     return (run.start_time - run.created).total_seconds()
 
 

@@ -130,12 +130,18 @@ class FolderMirror:
         prev = prev_path(PurePosixPath(rel)).as_posix()
         for src, dst in ((rel, prev), (f"{rel}.sha256", f"{prev}.sha256")):
             self.storage.copy(f"{self.name}/{src}", f"{self.name}/{dst}")
-            self._sent[dst] = (-1, -1)
+            self._stored()[dst] = (-1, -1)
 
     def _send(self, rel: str, path: Path) -> None:
         stamp = _stamp(path)  # before reading: a file rewritten meanwhile is sent again next time
         self.storage.upload(path, f"{self.name}/{rel}")
-        self._sent[rel] = stamp
+        self._stored()[rel] = stamp
+
+    def _stored(self) -> dict[str, tuple[int, int]]:
+        """`_sent`, which `pull` or `push` fills before any file is sent."""
+        if self._sent is None:
+            raise RuntimeError(f"[{self.local}] a file sent before pull or push listed the store")
+        return self._sent
 
 
 def _files(root: Path) -> dict[str, Path]:
