@@ -98,3 +98,22 @@ def test_a_damaged_normalisation_file_is_a_one_line_error(folder, capsys, monkey
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"gtaseg predict: error: {folder / 'model' / NORMALIZATION_FILE}: expected" in err
     assert "Re-export the model with `gtaseg train`" in err
+
+
+@pytest.mark.parametrize("head", ["smp", "original"])
+def test_predict_writes_class_masks_for_either_head(tmp_path, head, capsys):
+    """The class count comes from the head's classifier: the original head's first conv is
+    2 x 16 -> 16 channels wide, not the 4 classes."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(encoder="resnet18", atrous_rates=(1, 2, 3), decoder_channels=16, head=head)
+    model = build_model(cfg, 4).eval()
+    assert inference.head_classes(model) == 4
+    export_model(model, tmp_path / "model", UNIT_SCALE)
+    (tmp_path / "images").mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "images" / "a.png")
+    argv = ["predict", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "images"),
+            "--out", str(tmp_path / "pred"), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    mask = np.array(Image.open(tmp_path / "pred" / "a_mask.png"))
+    assert mask.shape == (32, 32) and mask.max() < 4

@@ -194,6 +194,14 @@ def overlay(image_HW3: np.ndarray, mask_HW: np.ndarray, alpha: float) -> np.ndar
     return blended.clip(0, 255).astype(np.uint8)
 
 
+def head_classes(model: torch.nn.Module) -> int:
+    """The class count: the output channels of the segmentation head's last convolution (smp's
+    head is one conv; the original's ends its conv-BN-ReLU stack with the 1x1 classifier)."""
+    head = cast(torch.nn.Module, model.segmentation_head)
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    return convs[-1].out_channels
+
+
 @torch.no_grad()
 def predict_folder(
     model_dir: Path, images: Path, out_dir: Path, device: str = "auto", overlay_alpha: float = 0.5
@@ -205,8 +213,7 @@ def predict_folder(
     dev = resolve_device(device)
     model = load_exported(model_dir, dev)
     mean, std = load_normalization(model_dir)
-    head = cast(torch.nn.Sequential, model.segmentation_head)
-    num_classes = cast(torch.nn.Conv2d, head[0]).out_channels
+    num_classes = head_classes(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
