@@ -49,6 +49,7 @@ def test_tiny_run_writes_outputs_and_logs(tiny_raw, tmp_path):
     assert {"student", "assistant", "teacher", "opt_student", "opt_assistant"} <= set(state)
 
 
+@pytest.mark.slow  # over 10 s: the fast tier stays under 90 s
 def test_resume_after_interruption_equals_uninterrupted(tiny_raw, tmp_path, monkeypatch):
     cfg = _cfg(tiny_raw, checkpoint_every_iters=4)  # 18 iterations: 9 warm-up + 9 semi
     straight = train_mod.train(cfg, tmp_path / "straight", progress=False)
