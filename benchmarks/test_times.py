@@ -35,6 +35,7 @@ TIERS = {
 }
 FIELDS = ["date", "tier", "command", "wall_s", "cpu_s", "passed", "failed", "skipped", "deselected",
           "errors", "load_1min_before", "cpus", "cpu", "commit", "peak_disk_mb"]  # fmt: skip
+SLOW_LINE = re.compile(r"\d+\.\d+s (call|setup|teardown) ")  # pytest's --durations lines
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?)\b")
 
 
@@ -83,8 +84,9 @@ def run_tier(tier: str, durations: Path) -> dict[str, object]:
     with DiskPeak(tempfile.gettempdir()) as disk:
         out = subprocess.run([*command, "--durations=30"], cwd=ROOT, text=True, capture_output=True)
     wall = time.monotonic() - start
-    slowest = re.search(r"=+ slowest 30 durations =+\n(.*?)\n(?:=|\n)", out.stdout, re.S)
-    durations.write_text(slowest.group(1) + "\n" if slowest else "")
+    section = out.stdout.partition("slowest 30 durations")[2]
+    slowest = [line for line in section.splitlines() if SLOW_LINE.match(line)]
+    durations.write_text("".join(f"{line}\n" for line in slowest))
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
