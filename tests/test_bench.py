@@ -175,7 +175,7 @@ def test_sync_counter_tells_device_reads_from_host_draws():
 
 
 @pytest.mark.parametrize("efficient", [False, True])
-@pytest.mark.slow  # over 10 s: the fast tier stays under 90 s
+@pytest.mark.slow  # over 10 s: the fast tier stays short
 def test_our_step_makes_no_host_syncs(tiny_raw, efficient):
     """No .item(), no data-dependent shapes: the percentile stays on the device (cutmix draws
     come from a CPU generator and are host data). The reference keeps the original's syncs."""
@@ -186,7 +186,7 @@ def test_our_step_makes_no_host_syncs(tiny_raw, efficient):
     assert "aten::index" in ref_syncs and ref_syncs.count("aten::_local_scalar_dense") == 2
 
 
-@pytest.mark.slow  # over 10 s: the fast tier stays under 90 s
+@pytest.mark.slow  # over 10 s: the fast tier stays short
 def test_forward_units_of_each_step(tiny_raw):
     """B labelled = B unlabelled: 3 units for supervised, 15 for the original structure, 7 for
     the efficient mode (a forward of B images is 1 unit, its backward 2)."""
@@ -206,7 +206,7 @@ def test_forward_units_of_each_step(tiny_raw):
     assert units == {"teacher": 3.0, "assistant": 6.0, "student": 6.0, "total": 15.0}
 
 
-@pytest.mark.slow  # over 10 s: the fast tier stays under 90 s
+@pytest.mark.slow  # over 10 s: the fast tier stays short
 def test_bench_cli_writes_the_report(tiny_raw, tmp_path, capsys):
     cfg_path = tmp_path / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump({"run": tiny_raw}))
@@ -306,7 +306,7 @@ def test_gpu_step_makes_no_host_syncs(tiny_raw):
     assert count_host_syncs(lambda: _run(state, gta.train_step, batch)) == []
 
 
-@pytest.mark.slow  # over 10 s: the fast tier stays under 90 s
+@pytest.mark.slow  # over 10 s: the fast tier stays short
 def test_bench_loop_times_real_training_loops_beside_the_step(tiny_raw, tmp_path, capsys):
     import csv
 

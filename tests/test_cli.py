@@ -15,7 +15,7 @@ from gtaseg.config import config_from_dict
 from gtaseg.model.build import build_model
 
 
-@pytest.mark.slow  # over 10 s: the fast tier stays under 90 s
+@pytest.mark.slow  # over 10 s: the fast tier stays short
 def test_cli_make_data_split_train_evaluate_predict(tmp_path, capsys, tiny_raw):
     root = tmp_path / "emb"
     assert (

@@ -56,7 +56,7 @@ def _collectives_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # over 10 s: the fast tier stays under 90 s
+@pytest.mark.slow  # over 10 s: the fast tier stays short
 def test_collectives_two_processes(tmp_path):
     """mean_over_ranks averages, sync_from_rank0 copies parameters and every buffer from rank 0,
     and on CPU wrap_ddp keeps plain BN with rank 0's buffers broadcast (no SyncBN kernel)."""

@@ -155,7 +155,7 @@ def test_aux_head_needs_a_fourth_stage() -> None:
 
 
 @pytest.mark.parametrize("method", ["supervised", "mean_teacher", "gta"])
-@pytest.mark.slow  # over 10 s: the fast tier stays under 90 s
+@pytest.mark.slow  # over 10 s: the fast tier stays short
 def test_a_step_trains_the_students_aux_head_only(method: str) -> None:
     from gtaseg.data.loaders import Batch
     from gtaseg.methods import get_step

@@ -83,7 +83,7 @@ def _head_params(net):
         ("once", "lasting", True),
     ],
 )
-@pytest.mark.slow  # over 10 s: the fast tier stays under 90 s
+@pytest.mark.slow  # over 10 s: the fast tier stays short
 def test_classifier_tie_lasts_past_the_alias_epoch(tiny_raw, copy_mode, tie, tied):
     """In the original, the student's and the assistant's classifier are one tensor from the
     alias epoch on: after N steps past it they are equal, and each step moves them by both the
@@ -127,7 +127,7 @@ def _count_forwards(state):
         (True, {"teacher": [2], "assistant": [2], "student": [2]}),  # only what the losses need
     ],
 )
-@pytest.mark.slow  # over 10 s: the fast tier stays under 90 s
+@pytest.mark.slow  # over 10 s: the fast tier stays short
 def test_forward_passes_per_step(tiny_raw, efficient, expected):
     state, batches = _state(tiny_raw, efficient=efficient, warmup_copy="once")
     state.iteration = state.warmup_iters + state.iters_per_epoch  # past the alias epoch
@@ -283,7 +283,7 @@ GOLDEN = [[2.42739, 1.76572], [2.29918, 1.52007], [2.4374, 1.22891]]
 
 
 @pytest.mark.usefixtures("deterministic_algorithms")
-@pytest.mark.slow  # over 10 s: the fast tier stays under 90 s
+@pytest.mark.slow  # over 10 s: the fast tier stays short
 def test_golden_losses(tiny_raw):
     state, batches = _state(tiny_raw)
     _after_warmup(state)
@@ -309,7 +309,7 @@ def _spy(monkeypatch, module, name, seen):
 
 @pytest.mark.parametrize("method", ["gta", "mean_teacher"])
 @pytest.mark.parametrize("oracle", [False, True])
-@pytest.mark.slow  # over 10 s: the fast tier stays under 90 s
+@pytest.mark.slow  # over 10 s: the fast tier stays short
 def test_oracle_labels_feed_the_true_masks_into_the_step(tiny_raw, monkeypatch, method, oracle):
     """semi.oracle_labels: the unlabelled loss learns from the unlabelled images' true masks;
     without it, from the teacher's pseudo-labels. The step returns the teacher's pseudo-labels

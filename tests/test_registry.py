@@ -135,6 +135,7 @@ def _promote_worker(uri: str, run_id: str, metric: float, lock_dir: str, barrier
     queue.put((metric, result.version, result.promoted))
 
 
+@pytest.mark.slow  # over 3 s: the fast tier stays short
 def test_concurrent_promotions_end_on_the_best(store: Store, tmp_path: Path) -> None:
     candidates = [("a", 0.30), ("b", 0.90), ("a", 0.50), ("b", 0.70)]
     ctx = mp.get_context("spawn")

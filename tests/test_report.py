@@ -32,6 +32,7 @@ def _assert_export_is(out: Path, network: str) -> None:
 
 
 @pytest.mark.parametrize("report", ["teacher", "student"])
+@pytest.mark.slow  # over 3 s: the fast tier stays short
 def test_the_reported_network_is_selected_kept_and_exported(tiny_raw, tmp_path, report) -> None:
     raw = {**tiny_raw, "eval": {**tiny_raw["eval"], "report": report}}
     raw["train"] = {**raw["train"], "epochs": 3}

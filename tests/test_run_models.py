@@ -32,6 +32,7 @@ def _run_with_export(client: MlflowClient, experiment_id: str, folder: Path, see
     return run_id
 
 
+@pytest.mark.slow  # over 3 s: the fast tier stays short
 def test_the_promoted_runs_get_their_model_at_registration(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

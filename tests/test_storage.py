@@ -477,6 +477,7 @@ def _start_moto_subprocess(port: int) -> subprocess.Popen:
     raise RuntimeError(f"moto server did not start on port {port} within 30 s")
 
 
+@pytest.mark.slow  # over 3 s: the fast tier stays short
 def test_server_killed_mid_run_gives_bounded_retries(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

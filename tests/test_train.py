@@ -49,7 +49,7 @@ def test_tiny_run_writes_outputs_and_logs(tiny_raw, tmp_path):
     assert {"student", "assistant", "teacher", "opt_student", "opt_assistant"} <= set(state)
 
 
-@pytest.mark.slow  # over 10 s: the fast tier stays under 90 s
+@pytest.mark.slow  # over 10 s: the fast tier stays short
 def test_resume_after_interruption_equals_uninterrupted(tiny_raw, tmp_path, monkeypatch):
     cfg = _cfg(tiny_raw, checkpoint_every_iters=4)  # 18 iterations: 9 warm-up + 9 semi
     straight = train_mod.train(cfg, tmp_path / "straight", progress=False)
@@ -81,6 +81,7 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_raw, tmp_path, monk
             assert torch.equal(tensor, b[net][name]), f"{net}.{name}"
 
 
+@pytest.mark.slow  # over 3 s: the fast tier stays short
 def test_on_checkpoint_sees_each_checkpoint_once_written(tiny_raw, tmp_path):
     """The pipeline copies the run folder off the machine in this hook: each call must find the
     checkpoint it names complete (its sha256 sidecar written) and at the iteration it was saved."""
@@ -115,6 +116,7 @@ def _history(out):
         return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(fh)]
 
 
+@pytest.mark.slow  # over 3 s: the fast tier stays short
 def test_the_student_is_scored_until_the_warmup_ends(tiny_raw, tmp_path):
     """The original's `validate` scores the student after each warm-up epoch and the teacher
     afterwards; the selection metric (`val_miou`, best.pt) follows it. The teacher is only a
@@ -129,6 +131,7 @@ def test_the_student_is_scored_until_the_warmup_ends(tiny_raw, tmp_path):
     assert rows[1]["val_miou_teacher"] != rows[1]["val_miou_student"]  # not a copy yet
 
 
+@pytest.mark.slow  # over 3 s: the fast tier stays short
 def test_warmup_equals_the_supervised_run_of_the_same_seed(tiny_raw, tmp_path):
     """With warmup_copy: once, a GTA-Seg run's warm-up trains exactly like `supervised` with the
     same seed, evaluations between its epochs included (they must not draw from the training's
@@ -147,6 +150,7 @@ def test_warmup_equals_the_supervised_run_of_the_same_seed(tiny_raw, tmp_path):
         assert torch.equal(tensor, b["student"][name]), name
 
 
+@pytest.mark.slow  # over 3 s: the fast tier stays short
 def test_gtaseg_train_imports_only_what_training_needs(tiny_raw, tmp_path):
     """`gtaseg train` without tracking loads no mlflow, matplotlib, pandas, sklearn or prefect
     (seconds of start-up in every pipeline stage), and `gtaseg --help` not even torch."""
