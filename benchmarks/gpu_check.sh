@@ -2,7 +2,7 @@
 # The GPU checks in one go, on a CUDA machine (CI never has one): the GPU-marked tests (AMP bf16
 # and fp16, channels_last, torch.compile, no host syncs), the step benchmark and the loop benchmark
 # (whole training loops, data included) in fp32 and bf16 + channels_last at the demo size and the
-# paper's VOC size, a torchrun (NCCL) training smoke run and AMP training smoke runs.
+# paper's VOC size with the 80-epoch VOC run's hours projected from it, a torchrun (NCCL) training smoke run and AMP training smoke runs.
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
 set -u
 out=${1:-results/gpu}
@@ -21,6 +21,11 @@ step bench demo fp32;            bench demo_fp32 --steps 20 --warmup 3
 step bench demo bf16 + NHWC;     bench demo_bf16_cl --steps 20 --warmup 3 --amp bf16 --channels-last
 step bench VOC 513 fp32;         bench voc_fp32 --config configs/voc_classic.yaml --size 513 --batch 3 --steps 8
 step bench VOC 513 bf16 + NHWC;  bench voc_bf16_cl --config configs/voc_classic.yaml --size 513 --batch 3 --steps 8 --amp bf16 --channels-last
+step "VOC aug 80 epochs (866 iterations each), projected from the 513 steps"
+for b in voc_fp32 voc_bf16_cl; do
+    $py benchmarks/project_voc_run.py "$out/bench_$b.json" --config configs/voc_aug.yaml \
+        --out "$out/projection_$b.md"
+done
 loop() { local name=$1; shift; timeout 300 $py -m gtaseg.cli bench-loop --device cuda --work "$out/bench_loop" --out "$out/bench_loop_$name.json" "$@"; }
 step loop bench 64 px fp32;               loop 64_fp32 --rounds 3
 step loop bench 64 px bf16 + NHWC;        loop 64_bf16_cl --rounds 3 --amp bf16 --channels-last
