@@ -2,7 +2,8 @@
 # The GPU checks in one go, on a CUDA machine (CI never has one): the GPU-marked tests (AMP bf16
 # and fp16, channels_last, torch.compile, no host syncs), the step benchmark and the loop benchmark
 # (whole training loops, data included) in fp32 and bf16 + channels_last at the demo size and the
-# paper's VOC size with the 80-epoch VOC run's hours projected from it, a torchrun (NCCL) training smoke run and AMP training smoke runs.
+# paper's VOC size, the 80-epoch VOC run's hours projected from the 513 steps
+# (benchmarks/project_voc_run.py), a torchrun (NCCL) training smoke run and AMP smoke runs.
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
 set -u
 out=${1:-results/gpu}
