@@ -533,6 +533,7 @@ def test_an_internal_bug_in_a_stage_is_not_reported_as_bad_input(
     ],
     ids=["gtaseg", "pipelines.stages"],
 )
+@pytest.mark.slow  # over 2 s: the fast tier stays short
 def test_a_yaml_syntax_error_is_one_line_and_exit_2_in_a_real_process(
     argv: list[str], prefix: str, tmp_path: Path
 ) -> None:

@@ -62,6 +62,7 @@ def test_without_a_requirement_auto_still_falls_back_to_the_cpu(monkeypatch) -> 
     assert device.type == ("cuda" if _visible() else "cpu")
 
 
+@pytest.mark.slow  # over 2 s: the fast tier stays short
 def test_gtaseg_train_short_of_gpus_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     """The command a job runs: exit 2, one error line, no traceback, nothing written."""
     need = _visible() + 1

@@ -171,6 +171,7 @@ def test_the_original_encoder_needs_the_originals_head_and_stride(change):
 
 
 @pytest.mark.parametrize("side", [513, pytest.param(769, marks=pytest.mark.slow)])
+@pytest.mark.slow  # over 2 s: the fast tier stays short
 def test_paper_crops_run_unpadded_and_logits_map_exactly(model, side):
     """The encoder sees the crop itself (no padding to a stride multiple) and the logits are the
     classifier's stride-4 grid ((side - 1) / 4 + 1) upsampled to the crop, align_corners=True."""

@@ -21,6 +21,7 @@ def _cfg(raw, **train):
     return config_from_dict({**raw, "train": {**raw["train"], **train}})
 
 
+@pytest.mark.slow  # over 2 s: the fast tier stays short
 def test_tiny_run_writes_outputs_and_logs(tiny_raw, tmp_path):
     cfg = _cfg(tiny_raw, max_iters=12)
     tracker = JsonlTracker(tmp_path / "log.jsonl")
