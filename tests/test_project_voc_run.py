@@ -3,24 +3,18 @@ profile's iterations and epochs, and the global batch on one GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def projection():
-    spec = importlib.util.spec_from_file_location(
-        "project_voc_run", ROOT / "benchmarks" / "project_voc_run.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("project_voc_run")
 
 
 def _bench(batch: int) -> dict:

@@ -5,18 +5,13 @@ and the per-epoch gain over the supervised run of the same seed."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load
 
 
 def _quality():
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("quality")
 
 
 def _row(ratio: str, method: str, seed: int, best: float, final: float, rc: int = 0) -> dict:

@@ -3,20 +3,7 @@ same dataset, ratio and seed; oracle twins and full-label runs left out."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location(
-        "quality_worst_case", ROOT / "benchmarks" / "quality_worst_case.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load
 
 
 def _row(ratio: str, method: str, seed: str, best: float) -> dict[str, str]:
@@ -33,7 +20,7 @@ def test_worst_cell_mean_gain_and_cells_ahead():
         _row("full", "supervised", "0", 0.60),
         _row("1_4", "gta", "0", 0.70),  # no supervised run of that ratio: not a cell
     ]
-    worst = _module()
+    worst = load("quality_worst_case")
     per_method = worst.gains(rows)
     assert set(per_method) == {"gta"}
     assert sorted(round(g, 6) for g, _ in per_method["gta"]) == [-1.0, 3.0]
