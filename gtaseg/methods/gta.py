@@ -43,8 +43,9 @@ def train_step(state: TrainState, batch: Batch) -> StepOutput:
     aliasing = semi.warmup_copy == "alias" and state.semi_step < state.iters_per_epoch
     tied = semi.tie_lasts and not aliasing
     teacher = state.require_teacher()
+    student, assistant = unwrap(state.student), unwrap(state.require_assistant())
     if aliasing or state.semi_step == 0:
-        copy_from_student(state, teacher, unwrap(state.require_assistant()))
+        copy_from_student(state, teacher, assistant)
     x_u_raw = unlabelled_images(batch)
     conf_u, pseudo_u = pseudo_label(state, x_u_raw)
     targets_u = learning_targets(state, pseudo_u, batch.y_u)
@@ -53,8 +54,7 @@ def train_step(state: TrainState, batch: Batch) -> StepOutput:
     if aliasing:
         share_assistant_update(state)
     elif tied:
-        copy_classifier(state, unwrap(state.require_assistant()), unwrap(state.student))
-    student, assistant = unwrap(state.student), unwrap(state.require_assistant())
+        copy_classifier(state, assistant, student)
     cap = decay_cap(semi.transfer_decay, semi.transfer_horizon, state.semi_iters)
     decay = ema_decay(state.semi_step, cap) if semi.transfer_ramp else cap
     ema_update(student, assistant, decay, exclude=student_classifier(state))
