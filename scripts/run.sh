@@ -2,7 +2,8 @@
 # gtaseg's one entry point: sets up the pinned environment on first use, then runs a task.
 #   bash scripts/run.sh demo    the whole pipeline on the dataset params.yaml names (dvc repro;
 #                               extra arguments go to dvc repro)
-#   bash scripts/run.sh test    the test suite (what CI runs)
+#   bash scripts/run.sh test    the test suite (what CI runs), over GTASEG_TEST_WORKERS pytest
+#                               workers (default 2; -n 0 after `test` runs it in one process)
 #   bash scripts/run.sh env     only set up the environment
 #   bash scripts/run.sh -- CMD  run CMD inside the environment (e.g. -- gtaseg --help)
 set -euo pipefail
@@ -45,7 +46,8 @@ task="${1:-help}"; shift || true
 case "$task" in
   env) echo "[gtaseg] environment ready: $venv" ;;
   demo) exec dvc repro "$@" ;;
-  test) exec python -m pytest -q "$@" ;;
+  # Whole test files per worker (--dist loadfile): a module's servers and runs start once.
+  test) exec python -m pytest -q -n "${GTASEG_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
   --) exec "$@" ;;
-  *) sed -n '2,7p' "$0"; exit 2 ;;
+  *) sed -n '2,8p' "$0"; exit 2 ;;
 esac

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,32 @@ def _load_env_defaults() -> None:
             os.environ.setdefault(key.strip(), value.strip())
 
 
+def _share_the_cores_between_workers() -> int:
+    """Under pytest-xdist (`-n N`), each worker and each process it starts gets its share of
+    the cores (intra-op threads past a core each run ~10x slower, see `one_torch_thread`), and
+    its own Prefect home, so the temporary local API servers of two workers never share one
+    database. Returns the torch threads for this process."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = os.cpu_count() or 1
+    if workers <= 1:
+        return min(2, cores)
+    threads = max(1, cores // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    home = Path(tempfile.gettempdir()) / f"gtaseg-tests-prefect-{os.getpid()}-{worker}"
+    os.environ["PREFECT_HOME"] = str(home)
+    return threads
+
+
 _load_env_defaults()
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(_share_the_cores_between_workers())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A worker's own Prefect home (see above) goes with the worker."""
+    home = os.environ.get("PREFECT_HOME", "")
+    if Path(home).name.startswith("gtaseg-tests-prefect-"):
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
