@@ -69,6 +69,17 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def two_torch_threads():
+    """Golden values recorded with 2 intra-op threads: a CPU kernel's result can depend on how
+    its work is split between threads, and a few training steps carry such a difference from
+    the last bits to the fourth decimal. Under pytest-xdist a worker otherwise runs with 1."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def restore_mlflow_uri(monkeypatch) -> None:
     """Undo what a tracked run does to mlflow's process-wide state (log_model's URI switch leaves
