@@ -78,6 +78,7 @@ class DiskPeak:
 def run_tier(tier: str, durations: Path) -> dict[str, object]:
     """Run `tier` once; its row. The last line pytest prints holds the counts."""
     command = TIERS[tier]
+    tree = commit()  # before the run writes its durations file into the tree
     load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
@@ -92,6 +93,9 @@ def run_tier(tier: str, durations: Path) -> dict[str, object]:
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     counts = {kind.rstrip("s") if kind.startswith("error") else kind: int(n)
               for n, kind in COUNT.findall(summary)}  # fmt: skip
+    for line in out.stdout.splitlines():  # the short summary's failed tests, by name
+        if line.startswith(("FAILED ", "ERROR ")):
+            sys.stderr.write(line + "\n")
     if out.returncode not in (0, 1):  # 1: some tests failed (counted); anything else: no run
         sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
         raise SystemExit(f"{' '.join(command)} exited {out.returncode}")
@@ -109,7 +113,7 @@ def run_tier(tier: str, durations: Path) -> dict[str, object]:
         "load_1min_before": round(load, 2),
         "cpus": os.cpu_count(),
         "cpu": cpu_model(),
-        "commit": commit(),
+        "commit": tree,
         "peak_disk_mb": round(disk.peak / 2**20),
     }
 
