@@ -93,9 +93,11 @@ def run_tier(tier: str, durations: Path) -> dict[str, object]:
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     counts = {kind.rstrip("s") if kind.startswith("error") else kind: int(n)
               for n, kind in COUNT.findall(summary)}  # fmt: skip
+    log = Path(tempfile.gettempdir()) / f"gtaseg-test-times-{tier}.log"
+    log.write_text(out.stdout + out.stderr)  # what failed, and why
     for line in out.stdout.splitlines():  # the short summary's failed tests, by name
         if line.startswith(("FAILED ", "ERROR ")):
-            sys.stderr.write(line + "\n")
+            sys.stderr.write(f"{line} (pytest's output: {log})\n")
     if out.returncode not in (0, 1):  # 1: some tests failed (counted); anything else: no run
         sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
         raise SystemExit(f"{' '.join(command)} exited {out.returncode}")
