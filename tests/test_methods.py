@@ -103,7 +103,7 @@ def test_classifier_tie_lasts_past_the_alias_epoch(tiny_raw, copy_mode, tie, tie
     )
     assert not all(torch.equal(a, b) for a, b in body)
     if tied:  # the next step moves the shared classifier by both updates, not the student's alone
-        before = [p.clone() for p in s_head]
+        before = [p.detach().clone() for p in s_head]
         set_lrs(state)
         get_step("gta")(state, batches[0])
         moved = [a.detach() - b for a, b in zip(s_head, before, strict=True)]
