@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -59,14 +61,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` inside the block, restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Two intra-op threads on a busy 2-core CI machine run ~10x slower than one
     (oversubscription); modules that train in-process use this."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture
@@ -74,10 +85,8 @@ def two_torch_threads():
     """Golden values recorded with 2 intra-op threads: a CPU kernel's result can depend on how
     its work is split between threads, and a few training steps carry such a difference from
     the last bits to the fourth decimal. Under pytest-xdist a worker otherwise runs with 1."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture(autouse=True)
