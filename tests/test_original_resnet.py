@@ -1,6 +1,7 @@
 """`model.encoder: original_resnet101` is the original GTA-Seg ResNet-101: its state-dict names and
 shapes, its convolution geometry (deep stem, ceil-mode pool, multi-grid 4/8/16 at output stride 8),
-checkpoints in its layouts loading by name, and its 513 / 769 geometry without padding.
+checkpoints in its layouts loading by name, and its geometry without padding (at 65 here; at 513
+and 769 in the profiles' networks, tests/test_profiles_real_size.py).
 
 The facts come from tests/fixtures/original_resnet101.txt, listed from the original's own source
 by scripts/list_original_resnet.py (its header names the file and commit)."""
@@ -170,11 +171,12 @@ def test_the_original_encoder_needs_the_originals_head_and_stride(change):
         build_model(replace(ORIGINAL, **change), 3)
 
 
-@pytest.mark.parametrize("side", [513, pytest.param(769, marks=pytest.mark.slow)])
-@pytest.mark.slow  # over 2 s: the fast tier stays short
-def test_paper_crops_run_unpadded_and_logits_map_exactly(model, side):
+def test_evaluation_runs_unpadded_and_logits_map_exactly(model):
     """The encoder sees the crop itself (no padding to a stride multiple) and the logits are the
-    classifier's stride-4 grid ((side - 1) / 4 + 1) upsampled to the crop, align_corners=True."""
+    classifier's stride-4 grid ((side - 1) / 4 + 1) upsampled to the crop, align_corners=True.
+    At 65, a side of the paper's form 8k + 1 (513, 769: their networks at those crops run in
+    tests/test_profiles_real_size.py)."""
+    side = 65
     seen: dict[str, torch.Tensor] = {}
     probes = [
         model.encoder.register_forward_pre_hook(lambda m, args: seen.update(x=args[0])),
@@ -189,7 +191,7 @@ def test_paper_crops_run_unpadded_and_logits_map_exactly(model, side):
             probe.remove()
     assert seen["x"].shape == x.shape
     low = seen["low"]
-    assert low.shape == (1, NUM_CLASSES, (side - 1) // 4 + 1, (side - 1) // 4 + 1)  # 129, 193
+    assert low.shape == (1, NUM_CLASSES, (side - 1) // 4 + 1, (side - 1) // 4 + 1)  # 17
     assert logits.shape == (1, NUM_CLASSES, side, side)
     expected = F.interpolate(low, size=(side, side), mode="bilinear", align_corners=True)
     torch.testing.assert_close(logits, expected)

@@ -4,9 +4,11 @@ two iterations of each method through the training loop with the metric that get
 
 Lean on purpose (CI's whole budget is ~20 minutes on 2 cores): one ResNet-101 training step at
 513 is about a minute of one CPU thread, a GTA-Seg step several. So the real geometry is checked
-by forwards of each profile's network at its crop (logits, the auxiliary head's, the validation
-crop), and the steps run at a small crop with every other setting of the profile; the global
-batch arithmetic is checked on the profile's config, where it lives, not by running it.
+by a training forward of each profile's network at its crop (the original's unpadded geometry,
+the logits and the auxiliary head's),
+the validation crop's shape, and the evaluated teacher's parameters against the student's; the
+steps run at a small crop with every other setting of the profile; the global batch arithmetic
+is checked on the profile's config, where it lives, not by running it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from data_fixtures import make_cityscapes, make_voc
 
 from gtaseg.config import Config, apply_overrides, load_config
@@ -89,19 +92,49 @@ def test_profile_networks_at_the_real_crop(name: str, tmp_path: Path) -> None:
         return
     state = build_state(cfg, torch.device("cpu"), iters_per_epoch=1)
     student = unwrap(state.student).train()
-    logits = student(batch.x_l)  # grad on: the auxiliary head runs, as in a training step
-    assert logits.shape == (2, classes, crop, crop)
+    # One image (a ResNet-101 forward at 769 is ~20 s of a CPU thread): batch norm on its
+    # running statistics, as ASPP's image-pool BN cannot normalise a single 1x1 map; grad on and
+    # the rest in train mode, so the auxiliary head runs, as in a training step.
+    for module in student.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    seen: dict[str, torch.Tensor] = {}
+    probes = [
+        student.encoder.register_forward_pre_hook(lambda m, args: seen.update(x=args[0])),
+        student.segmentation_head.register_forward_hook(lambda m, a, out: seen.update(low=out)),
+    ]
+    try:
+        logits = student(batch.x_l[:1])
+    finally:
+        for probe in probes:
+            probe.remove()
+    # The original's geometry: the encoder sees the crop itself (no padding to a stride
+    # multiple), and the classifier's stride-4 grid, (crop - 1) / 4 + 1 = 129 (of 513) or 193 (of
+    # 769), is upsampled to the crop with align_corners=True: grid point i on pixel 4i.
+    assert seen["x"].shape == (1, 3, crop, crop)
+    grid = (crop - 1) // 4 + 1
+    low = seen["low"].detach()
+    assert low.shape == (1, classes, grid, grid)
+    assert logits.shape == (1, classes, crop, crop)
+    expected = F.interpolate(low, size=(crop, crop), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(logits.detach(), expected)
+    torch.testing.assert_close(logits.detach()[..., ::4, ::4], low)
     aux_logits = take_aux_logits(student)
     stride8 = -(-crop // 8)  # layer3 at output stride 8: 65 (of 513), 97 (of 769)
-    expected_aux = (2, classes, stride8, stride8) if aux else None
+    expected_aux = (1, classes, stride8, stride8) if aux else None
     assert (None if aux_logits is None else tuple(aux_logits.shape)) == expected_aux
     del logits, aux_logits
     val = next(iter(make_val_data(cfg.data, 1)))
     assert cfg.eval.mode == "center_crop" and cfg.eval.crop_size == crop  # as the original's
     x_val, y_val = center_crop(val.x, val.y, crop, cfg.data.pad_label)
     assert x_val.shape[-2:] == y_val.shape[-2:] == (crop, crop)
-    with torch.no_grad():
-        assert state.teacher.eval()(x_val).shape == (1, classes, crop, crop)
+    # The evaluated network (the teacher, eval.report) is the student's architecture, so its
+    # forward at this crop has the shape checked above: its parameters, name for name.
+    assert _shapes(state.require_teacher()) == _shapes(student)
+
+
+def _shapes(network: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in network.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -109,10 +142,17 @@ def test_profile_two_iterations_of_each_method(name: str, tmp_path: Path) -> Non
     """Two steps of supervised, mean teacher and GTA-Seg with the profile's settings (its
     ResNet-101, head, losses, decays, warm-up) at a 65 px crop, 2 + 1 images a step (the ASPP
     image-pool BN needs two images in a training forward); the registered metric follows
-    eval.report: teacher."""
+    eval.report: teacher. voc_aug differs from voc_classic in its data alone (checked), so it
+    runs GTA-Seg's steps only, on its own tree."""
     _, classes, _, _ = PROFILES[name]
     base = _profile(name, tmp_path / "data")
-    for method in ("supervised", "mean_teacher", "gta"):
+    methods = ["supervised", "mean_teacher", "gta"]
+    if name == "voc_aug":  # voc_classic's steps on another tree: GTA-Seg's alone, on its data
+        classic = load_config(CONFIGS / "voc_classic.yaml")
+        classic = replace(classic, model=replace(classic.model, encoder_weights=None))
+        assert replace(classic, data=base.data) == base
+        methods = ["gta"]
+    for method in methods:
         cfg = apply_overrides(
             base,
             [
