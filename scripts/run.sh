@@ -3,7 +3,7 @@
 #   bash scripts/run.sh demo    the whole pipeline on the dataset params.yaml names (dvc repro;
 #                               extra arguments go to dvc repro)
 #   bash scripts/run.sh test    the test suite (what CI runs), over GTASEG_TEST_WORKERS pytest
-#                               workers (default 2; -n 0 after `test` runs it in one process)
+#                               workers (default: cores + 1; -n 0 after `test`: one process)
 #   bash scripts/run.sh env     only set up the environment
 #   bash scripts/run.sh -- CMD  run CMD inside the environment (e.g. -- gtaseg --help)
 set -euo pipefail
@@ -46,8 +46,12 @@ task="${1:-help}"; shift || true
 case "$task" in
   env) echo "[gtaseg] environment ready: $venv" ;;
   demo) exec dvc repro "$@" ;;
-  # Whole test files per worker (--dist loadfile): a module's servers and runs start once.
-  test) exec python -m pytest -q -n "${GTASEG_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
+  # One worker more than the cores: a worker waiting on a server, a subprocess or a disk flush
+  # leaves its core to another. Whole test files per worker (--dist loadfile): a module's servers
+  # and runs start once; the longest files first, in the order tests/conftest.py gives them
+  # (--no-loadscope-reorder).
+  test) exec python -m pytest -q -n "${GTASEG_TEST_WORKERS:-$(( $(nproc) + 1 ))}" \
+    --dist loadfile --no-loadscope-reorder "$@" ;;
   --) exec "$@" ;;
   *) sed -n '2,8p' "$0"; exit 2 ;;
 esac

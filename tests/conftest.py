@@ -52,7 +52,27 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(home, ignore_errors=True)
 
 
+# The longest modules, longest first (benchmarks/results/test_durations_full.txt): whole files go
+# to the workers in collection order (scripts/run.sh: --dist loadfile --no-loadscope-reorder), so
+# these start at once and the short ones fill in around them, instead of test_scaleout.py (a
+# chain of sweeps, ~6 minutes) starting last and running alone at the end.
+LONGEST_FIRST = (
+    "test_scaleout.py",
+    "test_profiles_real_size.py",
+    "test_pipeline.py",
+    "test_bench.py",
+    "test_pipeline_data.py",
+    "test_reliability.py",
+)
+
+
+def _start_order(item: pytest.Item) -> int:
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_start_order)  # stable: within a module and among the rest, file order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; none is present (CI never has one)")
