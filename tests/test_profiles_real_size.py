@@ -5,10 +5,10 @@ two iterations of each method through the training loop with the metric that get
 Lean on purpose (CI's whole budget is ~20 minutes on 2 cores): one ResNet-101 training step at
 513 is about a minute of one CPU thread, a GTA-Seg step several. So the real geometry is checked
 by a training forward of each profile's network at its crop (the original's unpadded geometry,
-the logits and the auxiliary head's),
-the validation crop's shape, and the evaluated teacher's parameters against the student's; the
-steps run at a small crop with every other setting of the profile; the global batch arithmetic
-is checked on the profile's config, where it lives, not by running it.
+the logits and the auxiliary head's), the validation crop's shape, and the evaluated teacher's
+parameters against the student's; the steps run at a small crop with every other setting of the
+profile; the global batch arithmetic is checked on the profile's config, where it lives, not by
+running it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from data_fixtures import make_cityscapes, make_voc
+from geometry import forward_with_original_geometry
 
 from gtaseg.config import Config, apply_overrides, load_config
 from gtaseg.data.formats import list_samples
@@ -98,27 +98,8 @@ def test_profile_networks_at_the_real_crop(name: str, tmp_path: Path) -> None:
     for module in student.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
-    seen: dict[str, torch.Tensor] = {}
-    probes = [
-        student.encoder.register_forward_pre_hook(lambda m, args: seen.update(x=args[0])),
-        student.segmentation_head.register_forward_hook(lambda m, a, out: seen.update(low=out)),
-    ]
-    try:
-        logits = student(batch.x_l[:1])
-    finally:
-        for probe in probes:
-            probe.remove()
-    # The original's geometry: the encoder sees the crop itself (no padding to a stride
-    # multiple), and the classifier's stride-4 grid, (crop - 1) / 4 + 1 = 129 (of 513) or 193 (of
-    # 769), is upsampled to the crop with align_corners=True: grid point i on pixel 4i.
-    assert seen["x"].shape == (1, 3, crop, crop)
-    grid = (crop - 1) // 4 + 1
-    low = seen["low"].detach()
-    assert low.shape == (1, classes, grid, grid)
-    assert logits.shape == (1, classes, crop, crop)
-    expected = F.interpolate(low, size=(crop, crop), mode="bilinear", align_corners=True)
-    torch.testing.assert_close(logits.detach(), expected)
-    torch.testing.assert_close(logits.detach()[..., ::4, ::4], low)
+    # the original's geometry at the real crop (tests/geometry.py)
+    logits = forward_with_original_geometry(student, student, batch.x_l[:1], classes)
     aux_logits = take_aux_logits(student)
     stride8 = -(-crop // 8)  # layer3 at output stride 8: 65 (of 513), 97 (of 769)
     expected_aux = (1, classes, stride8, stride8) if aux else None
