@@ -11,11 +11,13 @@ tracking URI is an http(s) server (a sqlite store has no UI address: the run ids
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,6 +37,12 @@ EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_dev
 DATASET_CONTEXT = "training"  # mlflow.data's context tag: what the run did with the dataset
 # MLflow's own switch for system metrics; here they are on unless it is set to false
 SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
+# An experiment tag the MLflow UI reads as a view of its runs table, opened by the page's URL
+# parameter `viewStateShareKey=<key>` (what its "Share" button writes).
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+# On each run a sweep's comparison counts: the id of the parent run that counted it last.
+CURRENT_TAG = "gtaseg.current."  # + the sweep's name
+RATIO_TAG, METHOD_TAG = "gtaseg.ratio", "gtaseg.method"  # on every cell run (pipelines.cells)
 
 
 def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
@@ -153,6 +161,12 @@ def comparison_note(
             f"({champion['metric']:.4f})."
         )
         lines.append("")
+    if url := links.get("view"):
+        lines.append(
+            f"**[The cells by label ratio and method]({url})**: the runs table, one row per "
+            f"label ratio and method with the means over seeds (expand a row for its seeds)."
+        )
+        lines.append("")
     lines.append(
         f"Each cell of the sweep is a child run of this one (expand the row). Metrics "
         f"`{metric}/<method>/<ratio>` hold the means above as fractions; the table is the "
@@ -185,6 +199,71 @@ def log_comparison(
     client.log_table(run_id, summary_stats(results, metric).round(4), COMPARISON_TABLE)
     table = markdown_table(summary_table(results, metric))
     client.set_tag(run_id, NOTE_TAG, comparison_note(table, metric, champion, links or {}))
+
+
+# -- the experiment's comparison view -------------------------------------------------------------
+
+
+def comparison_view_key(sweep: str) -> str:
+    """The view's key in its URL and tag name: one per sweep name."""
+    return "gtaseg-" + re.sub(r"[^A-Za-z0-9_.-]", "_", sweep)
+
+
+def comparison_view(
+    sweep: str, parent_run_id: str, metric: str, cells: Iterable[tuple[str, str]]
+) -> dict[str, Any]:
+    """The MLflow UI's runs table as a comparison: the runs the parent run `parent_run_id`
+    counted (tag CURRENT_TAG + sweep), one collapsed row per label ratio and method (`cells`:
+    (ratio as in the tags, method)) holding the mean over seeds of `metric` and of the
+    student's best, in the order of the labelled fraction; a row expands to its seeds."""
+    columns = [f"metrics.`{name}`" for name in dict.fromkeys((metric, STUDENT_METRIC))]
+    params = ["params.`labeled_fraction`", "params.`labeled_count`"]
+    run_name = "attributes.`Run Name`"  # the grid's id of the name column (the group's label)
+    groups = [{"mode": "tag", "groupByData": key} for key in (RATIO_TAG, METHOD_TAG)]
+    return {
+        "searchFilter": f"tags.`{CURRENT_TAG}{sweep}` = '{parent_run_id}'",
+        "orderByKey": params[0],
+        "orderByAsc": True,
+        "selectedColumns": columns + params,
+        "columnOrder": [run_name, *columns, *params],
+        "columnWidths": {run_name: 420, **dict.fromkeys(columns, 240)},
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": groups},
+        # the UI's id of a group: each key as <mode>.<tag>.<value>, joined by commas
+        "groupsExpanded": {
+            f"tag.{RATIO_TAG}.{ratio},tag.{METHOD_TAG}.{method}": False
+            for ratio, method in dict.fromkeys(cells)
+        },
+        "useGroupedValuesInCharts": True,
+    }
+
+
+def log_comparison_view(
+    client: MlflowClient,
+    experiment_id: str,
+    sweep: str,
+    parent_run_id: str,
+    metric: str,
+    cells: Mapping[str, tuple[str, str]],
+) -> str:
+    """Mark the runs `cells` ({run id: (ratio, method)}) as the ones `parent_run_id` counted and
+    store the comparison view of them on the experiment; returns the view's key. A later
+    invocation of the sweep marks its own runs, so runs of earlier inputs drop out of the view."""
+    for run_id in cells:
+        client.set_tag(run_id, CURRENT_TAG + sweep, parent_run_id)
+    key = comparison_view_key(sweep)
+    view = comparison_view(sweep, parent_run_id, metric, cells.values())
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(view))
+    return key
+
+
+def comparison_view_url(uri: str, experiment_id: str, key: str) -> str | None:
+    """The experiment's runs table in the comparison view `key`; None for stores without a UI."""
+    if not is_http(uri):
+        return None
+    return (
+        f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={key}"
+        "&compareRunsMode=TABLE"
+    )
 
 
 def _now_ms() -> int:

@@ -177,6 +177,8 @@ def publish_sweep_report(
     lines = [f"# {sweep}: label-ratio comparison", "", summary_md.strip(), ""]
     parent = links.get("parent_run_id") or ""
     lines.append(f"MLflow parent run (the comparison): {_link(parent, links.get('parent'))}")
+    if view := links.get("view"):
+        lines.append(f"\nMLflow runs table by label ratio and method: [open the view]({view})")
     if champion:
         version = f"{champion['model_name']} version {champion['version']}"
         lines.append(
@@ -205,7 +207,12 @@ def report_sweep(
     from mlflow.tracking import MlflowClient
 
     from pipelines.compare import collect_results, markdown_table, summary_table
-    from pipelines.mlflow_views import model_version_url, run_url
+    from pipelines.mlflow_views import (
+        comparison_view_key,
+        comparison_view_url,
+        model_version_url,
+        run_url,
+    )
     from pipelines.params import tracking_uri
     from pipelines.results import current_runs
 
@@ -238,6 +245,7 @@ def report_sweep(
         "parent": run_url(uri, experiment, registered.get("sweep_run_id") or ""),
         "champion": model_version_url(uri, t.model_name, champion["version"]),
         "champion_run": run_url(uri, experiment, champion["run_id"]),
+        "view": comparison_view_url(uri, experiment, comparison_view_key(t.sweep_name)),
     }
     summary = (
         f"Best mIoU (%, `{t.champion_metric}`, what ranks the runs), mean ± std over seeds:\n\n"

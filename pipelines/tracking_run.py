@@ -37,7 +37,9 @@ from pipelines.mlflow_store import dvc_experiment_tags, experiment_id
 from pipelines.mlflow_views import (
     NOTE_TAG,
     SystemMetrics,
+    comparison_view_url,
     log_comparison,
+    log_comparison_view,
     log_split_input,
     mark_model_training,
     model_version_url,
@@ -109,7 +111,8 @@ def _log_sweep_comparison(
     from pipelines.results import current_runs
 
     uri, t = tracking_uri(params), params.tracking
-    rows = [cell.row() for cell in current_runs(params)]
+    cells = current_runs(params)
+    rows = [cell.row() for cell in cells]
     champion = next((dict(r) for r in rows if r["run_id"] == champion_run), None)
     champion = champion if version is not None else None
     links = {}
@@ -118,6 +121,12 @@ def _log_sweep_comparison(
         links["champion"] = model_version_url(uri, t.model_name, version) or ""
     if link := flow_run_link():
         links["prefect"] = link[1] or link[0]
+    client = MlflowClient(uri)
+    experiment = client.get_run(run_id).info.experiment_id
+    shown = {c.run_id: (c.ratio, c.method) for c in cells}
+    key = log_comparison_view(client, experiment, t.sweep_name, run_id, t.champion_metric, shown)
+    if url := comparison_view_url(uri, experiment, key):
+        links["view"] = url
     log_comparison(uri, run_id, collect_results(rows), t.champion_metric, champion, links)
 
 

@@ -99,6 +99,8 @@ def pages(mlflow: str, prefect_ui: str, scratch: Path) -> dict[str, str]:
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    from pipelines.mlflow_views import comparison_view_key, comparison_view_url
+
     client = MlflowClient(mlflow)
     params = yaml.safe_load((scratch / "params.yaml").read_text())
     experiment = client.get_experiment_by_name(params["tracking"]["experiment"]).experiment_id
@@ -113,7 +115,11 @@ def pages(mlflow: str, prefect_ui: str, scratch: Path) -> dict[str, str]:
         }
     artifact = f"{prefect_ui}/artifacts/artifact"
     runs = f"{mlflow}/#/experiments/{experiment}/runs"
+    view = comparison_view_url(
+        mlflow, experiment, comparison_view_key(params["tracking"]["sweep_name"])
+    )
     return {
+        "mlflow_comparison_view@2200x1000": view,
         "mlflow_experiment@2200x1000": f"{runs}?workflowType=machine_learning",
         "mlflow_experiment_charts@2200x1400": f"{runs}?workflowType=machine_learning"
         "&compareRunsMode=CHART",

@@ -294,7 +294,14 @@ def test_sweep_deployment_fans_cells_out_over_workers_without_shared_disk(stack)
         assert {"metrics.json", "config.yaml", "checkpoints/last.pt"} <= files, method
         assert any(f.startswith("student_smp/") for f in files), method
     assert any(runs["parent"].info.run_id in k and k.endswith("summary.md") for k in stored)
+    # the experiment's comparison view (the runs table by label ratio and method) holds the cells
     client = MlflowClient(stack.mlflow.uri)
+    experiment = client.get_experiment_by_name("scaleout")
+    view = json.loads(experiment.tags["mlflow.sharedViewState.gtaseg-scaleout"])
+    shown = client.search_runs([experiment.experiment_id], view["searchFilter"])
+    assert {r.info.run_id for r in shown} == {runs[m].info.run_id for m in
+                                              ("supervised", "mean_teacher", "gta")}  # fmt: skip
+    assert "viewStateShareKey=gtaseg-scaleout" in runs["parent"].data.tags["mlflow.note.content"]
     champion = client.get_model_version_by_alias("scaleout-student", "champion")
     assert champion.run_id in {runs[m].info.run_id for m in ("supervised", "mean_teacher", "gta")}
     model_id = champion.source.removeprefix("models:/")  # the logged model, stored in S3 too

@@ -18,8 +18,11 @@ from pipelines.compare import collect_results
 from pipelines.mlflow_views import (
     COMPARISON_TABLE,
     NOTE_TAG,
+    SHARED_VIEW_TAG,
     SystemMetrics,
+    comparison_view_url,
     log_comparison,
+    log_comparison_view,
     log_split_input,
     model_version_url,
     run_url,
@@ -69,6 +72,84 @@ def test_parent_run_carries_the_comparison(store, tmp_path):
     assert [(r["method"], r["ratio"], r["n_seeds"]) for r in rows] == [
         ("gta", "1/16", 2), ("gta", "1/4", 1), ("supervised", "1/16", 1), ("supervised", "full", 1)
     ]  # fmt: skip
+
+
+def _cell_run(client: MlflowClient, experiment: str, ratio: str, method: str, miou: float) -> str:
+    run = client.create_run(experiment, tags={"gtaseg.ratio": ratio, "gtaseg.method": method})
+    client.log_metric(run.info.run_id, METRIC, miou)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def test_the_comparison_view_shows_the_counted_runs_grouped_by_ratio_and_method(store):
+    uri, client, experiment = store
+    stale = _cell_run(client, experiment, "1_4", "gta", 0.1)  # of earlier inputs
+    first = client.create_run(experiment, run_name="demo-sweep").info.run_id
+    cells = {_cell_run(client, experiment, r, m, v): (r, m) for r, m, v in
+             [("1_16", "gta", 0.5), ("1_16", "gta", 0.6), ("1_4", "supervised", 0.4)]}  # fmt: skip
+    key = log_comparison_view(client, experiment, "demo sweep", first, METRIC, cells)
+    assert key == "gtaseg-demo_sweep"
+    view = json.loads(client.get_experiment(experiment).tags[SHARED_VIEW_TAG + key])
+    # the view's filter, run by MLflow itself, finds exactly the counted runs
+    found = client.search_runs([experiment], view["searchFilter"])
+    assert {r.info.run_id for r in found} == set(cells)
+    # one collapsed row per label ratio and method (the UI's group ids), means over seeds
+    assert view["groupBy"] == {"aggregateFunction": "average", "groupByKeys": [
+        {"mode": "tag", "groupByData": "gtaseg.ratio"},
+        {"mode": "tag", "groupByData": "gtaseg.method"}]}  # fmt: skip
+    assert view["groupsExpanded"] == {
+        "tag.gtaseg.ratio.1_16,tag.gtaseg.method.gta": False,
+        "tag.gtaseg.ratio.1_4,tag.gtaseg.method.supervised": False,
+    }
+    assert view["selectedColumns"][0] == f"metrics.`{METRIC}`"
+    # the next invocation counts its own runs: the earlier ones leave the view
+    second = client.create_run(experiment, run_name="demo-sweep").info.run_id
+    again = {stale: ("1_4", "gta")}
+    log_comparison_view(client, experiment, "demo sweep", second, METRIC, again)
+    view = json.loads(client.get_experiment(experiment).tags[SHARED_VIEW_TAG + key])
+    assert [r.info.run_id for r in client.search_runs([experiment], view["searchFilter"])] == [
+        stale
+    ]
+    assert comparison_view_url(uri, experiment, key) is None  # sqlite: no UI address
+    assert comparison_view_url("http://127.0.0.1:5000", "3", key) == (
+        "http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=gtaseg-demo_sweep"
+        "&compareRunsMode=TABLE"
+    )
+
+
+def test_the_comparison_view_speaks_the_mlflow_uis_format():
+    """The installed MLflow UI (its JavaScript bundle) reads shared views from tags named as
+    ours, by the URL parameter ours uses, and keeps every field of our view: a search facet, or
+    a field of its table's state that a shared view carries (not one of the personal ones it
+    drops, such as which runs are expanded)."""
+    import re
+
+    import mlflow
+
+    from pipelines.mlflow_views import comparison_view
+
+    bundle = "".join(
+        path.read_text(encoding="utf-8", errors="replace")
+        for path in (Path(mlflow.__file__).parent / "server/js/build/static/js").glob("*.js")
+    )
+    assert f'"{SHARED_VIEW_TAG}"' in bundle and '"viewStateShareKey"' in bundle
+    arrays = [json.loads(a) for a in re.findall(r'\[(?:"[A-Za-z]+",?)+\]', bundle)]
+    ui_fields = next(a for a in arrays if {"selectedColumns", "groupsExpanded"} <= set(a))
+    personal = next(a for a in arrays if "runsExpanded" in a and "selectedColumns" not in a)
+    facets = re.search(r"searchFilter:\"\",orderByKey:[^}]*\}", bundle)
+    assert facets is not None
+    facet_fields = set(re.findall(r"([A-Za-z]+):", facets.group(0)))
+    view = comparison_view("demo-sweep", "p1", METRIC, [("1_16", "gta")])
+    assert set(view) <= (set(ui_fields) - set(personal)) | facet_fields, set(view)
+    # the UI's id of a group: <mode>.<key>.<value> of each grouping key, joined by commas
+    group_id = re.search(
+        r"\(\{(\w+):(\w),(\w+):(\w),(\w+):(\w)\}\)=>`\$\{(\w)\}\.\$\{(\w)\}\.\$\{(\w)\|\|null\}`",
+        bundle,
+    )
+    assert group_id is not None
+    names = dict(zip(group_id.groups()[1:6:2], group_id.groups()[0:6:2], strict=True))
+    assert [names[v] for v in group_id.groups()[6:]] == ["mode", "groupByData", "value"]
+    assert re.search(r"groupingValues\.map\(\w\)\.join\(\",\"\)", bundle)
 
 
 def test_a_new_sweep_parent_is_described_and_opens_on_the_runs_table(tmp_path, monkeypatch):
@@ -152,8 +233,9 @@ def test_prefect_run_shows_epoch_lines_progress_and_linked_report(prefect_api):
             "run_url": f"{UI}/experiments/1/runs/r1"}  # fmt: skip
     champion = {"model_name": "gtaseg-student", "version": "1", "method": "gta", "ratio": "1_4",
                 "seed": 0, "run_id": "r1"}  # fmt: skip
+    view = f"{UI}/experiments/1/runs?viewStateShareKey=gtaseg-demo-sweep&compareRunsMode=TABLE"
     links = {"parent_run_id": "p1", "parent": f"{UI}/experiments/1/runs/p1",
-             "champion": f"{UI}/models/gtaseg-student/versions/1"}  # fmt: skip
+             "champion": f"{UI}/models/gtaseg-student/versions/1", "view": view}  # fmt: skip
 
     @flow(name="views-probe")
     def probe() -> dict:
@@ -188,4 +270,5 @@ def test_prefect_run_shows_epoch_lines_progress_and_linked_report(prefect_api):
     summary = artifacts["demo-sweep-summary"].data
     assert f"[r1]({UI}/experiments/1/runs/r1)" in summary
     assert f"[gtaseg-student version 1]({UI}/models/gtaseg-student/versions/1)" in summary
+    assert f"by label ratio and method: [open the view]({view})" in summary
     assert json.loads(artifacts["demo-sweep-runs"].data) == [cell]
