@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.exceptions import Abort
 from prefect.futures import as_completed
 
 from gtaseg.errors import GtasegError
@@ -39,6 +40,7 @@ from gtaseg.startup import run_entry
 from pipelines import prefect_views, stages
 from pipelines.cluster import fanout, jobs
 from pipelines.params import load_params
+from pipelines.runstate import Superseded
 
 
 @task(name="prepare-data")
@@ -89,15 +91,20 @@ def train_task(
         )
         return {**done.metrics, "run_id": done.run_id}
     launcher = os.environ.get("GTASEG_TRAIN_LAUNCHER", "").strip()
-    if launcher:
-        return launch_distributed(
-            launcher, params_path, ratio, method, seed, overrides or [], parent_run_id
+    try:
+        if launcher:
+            return launch_distributed(
+                launcher, params_path, ratio, method, seed, overrides or [], parent_run_id
+            )
+        stages.import_stage_modules("train", load_params(params_path))
+        progress = os.environ.get("GTASEG_PROGRESS") == "1"
+        return stages.train(
+            params_path, ratio, method, seed, overrides or [], parent_run_id, progress=progress
         )
-    stages.import_stage_modules("train", load_params(params_path))
-    progress = os.environ.get("GTASEG_PROGRESS") == "1"
-    return stages.train(
-        params_path, ratio, method, seed, overrides or [], parent_run_id, progress=progress
-    )
+    except Superseded as exc:
+        # The flow run is final already (Crashed: the sweep launched the cell again); ending it
+        # as the orchestrator's abort does leaves that state as it is, and the job exits 0.
+        raise Abort(f"{ratio}/{method}/seed{seed}: {exc}") from None
 
 
 def _finished(params_path: str, ratio: str, method: str, seed: int) -> Any:
@@ -139,7 +146,14 @@ def launch_distributed(
         env.setdefault("PREFECT__FLOW_RUN_ID", link[0])
     if parent_run_id:
         env["GTASEG_PARENT_RUN_ID"] = parent_run_id
-    _run_forwarding_sigterm(cmd, env)
+    marker = stages.run_dir(ratio, method, seed) / stages.SUPERSEDED
+    marker.unlink(missing_ok=True)
+    try:
+        _run_forwarding_sigterm(cmd, env)
+    except subprocess.CalledProcessError:
+        if marker.is_file():  # rank 0 stopped for the job that took the cell over
+            raise Superseded(marker.read_text()) from None
+        raise
     return json.loads((stages.run_dir(ratio, method, seed) / "metrics.json").read_text())
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import gtaseg
 from gtaseg.config import Config
+from gtaseg.errors import GtasegError
 from gtaseg.io import write_atomic
 from pipelines import generate
 from pipelines.cells import split_digest
@@ -37,6 +38,11 @@ MISSING = "MISSING"  # the recorded MLflow run no longer exists (deleted)
 TRAIN_CODE = ("cells.py", "generate.py", "params.py", "runstate.py", "stages.py", "tracking_run.py")
 # What a fresh attempt clears; tracking-fallback/ stays: it may hold unsent records of older runs.
 _OUTPUTS = ("checkpoints", "model", "plots", "metrics.json", "history.csv", "config.yaml", RECORD)
+
+
+class Superseded(GtasegError, RuntimeError):
+    """Another job took the cell over while this one trained (pipelines.cluster.mirror): this
+    attempt must write nothing more, not even its MLflow run's status, and stop."""
 
 
 @dataclass(frozen=True)

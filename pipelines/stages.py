@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from gtaseg.config_parsing import ConfigError
 from gtaseg.errors import GtasegError
+from gtaseg.io import write_atomic
 from gtaseg.startup import import_without_gc, run_entry
 from pipelines.cells import (
     FULL,
@@ -39,7 +40,9 @@ from pipelines.cells import (
 )
 from pipelines.generate import prepare, pretrain_config, pretrain_spec
 from pipelines.params import PipelineParams, load_params, tracking_uri
+from pipelines.prefect_views import flow_run_link
 from pipelines.pretraining import pretrain
+from pipelines.runstate import Superseded
 
 if TYPE_CHECKING:
     from gtaseg.config import Config
@@ -62,6 +65,7 @@ __all__ = [
 ]
 RESULTS_DIR = Path("results")
 COMPARISON_FILES = ("summary.md", "results.csv", "miou_vs_ratio.png")  # kept by the parent run
+SUPERSEDED = ".superseded"  # in a run folder: why its job stopped for another (never mirrored)
 
 
 def split(params: PipelineParams, ratio: str, seed: int) -> Path:
@@ -113,6 +117,10 @@ def train(
         print(f"[{out}] {exc}", file=sys.stderr)
         redeliver()
         raise
+    except Superseded as exc:  # another job trains the cell now: this one only says so
+        print(f"[{out}] stopped: {exc}", file=sys.stderr)
+        write_atomic(out / SUPERSEDED, str(exc))  # for the launcher's parent (flows)
+        raise
 
 
 def cell_mirror(params: PipelineParams, cfg: Config, ratio: str) -> FolderMirror | None:
@@ -134,6 +142,8 @@ def cell_mirror(params: PipelineParams, cfg: Config, ratio: str) -> FolderMirror
     out = run_dir(ratio, cfg.train.method, cfg.train.seed)
     name = cell_folder(params, cfg, ratio)
     mirror = FolderMirror(storage, out, name)
+    link = flow_run_link()
+    mirror.claim(**({"flow_run": link[0]} if link else {}))  # before the pull: see mirror
     if not (out / RECORD).is_file() and mirror.pull():
         print(f"[{out}] restored from {storage.root}/{name}", file=sys.stderr)
     return mirror

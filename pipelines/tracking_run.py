@@ -166,7 +166,9 @@ def tracked_training(
     docstring). Under torchrun only rank 0 decides and opens the MLflow run; the other ranks
     wait for it in the process group's start, then train. The run folder is worth keeping
     elsewhere (pipelines.cluster.mirror) at the attempt's start and end, `on_state()`, and after
-    each checkpoint, `on_checkpoint()` (default: `on_state`)."""
+    each checkpoint, `on_checkpoint()` (default: `on_state`). Either raising
+    runstate.Superseded (another job took the cell over) ends the attempt with the MLflow run's
+    status and the stored folder as they are: they are the other job's now."""
     if int(os.environ.get("RANK", "0")) != 0:
         return train(cfg, out, tracker=None, resume=True, progress=False)
     tracker, record, resume = _start_attempt(params, cfg, out, ratio, tags, parent_run_id)
@@ -174,7 +176,7 @@ def tracked_training(
     checkpointed = on_checkpoint or keep
     cell = f"{ratio}/{cfg.train.method}/seed{cfg.train.seed}"
     view = CellProgress.in_current_run(cell, cfg)  # the Prefect UI's, in a flow run
-    status = "FAILED"  # a killed or failed attempt must not read FINISHED; a rerun resumes it
+    status: str | None = "FAILED"  # a killed or failed attempt must not read FINISHED
     try:
         keep()
         with SystemMetrics(tracker.tracking_uri, tracker.run_id, resume):
@@ -191,9 +193,12 @@ def tracked_training(
         if view is not None:
             view.close()
         status = runstate.FINISHED
+    except runstate.Superseded:
+        status = None  # the MLflow run is the job's that took the cell over: left as it is
+        raise
     finally:
         tracker.close(status)
-        if status != runstate.FINISHED:
+        if status not in (runstate.FINISHED, None):
             keep()  # what this attempt got to, for the rerun that resumes it
     runstate.write_record(out, dataclasses.replace(record, status=runstate.FINISHED))
     keep()

@@ -149,6 +149,36 @@ def test_train_task_under_a_launcher(prefect_harness, scratch, monkeypatch):
     assert record["status"] == "FINISHED"
 
 
+def test_a_launched_job_superseded_by_another_ends_as_an_abort(scratch, monkeypatch):
+    """Under a launcher, rank 0 says it stopped for the job that took the cell over by leaving
+    the run folder's `.superseded` note (pipelines.stages.train): the training task ends as the
+    orchestrator's abort does, which leaves the flow run's Crashed state alone. A note left by
+    an earlier job in the same folder is cleared first, so a plain failure stays a failure."""
+    import subprocess
+
+    from prefect.exceptions import Abort
+
+    from pipelines import stages
+    from pipelines.flows import train_task
+
+    marker = scratch / "runs/1_4/supervised/seed0" / stages.SUPERSEDED
+    fake = scratch / "rank0.py"  # stands in for torchrun and its rank 0
+    fake.write_text(
+        "import pathlib, sys\n"
+        f"if sys.argv[-1] == 'superseded': pathlib.Path({str(marker)!r}).write_text("
+        "'claimed by another job (flow_run r2)')\n"
+        "sys.exit(1)\n"
+    )
+    marker.parent.mkdir(parents=True)
+    marker.write_text("left by an earlier job")
+    monkeypatch.setenv("GTASEG_TRAIN_LAUNCHER", f"{sys.executable} {fake}")
+    with pytest.raises(subprocess.CalledProcessError):
+        train_task.fn("params.yaml", "1_4", "supervised", 0, overrides=["train.epochs=1"])
+    assert not marker.exists()
+    with pytest.raises(Abort, match=r"1_4/supervised/seed0: claimed by another job \(flow_run r2"):
+        train_task.fn("params.yaml", "1_4", "supervised", 0, overrides=["superseded"])
+
+
 def test_a_sweep_on_a_work_pool_without_storage_fails_before_any_work(
     prefect_harness, scratch, monkeypatch, capsys
 ):

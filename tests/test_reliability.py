@@ -457,6 +457,41 @@ def test_mlflow_server_killed_mid_training_and_restarted_loses_no_metric(
     assert not list(Path(".").rglob("mlflow-unsent-*.jsonl")), "records were spilled, not sent"
 
 
+def test_an_attempt_superseded_at_a_checkpoint_stops_and_leaves_its_mlflow_run(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """The mirror says another job took the cell over (runstate.Superseded at a checkpoint's
+    push): training stops there, nothing more is pushed, and the MLflow run (the other job's
+    now) keeps its status, RUNNING, instead of this attempt's FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import runstate, stages
+    from pipelines.params import load_params
+
+    monkeypatch.chdir(pipeline_workspace(tmp_path, tiny_dataset, method="supervised"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = load_params("params.yaml")
+    stages.split(params, "1_4", 0)
+    cfg = stages.run_config(params, "1_4", "supervised", 0)
+    out = stages.run_dir("1_4", "supervised", 0)
+    pushes: list[str] = []
+
+    def checkpointed() -> None:
+        pushes.append("checkpoint")
+        if pushes.count("checkpoint") == 2:
+            raise runstate.Superseded("claimed by another job (flow_run r2)")
+
+    with pytest.raises(runstate.Superseded, match="flow_run r2"):
+        tracking_run.tracked_training(
+            params, cfg, out, "1_4", {}, progress=False,
+            on_state=lambda: pushes.append("state"), on_checkpoint=checkpointed,
+        )  # fmt: skip
+    assert pushes == ["state", "checkpoint", "checkpoint"]  # none after the second checkpoint
+    record = runstate.read_record(out)
+    assert record is not None and record.run_id is not None
+    assert MlflowClient().get_run(record.run_id).info.status == "RUNNING"
+
+
 # -- Prefect: a retried task resumes --------------------------------------------------------------
 
 

@@ -18,9 +18,10 @@ MLflow runs of every cell, and nothing may be trained twice:
 4. the Prefect server restarted mid-sweep: the sweep and its job wait through it;
 5. MLflow down from mid-training until after the job ended: the job's unsent records are in S3,
    and the sweep replays them once MLflow is back;
-6. a training worker killed (SIGKILL, its flow run with it) mid-training: Prefect marks the run
-   Crashed, the sweep launches the cell again, and the new job resumes from the checkpoint in S3,
-   ending with the same metrics as the uninterrupted run of test 1.
+6. a training job cut off mid-training (SIGSTOP: no heartbeat, no write): Prefect marks its run
+   Crashed, the sweep launches the cell again, and the new job claims the cell and resumes from
+   the checkpoint in S3, ending with the same metrics as the uninterrupted run of test 1; the
+   first job, back (SIGCONT), stops at its next checkpoint without writing, its run left Crashed.
 
 No GPU or Kubernetes here: process workers stand in for the Kubernetes jobs (each flow run works
 in a fresh folder of its worker, as a pod does in /app), loopback for the network.
@@ -399,25 +400,31 @@ def _flow_run(flow_run_id):
         return client.read_flow_run(flow_run_id)
 
 
-def test_a_worker_killed_mid_training_its_cell_resumes_from_s3(stack):
-    from prefect.deployments import run_deployment
-
+def test_a_job_cut_off_mid_training_is_relaunched_and_stops_when_it_comes_back(stack):
     params = tiny_params("scaleout-kill", ["gta"])
-    sweep = run_deployment("gtaseg-sweep/sweep-local", timeout=0,
-                           parameters={"config_path": stack.put_config(params)})  # fmt: skip
+    sweep = _sweep(stack, params)
     cell = "scaleout/cells/scaleout-kill/1_4/gta/seed0/"
-    victim, killed_run = _kill_at_first_checkpoint(stack, sweep.id, cell)
-    deadline = time.monotonic() + 900
-    while not (state := _state(sweep.id)).is_final() and time.monotonic() < deadline:
-        time.sleep(3)
-    assert state.is_completed(), state
+    lost = _running_at_first_checkpoint(stack, sweep.id, cell)
+    job = psutil.Process(_pid(lost))
+
+    def relaunched() -> list:
+        return [r for r in train_runs(sweep.id) if r.id != lost.id and r.state.is_running()]
+
+    job.suspend()  # SIGSTOP: no heartbeat, no write, as if cut off from the network
+    try:  # the automation marks it Crashed; the sweep launches the cell again, which claims it
+        again = _wait_for(relaunched, "the cell launched again")[0]
+        _wait_for(lambda: str(again.id) in _claim(stack, cell), "the new job's claim")
+    finally:
+        job.resume()  # it comes back, trains on to its next checkpoint, and stops there
+    job.wait(timeout=300)
+    assert (state := _wait_final(sweep.id)).is_completed(), state
     attempts = sorted(train_runs(sweep.id), key=lambda r: r.start_time)
-    assert [r.id for r in attempts][0] == killed_run
-    assert [r.state.type.value for r in attempts] == ["CRASHED", "COMPLETED"]
+    assert [r.id for r in attempts] == [lost.id, again.id]
+    assert [r.state.type.value for r in attempts] == ["CRASHED", "COMPLETED"]  # left Crashed
+    log = "".join(w.log.read_text() for n, w in stack.workers.items() if n.startswith("train"))
+    stopped = r"stopped: .*claimed by another job \(flow_run " + str(again.id)
+    assert re.search(stopped, log), log[-3000:]
     # the second job resumed the stored checkpoint (and the same MLflow run), not iteration 0
-    survivor = next(w for name, w in stack.workers.items() if name.startswith("train")
-                    and name != victim)  # fmt: skip
-    log = survivor.log.read_text()
     assert f"restored from {STORAGE}/cells/scaleout-kill/1_4/gta/seed0" in log
     resumed = re.findall(r"resumed from runs/1_4/gta/seed0/checkpoints/last.pt at iteration "
                          r"(\d+)/18", log)  # fmt: skip
@@ -429,6 +436,14 @@ def test_a_worker_killed_mid_training_its_cell_resumes_from_s3(stack):
         assert runs["gta"].data.metrics[key] == straight.data.metrics[key], key
 
 
+def _claim(stack: Stack, cell: str) -> str:
+    """The claim on the cell's stored folder (`cell` is the prefix of its name), or ""."""
+    claims = [k for k in stack.keys("gtaseg-runs", cell.rstrip("/")) if k.endswith(".claim")]
+    if not claims:
+        return ""
+    return stack.s3().get_object(Bucket="gtaseg-runs", Key=claims[0])["Body"].read().decode()
+
+
 def _state(flow_run_id):
     from prefect import get_client
 
@@ -436,25 +451,15 @@ def _state(flow_run_id):
         return client.read_flow_run(flow_run_id).state
 
 
-def _kill_at_first_checkpoint(stack: Stack, sweep_id, cell: str) -> tuple[str, object]:
-    """Once the first checkpoint of the cell stored under `cell` is in S3, SIGKILL the worker
-    running it and the flow run process under it (its machine dying); which worker, and the
-    killed flow run's id."""
-    run = _running_at_first_checkpoint(stack, sweep_id, cell)
-    worker_pid = psutil.Process(_pid(run)).ppid()
-    name = next(n for n, w in stack.workers.items() if w.process.pid == worker_pid)
-    kill_tree(worker_pid)
-    return name, run.id
-
-
 def _running_at_first_checkpoint(stack: Stack, sweep_id, cell: str):
-    """The sweep's one running training flow run, once its first checkpoint is stored in S3
-    under `cell` (the prefix of the cell's folders; the folder itself is named by a digest)."""
+    """The sweep's one running training flow run, once its first checkpoint and its checksum
+    are stored in S3 under `cell` (the prefix of the cell's folders; the folder itself is named
+    by a digest)."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         running = [r for r in train_runs(sweep_id) if r.state.is_running()]
         stored = stack.keys("gtaseg-runs", cell)
-        if running and any(k.endswith("/checkpoints/last.pt") for k in stored):
+        if running and any(k.endswith("/checkpoints/last.pt.sha256") for k in stored):
             (run,) = running
             return run
         time.sleep(0.5)

@@ -27,6 +27,7 @@ from servers import free_port
 from pipelines.cluster import jobs, storage
 from pipelines.cluster.mirror import FolderMirror
 from pipelines.cluster.storage import Storage, StorageError
+from pipelines.runstate import Superseded
 
 SECRET = "sEcReT-4f1b9c-never-print-me"
 
@@ -284,6 +285,72 @@ def test_a_snapshot_never_looks_into_snapshots_being_removed(
     mirror.push_soon()
     mirror.flush()
     assert scanned and not any(".mirror-snapshots/7" in path for path in scanned)
+
+
+def test_a_job_whose_cell_another_job_claimed_stores_nothing_more(
+    store: Storage, tmp_path: Path
+) -> None:
+    """Job A trains a cell; it is given up for lost (its flow run marked Crashed while it was only
+    cut off) and job B, launched again for the cell, claims the folder and pulls it. A then
+    stores nothing more: its next checkpoint and its end refuse with Superseded, naming B, and
+    what is stored is B's."""
+    cell = "cells/exp/1_4/gta/seed0"
+    run_a = _write(tmp_path / "a", {"run.json": b"{}", "checkpoints/last.pt": b"a1"})
+    a = FolderMirror(store, run_a, cell)
+    a.claim(flow_run="run-a")
+    a.push_soon()
+    a.flush()
+    b = FolderMirror(store, tmp_path / "b", cell)
+    b.claim(flow_run="run-b")
+    assert b.pull() == 2
+    _write(run_a, {"checkpoints/last.pt": b"a2"})  # A trains on and checkpoints
+    with pytest.raises(Superseded, match=r"claimed by another job \(flow_run run-b, host"):
+        a.push_soon()
+    with pytest.raises(Superseded):
+        a.push_or_warn()  # the attempt's end: nothing either
+    _write(tmp_path / "b", {"checkpoints/last.pt": b"b2"})
+    b.push_soon()
+    b.flush()
+    stored = _tree(_pulled(store, cell, tmp_path / "check"))
+    assert stored == {"run.json": b"{}", "checkpoints/last.pt": b"b2"}  # the claim is beside it
+    assert json.loads(store.get_text(cell + ".claim") or "{}")["flow_run"] == "run-b"
+
+
+def test_a_snapshot_queued_before_the_cell_was_claimed_is_not_pushed(
+    store: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background push checks the claim too: a snapshot A took before B claimed the cell is
+    dropped, and A's next checkpoint raises Superseded."""
+    import threading
+
+    cell = "cells/exp/1_4/gta/seed0"
+    run_a = _write(tmp_path / "a", {"run.json": b"{}", "checkpoints/last.pt": b"a1"})
+    a = FolderMirror(store, run_a, cell)
+    a.claim()
+    a.push()
+    started, release, real_check = threading.Event(), threading.Event(), a.check_claim
+
+    def check_after_b_claimed() -> None:
+        if threading.current_thread() is not threading.main_thread():
+            started.set()
+            release.wait(30)
+        real_check()
+
+    monkeypatch.setattr(a, "check_claim", check_after_b_claimed)
+    _write(run_a, {"checkpoints/last.pt": b"a2"})
+    a.push_soon()  # the snapshot of a2 waits in the background push
+    assert started.wait(30)
+    FolderMirror(store, tmp_path / "b", cell).claim()
+    release.set()
+    a.flush()
+    assert _tree(_pulled(store, cell, tmp_path / "check"))["checkpoints/last.pt"] == b"a1"
+    with pytest.raises(Superseded, match="claimed by another job"):
+        a.push_soon()
+
+
+def _pulled(store: Storage, cell: str, where: Path) -> Path:
+    FolderMirror(store, where, cell).pull()
+    return where
 
 
 def test_inputs_published_by_the_sweep_are_fetched_at_the_same_paths(

@@ -14,8 +14,10 @@ looks the tag up: a flow run still scheduled or running (launched by a sweep tha
 another sweep of the same params), or one that completed, is waited for, not launched again; two
 sweeps that launch at the same moment send the same key, and the server creates one flow run. A
 cell whose job crashed (pod pre-empted, machine lost: Prefect marks the run Crashed) is launched
-as the next attempt and resumes from its stored checkpoint. The sweep waits through a Prefect API
-outage (a restart) instead of failing.
+as the next attempt and resumes from its stored checkpoint; a crashed job that was only cut off
+stops at its next checkpoint once back (the new job claims the cell's stored folder:
+pipelines.cluster.mirror). The sweep waits through a Prefect API outage (a restart) instead of
+failing.
 """
 
 from __future__ import annotations

@@ -1,18 +1,32 @@
 """A local folder kept in step with a folder of the storage root: how a training cell's run folder
-(run.json, checkpoints, model, metrics) outlives the job that writes it."""
+(run.json, checkpoints, model, metrics) outlives the job that writes it.
+
+One job writes a cell's folder at a time. A job claims the folder when it starts (`claim`: the
+object `<folder>.claim` beside it names the job), and every push first checks that the claim is
+still its own. A job given up for lost while it still trains (its heartbeats did not reach the
+Prefect API for a while: a network partition, a long API outage, a frozen machine that comes
+back) is relaunched by the sweep; the new job claims the folder, and the old one, at its next
+checkpoint, finds the claim gone to the other, stores nothing more and stops (`Superseded`).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import sys
 import threading
+import time
+import uuid
 from pathlib import Path, PurePosixPath
 
 from gtaseg.training.checkpoint import prev_path
 from pipelines.cluster.storage import Storage, StorageError, in_parallel, inside_folder
+from pipelines.runstate import Superseded
 
 SNAPSHOTS = ".mirror-snapshots"  # hidden, so never mirrored itself
+CLAIM = ".claim"  # `<folder>.claim`: the job that writes the folder (beside it, never mirrored)
 
 
 class FolderMirror:
@@ -36,7 +50,43 @@ class FolderMirror:
         self._pending: Path | None = None  # the newest snapshot not pushed yet
         self._worker: threading.Thread | None = None
         self._snapshots = 0
+        self._claim: dict[str, str] | None = None  # this job's claim, once `claim` made it
+        self._superseded: Superseded | None = None  # found by a background push
         shutil.rmtree(self.local / SNAPSHOTS, ignore_errors=True)  # left by a killed job
+
+    def claim(self, **about: str) -> None:
+        """Make this job the folder's writer: `<folder>.claim` names it (a fresh job id, the host,
+        the process, the time and `about`, such as its flow run). A job that claimed it before
+        stops at its next push (`Superseded`)."""
+        self._claim = {
+            "job": uuid.uuid4().hex,
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
+            "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **about,
+        }
+        self.storage.put_text(self.name + CLAIM, json.dumps(self._claim))
+
+    def check_claim(self) -> None:
+        """Superseded when another job has claimed the folder since this one did (nothing to
+        check before `claim`)."""
+        if self._superseded is not None:
+            raise self._superseded
+        if self._claim is None:
+            return
+        text = self.storage.get_text(self.name + CLAIM)
+        holder = json.loads(text) if text else {}
+        if holder.get("job") == self._claim["job"]:
+            return
+        by = ", ".join(f"{k} {holder[k]}" for k in ("flow_run", "host", "pid", "claimed_at")
+                       if k in holder) or "no job (the claim was deleted)"  # fmt: skip
+        self._superseded = Superseded(
+            f"{self.storage.root}/{self.name} was claimed by another job ({by}) while this one "
+            f"trained (most likely this job's flow run was marked Crashed when its heartbeats "
+            f"stopped reaching the Prefect API, and the sweep launched the cell again). This job "
+            f"stores nothing more and stops; the other goes on from the checkpoints stored so far."
+        )
+        raise self._superseded
 
     def pull(self) -> int:
         """Download the stored copy over the local folder; returns the number of files."""
@@ -49,7 +99,9 @@ class FolderMirror:
         return len(rels)
 
     def push(self, source: Path | None = None) -> None:
-        """Store the folder (or `source`, a snapshot of it) as it is; StorageError on failure."""
+        """Store the folder (or `source`, a snapshot of it) as it is; StorageError on failure,
+        Superseded (nothing stored) when another job has claimed the folder."""
+        self.check_claim()
         if self._sent is None:
             self._sent = dict.fromkeys(self.storage.list_keys(self.name), (-1, -1))
         local = _files(source or self.local)
@@ -72,13 +124,21 @@ class FolderMirror:
     def push_or_warn(self) -> None:
         """Wait for a background push, then `push`; a storage failure (after boto3's retries) is
         only a warning on stderr: the job goes on, and the next push sends what this one could
-        not."""
+        not. Superseded when another job has claimed the folder."""
         self.flush()
         self._push_warning_only(None)
+        if self._superseded is not None:
+            raise self._superseded
 
     def push_soon(self) -> None:
         """Snapshot the folder now and push the snapshot on a background thread. A newer
-        snapshot replaces one still waiting, so uploads never queue up behind training."""
+        snapshot replaces one still waiting, so uploads never queue up behind training.
+        Superseded, before any snapshot, when another job has claimed the folder (known from
+        an earlier push, or read now)."""
+        try:
+            self.check_claim()
+        except StorageError as exc:  # the push checks again, and warns when it fails too
+            print(f"[{self.local}] warning: claim not checked: {exc}", file=sys.stderr)
         snapshot = self._snapshot()
         with self._lock:
             stale, self._pending = self._pending, snapshot
@@ -109,6 +169,8 @@ class FolderMirror:
     def _push_warning_only(self, source: Path | None) -> None:
         try:
             self.push(source)
+        except Superseded:  # kept in _superseded: the training thread raises it
+            pass
         except StorageError as exc:
             print(f"[{self.local}] warning: run folder not stored this time, training goes on: "
                   f"{exc}", file=sys.stderr)  # fmt: skip

@@ -192,6 +192,28 @@ class Storage:
             )
         partial.replace(target)
 
+    def put_text(self, name: str, text: str) -> None:
+        """A small text object at `<root>/<name>`, written whole."""
+        self._call(
+            f"upload of {self.root}/{name}",
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=self.key(name),
+            Body=text.encode(),
+        )
+
+    def get_text(self, name: str) -> str | None:
+        """The text object at `<root>/<name>`; None when there is none."""
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"]
+            return body.read().decode()
+        except boto_errors.ClientError as exc:
+            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _explain(exc, f"download of {self.root}/{name}", self._endpoint()) from None
+        except boto_errors.BotoCoreError as exc:
+            raise _explain(exc, f"download of {self.root}/{name}", self._endpoint()) from None
+
     def copy(self, name: str, to: str) -> None:
         """`<root>/<name>` to `<root>/<to>`, server-side (boto3's managed copy: any size)."""
         self._call(
