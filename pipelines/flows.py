@@ -30,6 +30,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.exceptions import Abort
@@ -102,9 +103,27 @@ def train_task(
             params_path, ratio, method, seed, overrides or [], parent_run_id, progress=progress
         )
     except Superseded as exc:
-        # The flow run is final already (Crashed: the sweep launched the cell again); ending it
-        # as the orchestrator's abort does leaves that state as it is, and the job exits 0.
+        if not _flow_run_is_final():
+            raise
+        # Crashed already (the sweep launched the cell again): ending as the orchestrator's abort
+        # does leaves that state as it is, and the job exits 0.
         raise Abort(f"{ratio}/{method}/seed{seed}: {exc}") from None
+
+
+def _flow_run_is_final() -> bool:
+    """Whether this process's flow run is in a final state on the server (marked Crashed while
+    it ran); False outside a flow run, or when the API cannot say."""
+    from prefect import get_client
+    from prefect.runtime import flow_run
+
+    if not (run_id := flow_run.get_id()):
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(run_id)).state
+    except fanout.API_DOWN:
+        return False
+    return state is not None and state.is_final()
 
 
 def _finished(params_path: str, ratio: str, method: str, seed: int) -> Any:

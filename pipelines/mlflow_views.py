@@ -11,6 +11,7 @@ tracking URI is an http(s) server (a sqlite store has no UI address: the run ids
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
 # parameter `viewStateShareKey=<key>` (what its "Share" button writes).
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 # On each run a sweep's comparison counts: the id of the parent run that counted it last.
-CURRENT_TAG = "gtaseg.current."  # + the sweep's name
+CURRENT_TAG = "gtaseg.current."  # + the sweep's name (sweep_id)
 RATIO_TAG, METHOD_TAG = "gtaseg.ratio", "gtaseg.method"  # on every cell run (pipelines.cells)
 
 
@@ -204,16 +205,23 @@ def log_comparison(
 # -- the experiment's comparison view -------------------------------------------------------------
 
 
+def sweep_id(sweep: str) -> str:
+    """The sweep's name as tag names and URLs take it: letters, digits and `_.-` kept, any
+    other character `_`, and then a digest of the name, so two names never share one id."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", sweep)
+    return safe if safe == sweep else f"{safe}-{hashlib.sha256(sweep.encode()).hexdigest()[:8]}"
+
+
 def comparison_view_key(sweep: str) -> str:
     """The view's key in its URL and tag name: one per sweep name."""
-    return "gtaseg-" + re.sub(r"[^A-Za-z0-9_.-]", "_", sweep)
+    return "gtaseg-" + sweep_id(sweep)
 
 
 def comparison_view(
     sweep: str, parent_run_id: str, metric: str, cells: Iterable[tuple[str, str]]
 ) -> dict[str, Any]:
     """The MLflow UI's runs table as a comparison: the runs the parent run `parent_run_id`
-    counted (tag CURRENT_TAG + sweep), one collapsed row per label ratio and method (`cells`:
+    counted (tag CURRENT_TAG + sweep_id), one collapsed row per label ratio and method (`cells`:
     (ratio as in the tags, method)) holding the mean over seeds of `metric` and of the
     student's best, in the order of the labelled fraction; a row expands to its seeds."""
     columns = [f"metrics.`{name}`" for name in dict.fromkeys((metric, STUDENT_METRIC))]
@@ -221,7 +229,7 @@ def comparison_view(
     run_name = "attributes.`Run Name`"  # the grid's id of the name column (the group's label)
     groups = [{"mode": "tag", "groupByData": key} for key in (RATIO_TAG, METHOD_TAG)]
     return {
-        "searchFilter": f"tags.`{CURRENT_TAG}{sweep}` = '{parent_run_id}'",
+        "searchFilter": f"tags.`{CURRENT_TAG}{sweep_id(sweep)}` = '{parent_run_id}'",
         "orderByKey": params[0],
         "orderByAsc": True,
         "selectedColumns": columns + params,
@@ -249,7 +257,7 @@ def log_comparison_view(
     store the comparison view of them on the experiment; returns the view's key. A later
     invocation of the sweep marks its own runs, so runs of earlier inputs drop out of the view."""
     for run_id in cells:
-        client.set_tag(run_id, CURRENT_TAG + sweep, parent_run_id)
+        client.set_tag(run_id, CURRENT_TAG + sweep_id(sweep), parent_run_id)
     key = comparison_view_key(sweep)
     view = comparison_view(sweep, parent_run_id, metric, cells.values())
     client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(view))

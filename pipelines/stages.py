@@ -110,7 +110,8 @@ def train(
     out = run_dir(ratio, method, seed)
     mirror = cell_mirror(params, cfg, ratio)
     # checkpoints upload in the background while training goes on; start and end wait for it
-    keep = {"on_state": mirror.push_or_warn, "on_checkpoint": mirror.push_soon} if mirror else {}
+    keep = {"on_state": mirror.push_or_warn, "on_checkpoint": mirror.push_soon,
+            "still_ours": mirror.check_claim} if mirror else {}  # fmt: skip
     try:
         return tracked_training(params, cfg, out, ratio, tags, parent_run_id, progress, **keep)
     except Preempted as exc:  # its checkpoint is written and pushed: now end as SIGTERM would

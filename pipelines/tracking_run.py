@@ -159,6 +159,7 @@ def tracked_training(
     progress: bool = True,
     on_state: Callable[[], None] | None = None,
     on_checkpoint: Callable[[], None] | None = None,
+    still_ours: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` into `out` with an MLflow run; log checkpoints, the smp export, plots (and
     the MLflow model with `tracking.log_models: every_run`); return metrics.
@@ -166,14 +167,16 @@ def tracked_training(
     docstring). Under torchrun only rank 0 decides and opens the MLflow run; the other ranks
     wait for it in the process group's start, then train. The run folder is worth keeping
     elsewhere (pipelines.cluster.mirror) at the attempt's start and end, `on_state()`, and after
-    each checkpoint, `on_checkpoint()` (default: `on_state`). Either raising
-    runstate.Superseded (another job took the cell over) ends the attempt with the MLflow run's
-    status and the stored folder as they are: they are the other job's now."""
+    each checkpoint, `on_checkpoint()` (default: `on_state`). Those, and `still_ours()`, raise
+    runstate.Superseded when another job has taken the cell over; `still_ours` is asked before
+    the attempt's outcome is logged (its outputs and FINISHED, or FAILED). Superseded ends the
+    attempt with the MLflow run's status and the stored folder as they are: the other job's."""
     if int(os.environ.get("RANK", "0")) != 0:
         return train(cfg, out, tracker=None, resume=True, progress=False)
     tracker, record, resume = _start_attempt(params, cfg, out, ratio, tags, parent_run_id)
     keep = on_state or (lambda: None)
     checkpointed = on_checkpoint or keep
+    ours = still_ours or (lambda: None)
     cell = f"{ratio}/{cfg.train.method}/seed{cfg.train.seed}"
     view = CellProgress.in_current_run(cell, cfg)  # the Prefect UI's, in a flow run
     status: str | None = "FAILED"  # a killed or failed attempt must not read FINISHED
@@ -188,6 +191,7 @@ def tracked_training(
                 progress=progress,
                 on_checkpoint=lambda _: checkpointed(),
             )
+            ours()  # a job that lost the cell logs no outcome into the other's run
             summary["run_id"] = tracker.run_id
             _log_outputs(tracker, cfg, out, params.tracking)
         if view is not None:
@@ -195,6 +199,13 @@ def tracked_training(
         status = runstate.FINISHED
     except runstate.Superseded:
         status = None  # the MLflow run is the job's that took the cell over: left as it is
+        raise
+    except Exception:
+        try:  # FAILED, unless the cell is another job's by now
+            ours()
+        except runstate.Superseded:
+            status = None
+            raise
         raise
     finally:
         tracker.close(status)

@@ -149,17 +149,25 @@ def test_train_task_under_a_launcher(prefect_harness, scratch, monkeypatch):
     assert record["status"] == "FINISHED"
 
 
-def test_a_launched_job_superseded_by_another_ends_as_an_abort(scratch, monkeypatch):
+def test_a_launched_job_superseded_by_another_ends_as_an_abort_once_crashed(
+    prefect_harness, scratch, monkeypatch
+):
     """Under a launcher, rank 0 says it stopped for the job that took the cell over by leaving
-    the run folder's `.superseded` note (pipelines.stages.train): the training task ends as the
-    orchestrator's abort does, which leaves the flow run's Crashed state alone. A note left by
-    an earlier job in the same folder is cleared first, so a plain failure stays a failure."""
+    the run folder's `.superseded` note (pipelines.stages.train). When the flow run is Crashed
+    already (the automation gave it up: the sweep launched the cell again), the training task
+    ends as the orchestrator's abort does, which leaves that state alone; otherwise it fails with
+    the note. A note left by an earlier job in the same folder is cleared first, so a plain
+    failure stays a failure."""
     import subprocess
 
+    from prefect import flow, get_client
     from prefect.exceptions import Abort
+    from prefect.runtime import flow_run
+    from prefect.states import Crashed
 
     from pipelines import stages
     from pipelines.flows import train_task
+    from pipelines.runstate import Superseded
 
     marker = scratch / "runs/1_4/supervised/seed0" / stages.SUPERSEDED
     fake = scratch / "rank0.py"  # stands in for torchrun and its rank 0
@@ -172,11 +180,27 @@ def test_a_launched_job_superseded_by_another_ends_as_an_abort(scratch, monkeypa
     marker.parent.mkdir(parents=True)
     marker.write_text("left by an earlier job")
     monkeypatch.setenv("GTASEG_TRAIN_LAUNCHER", f"{sys.executable} {fake}")
+
+    @flow(name="superseded-probe")
+    def job(crashed: bool, overrides: list[str]) -> None:
+        if crashed:  # as the automation marks a run whose heartbeats stopped
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(flow_run.get_id(), Crashed(), force=True)
+        train_task.fn("params.yaml", "1_4", "supervised", 0, overrides=overrides)
+
     with pytest.raises(subprocess.CalledProcessError):
-        train_task.fn("params.yaml", "1_4", "supervised", 0, overrides=["train.epochs=1"])
+        job(False, ["train.epochs=1"])
     assert not marker.exists()
+    failed = job(False, ["superseded"], return_state=True)
+    assert failed.is_failed()
+    with pytest.raises(Superseded, match=r"claimed by another job \(flow_run r2"):
+        failed.result()
     with pytest.raises(Abort, match=r"1_4/supervised/seed0: claimed by another job \(flow_run r2"):
-        train_task.fn("params.yaml", "1_4", "supervised", 0, overrides=["superseded"])
+        job(True, ["superseded"])
+    with get_client(sync_client=True) as client:
+        probe = client.read_flow_by_name("superseded-probe")
+        ended = [r.state.type.value for r in client.read_flow_runs() if r.flow_id == probe.id]
+    assert sorted(ended) == ["CRASHED", "FAILED", "FAILED"]  # the aborted one left Crashed
 
 
 def test_a_sweep_on_a_work_pool_without_storage_fails_before_any_work(

@@ -457,12 +457,15 @@ def test_mlflow_server_killed_mid_training_and_restarted_loses_no_metric(
     assert not list(Path(".").rglob("mlflow-unsent-*.jsonl")), "records were spilled, not sent"
 
 
-def test_an_attempt_superseded_at_a_checkpoint_stops_and_leaves_its_mlflow_run(
-    tiny_dataset, tmp_path, monkeypatch
+@pytest.mark.parametrize("found", ["at a checkpoint", "at the end", "after an error"])
+def test_an_attempt_superseded_stops_and_leaves_its_mlflow_run(
+    found, tiny_dataset, tmp_path, monkeypatch
 ):
-    """The mirror says another job took the cell over (runstate.Superseded at a checkpoint's
-    push): training stops there, nothing more is pushed, and the MLflow run (the other job's
-    now) keeps its status, RUNNING, instead of this attempt's FAILED."""
+    """Another job took the cell over (runstate.Superseded): found by a checkpoint's push, by
+    the check before the attempt logs its outcome, or by that check after training failed.
+    Training stops there, nothing more is pushed, and the MLflow run (the other job's now)
+    gets no outputs and keeps its status, RUNNING, instead of this attempt's FINISHED or
+    FAILED."""
     from mlflow.tracking import MlflowClient
 
     from pipelines import runstate, stages
@@ -475,21 +478,32 @@ def test_an_attempt_superseded_at_a_checkpoint_stops_and_leaves_its_mlflow_run(
     cfg = stages.run_config(params, "1_4", "supervised", 0)
     out = stages.run_dir("1_4", "supervised", 0)
     pushes: list[str] = []
+    taken = runstate.Superseded("claimed by another job (flow_run r2)")
 
     def checkpointed() -> None:
         pushes.append("checkpoint")
-        if pushes.count("checkpoint") == 2:
-            raise runstate.Superseded("claimed by another job (flow_run r2)")
+        if pushes.count("checkpoint") == 2 and found == "at a checkpoint":
+            raise taken
+        if pushes.count("checkpoint") == 2 and found == "after an error":
+            raise OSError("No space left on device")
+
+    def still_ours() -> None:
+        if found != "at a checkpoint":
+            raise taken
 
     with pytest.raises(runstate.Superseded, match="flow_run r2"):
         tracking_run.tracked_training(
-            params, cfg, out, "1_4", {}, progress=False,
+            params, cfg, out, "1_4", {}, progress=False, still_ours=still_ours,
             on_state=lambda: pushes.append("state"), on_checkpoint=checkpointed,
         )  # fmt: skip
-    assert pushes == ["state", "checkpoint", "checkpoint"]  # none after the second checkpoint
+    checkpoints = len(pushes) - 1 if found == "at the end" else 2  # all, or up to the second
+    assert pushes == ["state"] + ["checkpoint"] * checkpoints  # nothing pushed after
+    assert found != "at the end" or checkpoints > 2  # there: every checkpoint was reached
     record = runstate.read_record(out)
     assert record is not None and record.run_id is not None
-    assert MlflowClient().get_run(record.run_id).info.status == "RUNNING"
+    run = MlflowClient().get_run(record.run_id)
+    assert run.info.status == "RUNNING"
+    assert MlflowClient().list_artifacts(record.run_id) == []  # no outputs logged
 
 
 # -- Prefect: a retried task resumes --------------------------------------------------------------

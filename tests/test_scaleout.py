@@ -416,7 +416,7 @@ def test_a_job_cut_off_mid_training_is_relaunched_and_stops_when_it_comes_back(s
         _wait_for(lambda: str(again.id) in _claim(stack, cell), "the new job's claim")
     finally:
         job.resume()  # it comes back, trains on to its next checkpoint, and stops there
-    job.wait(timeout=300)
+    job.wait(timeout=300)  # gone (not a child of this test: no exit status to read here)
     assert (state := _wait_final(sweep.id)).is_completed(), state
     attempts = sorted(train_runs(sweep.id), key=lambda r: r.start_time)
     assert [r.id for r in attempts] == [lost.id, again.id]
@@ -424,6 +424,7 @@ def test_a_job_cut_off_mid_training_is_relaunched_and_stops_when_it_comes_back(s
     log = "".join(w.log.read_text() for n, w in stack.workers.items() if n.startswith("train"))
     stopped = r"stopped: .*claimed by another job \(flow_run " + str(again.id)
     assert re.search(stopped, log), log[-3000:]
+    assert f"Execution of flow run '{lost.id}' aborted by orchestrator" in log, log[-3000:]
     # the second job resumed the stored checkpoint (and the same MLflow run), not iteration 0
     assert f"restored from {STORAGE}/cells/scaleout-kill/1_4/gta/seed0" in log
     resumed = re.findall(r"resumed from runs/1_4/gta/seed0/checkpoints/last.pt at iteration "

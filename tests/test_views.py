@@ -20,6 +20,7 @@ from pipelines.mlflow_views import (
     NOTE_TAG,
     SHARED_VIEW_TAG,
     SystemMetrics,
+    comparison_view_key,
     comparison_view_url,
     log_comparison,
     log_comparison_view,
@@ -87,8 +88,12 @@ def test_the_comparison_view_shows_the_counted_runs_grouped_by_ratio_and_method(
     first = client.create_run(experiment, run_name="demo-sweep").info.run_id
     cells = {_cell_run(client, experiment, r, m, v): (r, m) for r, m, v in
              [("1_16", "gta", 0.5), ("1_16", "gta", 0.6), ("1_4", "supervised", 0.4)]}  # fmt: skip
-    key = log_comparison_view(client, experiment, "demo sweep", first, METRIC, cells)
-    assert key == "gtaseg-demo_sweep"
+    key = log_comparison_view(client, experiment, "lr=0.01 (bob's)", first, METRIC, cells)
+    # a name MLflow's tag names and URLs would not take: its characters replaced, and a digest
+    assert (
+        key.startswith("gtaseg-lr_0.01__bob_s_-") and len(key) == len("gtaseg-lr_0.01__bob_s_-") + 8
+    )
+    assert comparison_view_key("lr_0.01 _bob_s_") != key  # another name, another view
     view = json.loads(client.get_experiment(experiment).tags[SHARED_VIEW_TAG + key])
     # the view's filter, run by MLflow itself, finds exactly the counted runs
     found = client.search_runs([experiment], view["searchFilter"])
@@ -105,14 +110,14 @@ def test_the_comparison_view_shows_the_counted_runs_grouped_by_ratio_and_method(
     # the next invocation counts its own runs: the earlier ones leave the view
     second = client.create_run(experiment, run_name="demo-sweep").info.run_id
     again = {stale: ("1_4", "gta")}
-    log_comparison_view(client, experiment, "demo sweep", second, METRIC, again)
+    log_comparison_view(client, experiment, "lr=0.01 (bob's)", second, METRIC, again)
     view = json.loads(client.get_experiment(experiment).tags[SHARED_VIEW_TAG + key])
     assert [r.info.run_id for r in client.search_runs([experiment], view["searchFilter"])] == [
         stale
     ]
     assert comparison_view_url(uri, experiment, key) is None  # sqlite: no UI address
-    assert comparison_view_url("http://127.0.0.1:5000", "3", key) == (
-        "http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=gtaseg-demo_sweep"
+    assert comparison_view_url("http://127.0.0.1:5000", "3", "gtaseg-demo-sweep") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=gtaseg-demo-sweep"
         "&compareRunsMode=TABLE"
     )
 

@@ -69,13 +69,22 @@ class FolderMirror:
 
     def check_claim(self) -> None:
         """Superseded when another job has claimed the folder since this one did (nothing to
-        check before `claim`)."""
+        check before `claim`). A claim that cannot be read this time is only a warning: the
+        next push reads it again."""
         if self._superseded is not None:
             raise self._superseded
         if self._claim is None:
             return
-        text = self.storage.get_text(self.name + CLAIM)
-        holder = json.loads(text) if text else {}
+        try:
+            text = self.storage.get_text(self.name + CLAIM)
+        except StorageError as exc:
+            print(f"[{self.local}] warning: claim not checked this time: {exc}", file=sys.stderr)
+            return
+        try:
+            holder = json.loads(text) if text else {}
+        except ValueError:  # not one a job wrote: nobody's
+            holder = {}
+        holder = holder if isinstance(holder, dict) else {}
         if holder.get("job") == self._claim["job"]:
             return
         by = ", ".join(f"{k} {holder[k]}" for k in ("flow_run", "host", "pid", "claimed_at")
@@ -135,10 +144,7 @@ class FolderMirror:
         snapshot replaces one still waiting, so uploads never queue up behind training.
         Superseded, before any snapshot, when another job has claimed the folder (known from
         an earlier push, or read now)."""
-        try:
-            self.check_claim()
-        except StorageError as exc:  # the push checks again, and warns when it fails too
-            print(f"[{self.local}] warning: claim not checked: {exc}", file=sys.stderr)
+        self.check_claim()
         snapshot = self._snapshot()
         with self._lock:
             stale, self._pending = self._pending, snapshot
@@ -155,16 +161,21 @@ class FolderMirror:
             worker.join()
 
     def _drain(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    snapshot, self._pending = self._pending, None
+                    if snapshot is None:
+                        self._worker = None
+                        return
+                try:
+                    self._push_warning_only(snapshot)
+                finally:
+                    shutil.rmtree(snapshot, ignore_errors=True)
+        finally:  # an unexpected error ends this thread: the next push_soon starts another
             with self._lock:
-                snapshot, self._pending = self._pending, None
-                if snapshot is None:
+                if self._worker is threading.current_thread():
                     self._worker = None
-                    return
-            try:
-                self._push_warning_only(snapshot)
-            finally:
-                shutil.rmtree(snapshot, ignore_errors=True)
 
     def _push_warning_only(self, source: Path | None) -> None:
         try:
