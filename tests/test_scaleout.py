@@ -15,10 +15,10 @@ MLflow runs of every cell, and nothing may be trained twice:
    ends with test 1's metrics;
 3. the sweep's process killed mid-sweep, then two sweeps of the same params at once (the rerun
    and a second one): both attach to the cells still training, none is launched again;
-4. the Prefect server restarted mid-sweep: the sweep and its job wait through it;
-5. MLflow down from mid-training until after the job ended: the job's unsent records are in S3,
-   and the sweep replays them once MLflow is back;
-6. a training job cut off mid-training (SIGSTOP: no heartbeat, no write): Prefect marks its run
+4. both servers out mid-training: the Prefect server restarts (the sweep and its job wait
+   through it), and MLflow is down until after the job ended: the job's unsent records are in
+   S3, and the sweep replays them once MLflow is back;
+5. a training job cut off mid-training (SIGSTOP: no heartbeat, no write): Prefect marks its run
    Crashed, the sweep launches the cell again, and the new job claims the cell and resumes from
    the checkpoint in S3, ending with the same metrics as the uninterrupted run of test 1; the
    first job, back (SIGCONT), stops at its next checkpoint without writing, its run left Crashed.
@@ -361,30 +361,24 @@ def test_a_dead_sweep_rerun_and_a_second_sweep_at_once_launch_no_cell_twice(stac
         "supervised": ["FINISHED"], "gta": ["FINISHED"]}  # fmt: skip
 
 
-def test_a_prefect_server_restart_mid_sweep_is_waited_through(stack):
-    sweep = _sweep(stack, tiny_params("scaleout-restart", ["gta"]))
-    _running_at_first_checkpoint(stack, sweep.id, "scaleout/cells/scaleout-restart/")
-    stack.prefect.restart()
-    assert (state := _wait_final(sweep.id)).is_completed(), state
-    assert jobs_per_cell("scaleout-restart") == {"gta": 1}
-    runs = mlflow_runs_per_cell(stack, "scaleout-restart")
-    assert len(runs["gta"]) == 1 and runs["gta"][0].info.status == "FINISHED"
-
-
-def test_mlflow_down_at_a_cells_end_its_records_are_replayed(stack):
-    sweep = _sweep(stack, tiny_params("scaleout-mlflow", ["gta"]))
-    cell = "scaleout/cells/scaleout-mlflow/"
+def test_prefect_restarted_and_mlflow_down_until_the_cells_end_are_waited_through(stack):
+    """An outage of both servers mid-training: the Prefect server restarts (the sweep and the
+    job wait through it, nothing is launched twice), and MLflow stays down until after the job
+    ended (its unsent records go to S3, and the sweep replays them once MLflow is back)."""
+    sweep = _sweep(stack, tiny_params("scaleout-outage", ["gta"]))
+    cell = "scaleout/cells/scaleout-outage/"
     run = _running_at_first_checkpoint(stack, sweep.id, cell)
     stack.mlflow.kill()
     try:  # the job trains on, ends, and leaves what it could not send in the run folder
+        stack.prefect.restart()
         assert (job := _wait_final(run.id)).is_completed(), job
         unsent = [k for k in stack.keys("gtaseg-runs", cell) if "/tracking-fallback/" in k]
         assert any(k.endswith(".jsonl") for k in unsent), unsent
     finally:
         stack.mlflow.start()  # same port, same store
     assert (state := _wait_final(sweep.id)).is_completed(), state
-    assert jobs_per_cell("scaleout-mlflow") == {"gta": 1}
-    runs = mlflow_runs_per_cell(stack, "scaleout-mlflow")
+    assert jobs_per_cell("scaleout-outage") == {"gta": 1}
+    runs = mlflow_runs_per_cell(stack, "scaleout-outage")
     assert len(runs["gta"]) == 1 and runs["gta"][0].info.status == "FINISHED"
     straight = cell_mlflow_runs(stack, "scaleout")["gta"]
     assert runs["gta"][0].data.metrics["best_val_miou_student"] == (
