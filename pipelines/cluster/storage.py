@@ -204,15 +204,14 @@ class Storage:
 
     def get_text(self, name: str) -> str | None:
         """The text object at `<root>/<name>`; None when there is none."""
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"]
-            return body.read().decode()
-        except boto_errors.ClientError as exc:
-            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise _explain(exc, f"download of {self.root}/{name}", self._endpoint()) from None
-        except boto_errors.BotoCoreError as exc:
-            raise _explain(exc, f"download of {self.root}/{name}", self._endpoint()) from None
+        return self._unless_missing(
+            f"download of {self.root}/{name}",
+            lambda: (
+                self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"]
+                .read()
+                .decode()
+            ),
+        )
 
     def copy(self, name: str, to: str) -> None:
         """`<root>/<name>` to `<root>/<to>`, server-side (boto3's managed copy: any size)."""
@@ -233,15 +232,13 @@ class Storage:
         )
 
     def exists(self, name: str) -> bool:
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self.key(name))
-            return True
-        except boto_errors.ClientError as exc:
-            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise _explain(exc, f"lookup of {self.root}/{name}", self._endpoint()) from None
-        except boto_errors.BotoCoreError as exc:
-            raise _explain(exc, f"lookup of {self.root}/{name}", self._endpoint()) from None
+        return (
+            self._unless_missing(
+                f"lookup of {self.root}/{name}",
+                lambda: self.client.head_object(Bucket=self.bucket, Key=self.key(name)),
+            )
+            is not None
+        )
 
     def list_keys(self, name: str) -> list[str]:
         """The keys under `name/`, relative to it."""
@@ -254,6 +251,17 @@ class Storage:
             lambda: [obj["Key"] for page in pages for obj in page.get("Contents", [])],
         )
         return [key[len(start) :] for key in keys]
+
+    def _unless_missing(self, what: str, fn: Callable[[], T]) -> T | None:
+        """`fn()`, or None when the object it asks for is not there; StorageError otherwise."""
+        try:
+            return fn()
+        except boto_errors.ClientError as exc:
+            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _explain(exc, what, self._endpoint()) from None
+        except boto_errors.BotoCoreError as exc:
+            raise _explain(exc, what, self._endpoint()) from None
 
     def _call(self, what: str, fn: Callable[..., T], *args, **kwargs) -> T:
         try:
