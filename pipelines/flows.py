@@ -113,14 +113,12 @@ def train_task(
 def _flow_run_is_final() -> bool:
     """Whether this process's flow run is in a final state on the server (marked Crashed while
     it ran); False outside a flow run, or when the API cannot say."""
-    from prefect import get_client
     from prefect.runtime import flow_run
 
     if not (run_id := flow_run.get_id()):
         return False
     try:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(UUID(run_id)).state
+        state = fanout.read_flow_run(UUID(run_id)).state
     except fanout.API_DOWN:
         return False
     return state is not None and state.is_final()

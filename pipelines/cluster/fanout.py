@@ -235,13 +235,14 @@ def _outcome(run: FlowRun, deployment: str) -> float:
 def wait_final(flow_run_id: UUID, poll_s: float = POLL_S) -> FlowRun:
     """The flow run once its state is final, polled every `poll_s` through API outages."""
     while True:
-        run = through_outage(lambda: _read_flow_run(flow_run_id), f"polling flow run {flow_run_id}")
+        run = through_outage(lambda: read_flow_run(flow_run_id), f"polling flow run {flow_run_id}")
         if run.state is not None and run.state.is_final():
             return run
         time.sleep(poll_s)
 
 
-def _read_flow_run(flow_run_id: UUID) -> FlowRun:
+def read_flow_run(flow_run_id: UUID) -> FlowRun:
+    """The flow run as the API has it now (one request: no waiting through an outage)."""
     with get_client(sync_client=True) as client:
         return client.read_flow_run(flow_run_id)
 
